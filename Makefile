@@ -1,0 +1,38 @@
+# Everything a fresh machine needs: `make serve` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-slow lint serve pull bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch lies on this machine's disk; installing it first keeps pip from pulling a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/pyright
+
+test: lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow
+
+pull: $(STAMP)
+	$(VENV)/bin/tinkerd models pull
+
+serve: pull
+	$(VENV)/bin/tinkerd serve
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

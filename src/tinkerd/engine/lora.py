@@ -1,0 +1,166 @@
+"""LoRA adapters that many runs share over one frozen base model.
+
+An adapter is a set of (A, B) pairs keyed by the base module's dotted name, exactly as PEFT names them
+(``model.layers.0.self_attn.q_proj``), so checkpoints map one to one onto PEFT files. The delta a module adds is
+``scale * (x @ A.T) @ B.T`` with ``scale = alpha / rank``; B starts at zero so a fresh adapter equals the base.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tinkerd.domain.errors import InvalidRequestError
+from tinkerd.domain.ops import LoraConfig
+
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_MODULE = "lm_head"
+MAX_RANK = 1024
+
+
+def target_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The dotted names of the base linear layers this config trains, in model order."""
+    wanted: set[str] = set()
+    if config.train_attn:
+        wanted.update(ATTN_MODULES)
+    if config.train_mlp:
+        wanted.update(MLP_MODULES)
+    if config.train_unembed:
+        wanted.add(UNEMBED_MODULE)
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in wanted
+    ]
+    return names
+
+
+def validate_lora_config(config: LoraConfig) -> None:
+    if not 1 <= config.rank <= MAX_RANK:
+        raise InvalidRequestError(f"lora rank must be between 1 and {MAX_RANK}, got {config.rank}")
+    if not (config.train_attn or config.train_mlp or config.train_unembed):
+        raise InvalidRequestError("LoRA config trains nothing: enable train_attn, train_mlp or train_unembed")
+    if not math.isfinite(config.alpha) or config.alpha <= 0:
+        raise InvalidRequestError(f"lora alpha must be a positive number, got {config.alpha}")
+
+
+@dataclass
+class LoraWeights:
+    """One adapter's weights. ``a[name]`` is [rank, in_features], ``b[name]`` is [out_features, rank], fp32."""
+
+    rank: int
+    alpha: float
+    a: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
+    # per-compute-dtype casts of frozen weights (a sampler version never changes, so its casts can be kept)
+    _cast_cache: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False
+    )
+    frozen: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        for name in self.a:
+            yield self.a[name]
+            yield self.b[name]
+
+    def factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) for a module in the compute dtype; differentiable for trainable adapters."""
+        a = self.a.get(name)
+        if a is None:
+            return None
+        b = self.b[name]
+        if a.dtype == dtype:
+            return a, b
+        if not self.frozen:
+            return a.to(dtype), b.to(dtype)
+        key = (name, dtype)
+        cached = self._cast_cache.get(key)
+        if cached is None:
+            cached = (a.to(dtype), b.to(dtype))
+            self._cast_cache[key] = cached
+        return cached
+
+    def snapshot(self) -> LoraWeights:
+        """An immutable copy: what a sampler version serves, whatever training does next."""
+        return LoraWeights(
+            rank=self.rank,
+            alpha=self.alpha,
+            a={k: v.detach().clone() for k, v in self.a.items()},
+            b={k: v.detach().clone() for k, v in self.b.items()},
+            frozen=True,
+        )
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.parameters())
+
+
+def init_lora_weights(model: nn.Module, config: LoraConfig, device: torch.device) -> LoraWeights:
+    """Fresh trainable weights: A ~ kaiming-uniform (as PEFT does), B = 0, so the adapter starts as the base model."""
+    validate_lora_config(config)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(config.seed if config.seed is not None else torch.seed() % (2**63))
+    modules = dict(model.named_modules())
+    a: dict[str, torch.Tensor] = {}
+    b: dict[str, torch.Tensor] = {}
+    for name in target_module_names(model, config):
+        linear = modules[name]
+        assert isinstance(linear, nn.Linear)
+        bound = 1.0 / math.sqrt(linear.in_features)  # kaiming_uniform_(a=sqrt(5)) reduces to this bound
+        a_r_in = (torch.rand(config.rank, linear.in_features, generator=generator) * 2 - 1) * bound
+        a[name] = a_r_in.to(device).requires_grad_(True)
+        b[name] = torch.zeros(linear.out_features, config.rank, device=device, requires_grad=True)
+    return LoraWeights(rank=config.rank, alpha=config.alpha, a=a, b=b)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, end) of a packed token batch use ``weights`` (None: the bare base model)."""
+
+    start: int
+    end: int
+    weights: LoraWeights | None
+
+
+@dataclass(frozen=True)
+class LoraRouting:
+    """Which adapter each token of a packed batch runs through: contiguous segments covering all tokens."""
+
+    segments: tuple[Segment, ...]
+
+    @staticmethod
+    def single(num_tokens: int, weights: LoraWeights | None) -> LoraRouting:
+        return LoraRouting((Segment(0, num_tokens, weights),))
+
+    def is_base_only(self) -> bool:
+        return all(s.weights is None for s in self.segments)
+
+
+def apply_linear(linear: nn.Linear, name: str, x_N_in: torch.Tensor, routing: LoraRouting) -> torch.Tensor:
+    """``linear(x)`` plus each segment's LoRA delta for module ``name``."""
+    out_N_out = linear(x_N_in)
+    if routing.is_base_only():
+        return out_N_out
+    pieces: list[torch.Tensor] = []
+    touched = False
+    for seg in routing.segments:
+        factors = seg.weights.factors(name, x_N_in.dtype) if seg.weights is not None else None
+        if factors is None:
+            pieces.append(out_N_out[seg.start : seg.end])
+            continue
+        touched = True
+        a, b = factors
+        assert seg.weights is not None
+        delta = (x_N_in[seg.start : seg.end] @ a.t()) @ b.t()
+        if len(routing.segments) == 1:
+            return out_N_out + delta * seg.weights.scale
+        pieces.append(out_N_out[seg.start : seg.end] + delta * seg.weights.scale)
+    return torch.cat(pieces, dim=0) if touched else out_N_out

@@ -1,0 +1,235 @@
+"""The built-in losses by name: which inputs and config each takes, validation, and the per-datum adapters.
+
+Sources (facts, not code): tinker-docs.thinkingmachines.ai/tinker/losses/{cross-entropy,ppo,cispo,dro,gspo,
+stable-reinforce}; the tinker-cookbook 0.6.1 tutorial 202 (clip thresholds default to 0.8 and 1.2) and
+recipes/rl_loop.py (gspo's ``sequence_ratio_mask``); the tinker SDK 0.38 ``Datum`` (which types
+``clip_low_threshold`` / ``clip_high_threshold`` as per-token loss_fn_inputs, so a datum may carry its own bounds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from tinkerd.domain.errors import InvalidRequestError
+from tinkerd.engine.losses import kernels
+from tinkerd.engine.losses.types import LossInputs, LossOutput
+
+CLIP_LOW_DEFAULT = 0.8
+CLIP_HIGH_DEFAULT = 1.2
+# The docs give no default for DRO's beta, only the example value 0.05; we use that.
+DRO_BETA_DEFAULT = 0.05
+# stable_reinforce's importance-weight cap. Tinker does not publish its objective; 2.0 is the usual cap for
+# truncated importance sampling in RL on LLMs.
+STABLE_REINFORCE_TRUNCATION = 2.0
+
+_CLIP_CONFIG = {"clip_low_threshold": CLIP_LOW_DEFAULT, "clip_high_threshold": CLIP_HIGH_DEFAULT}
+_CLIP_INPUTS = ("clip_low_threshold", "clip_high_threshold")
+_RL_INPUTS = ("target_tokens", "logprobs", "advantages")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    required: tuple[str, ...]  # loss_fn_inputs a datum must carry
+    optional: tuple[str, ...] = ()  # loss_fn_inputs the loss reads when present
+    config: Mapping[str, float] = field(default_factory=dict)  # the accepted loss_fn_config keys and defaults
+    soft_targets: bool = False  # accepts (T, K) target_tokens
+
+
+SPECS: dict[str, LossSpec] = {
+    "cross_entropy": LossSpec(required=("target_tokens", "weights"), soft_targets=True),
+    "importance_sampling": LossSpec(required=_RL_INPUTS),
+    "ppo": LossSpec(required=_RL_INPUTS, optional=_CLIP_INPUTS, config=_CLIP_CONFIG),
+    "cispo": LossSpec(required=_RL_INPUTS, optional=_CLIP_INPUTS, config=_CLIP_CONFIG),
+    "dro": LossSpec(required=_RL_INPUTS, config={"beta": DRO_BETA_DEFAULT}),
+    "gspo": LossSpec(required=(*_RL_INPUTS, "sequence_ratio_mask"), optional=_CLIP_INPUTS, config=_CLIP_CONFIG),
+    "stable_reinforce": LossSpec(required=_RL_INPUTS),
+}
+
+
+def _spec(name: str) -> LossSpec:
+    spec = SPECS.get(name)
+    if spec is None:
+        raise InvalidRequestError(f"unknown loss_fn {name!r}; built-in losses are: {', '.join(SPECS)}")
+    return spec
+
+
+def required_inputs(name: str) -> tuple[str, ...]:
+    """The loss_fn_inputs every datum must carry for loss ``name``."""
+    return _spec(name).required
+
+
+def resolve_config(name: str, config: Mapping[str, object]) -> dict[str, float]:
+    """The request's loss_fn_config checked against what loss ``name`` accepts, with defaults filled in."""
+    spec = _spec(name)
+    unknown = sorted(set(config) - set(spec.config))
+    if unknown:
+        accepted = ", ".join(spec.config) or "no keys"
+        raise InvalidRequestError(f"loss_fn {name!r} does not take loss_fn_config {unknown}; it accepts {accepted}")
+    resolved = dict(spec.config)
+    for key, value in config.items():
+        # bool is an int subclass; True as a threshold is a mistake, not 1.0.
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InvalidRequestError(f"loss_fn_config[{key!r}] must be a finite number, got {value!r}")
+        resolved[key] = float(value)
+    low, high = resolved.get("clip_low_threshold"), resolved.get("clip_high_threshold")
+    if low is not None and high is not None and not 0.0 <= low <= high:
+        raise InvalidRequestError(
+            f"loss_fn_config needs 0 <= clip_low_threshold <= clip_high_threshold, got {low} and {high} "
+            "(they bound the ratio p/q itself, e.g. 0.8 and 1.2)"
+        )
+    if resolved.get("beta", 0.0) < 0.0:
+        raise InvalidRequestError(f"loss_fn_config['beta'] must be >= 0, got {resolved['beta']}")
+    return resolved
+
+
+def check_inputs(name: str, inputs: Mapping[str, torch.Tensor]) -> None:
+    """Check a datum's loss_fn_inputs for loss ``name`` before any model runs: presence, dtypes, shapes, finiteness.
+
+    Every input must have one row per position (``target_tokens``' leading dimension); the ones the loss reads
+    must match ``target_tokens`` exactly, except that RL losses take (T,) inputs only.
+    """
+    spec = _spec(name)
+    missing = [key for key in spec.required if key not in inputs]
+    if missing:
+        raise InvalidRequestError(
+            f"loss_fn {name!r} needs loss_fn_inputs {list(spec.required)}; this datum lacks {missing}"
+        )
+    targets = inputs["target_tokens"]
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise InvalidRequestError(f"loss_fn_inputs['target_tokens'] must hold integers, got {targets.dtype}")
+    allowed_ndim = (1, 2) if spec.soft_targets else (1,)
+    if targets.ndim not in allowed_ndim:
+        shapes = "(N,) or (N, K)" if spec.soft_targets else "(N,)"
+        raise InvalidRequestError(f"loss_fn {name!r} takes target_tokens of shape {shapes}, got {tuple(targets.shape)}")
+    num_positions = targets.shape[0]
+    read = set(spec.required) | set(spec.optional)
+    for key, tensor in inputs.items():
+        if tensor.ndim == 0 or tensor.shape[0] != num_positions:
+            raise InvalidRequestError(
+                f"loss_fn_inputs[{key!r}] has shape {tuple(tensor.shape)} but the datum has {num_positions} "
+                f"positions (target_tokens {tuple(targets.shape)}); every input needs one row per position"
+            )
+        if key == "target_tokens" or key not in read:
+            continue
+        if tensor.shape != targets.shape:
+            raise InvalidRequestError(
+                f"loss_fn_inputs[{key!r}] has shape {tuple(tensor.shape)}; loss_fn {name!r} needs it to match "
+                f"target_tokens {tuple(targets.shape)}"
+            )
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            raise InvalidRequestError(f"loss_fn_inputs[{key!r}] contains nan or inf")
+    _check_per_token_clip(inputs)
+
+
+def _check_per_token_clip(inputs: Mapping[str, torch.Tensor]) -> None:
+    low, high = inputs.get("clip_low_threshold"), inputs.get("clip_high_threshold")
+    if low is not None and bool((low < 0).any()):
+        raise InvalidRequestError("loss_fn_inputs['clip_low_threshold'] must be >= 0 at every position")
+    if low is not None and high is not None and bool((low > high).any()):
+        raise InvalidRequestError("loss_fn_inputs['clip_low_threshold'] exceeds 'clip_high_threshold' at some position")
+
+
+def _check_logprobs(name: str, x: LossInputs) -> None:
+    targets = x.inputs["target_tokens"]
+    if not x.logprobs.dtype.is_floating_point or x.logprobs.shape != targets.shape:
+        raise InvalidRequestError(
+            f"loss_fn {name!r} got logprobs {tuple(x.logprobs.shape)} {x.logprobs.dtype} for target_tokens "
+            f"{tuple(targets.shape)}; they must be floating point and the same shape"
+        )
+
+
+def compute_loss(name: str, x: LossInputs) -> LossOutput:
+    """Validate one datum's request for loss ``name`` and compute its loss; user mistakes raise InvalidRequestError."""
+    config = resolve_config(name, x.config)
+    check_inputs(name, x.inputs)
+    _check_logprobs(name, x)
+    return LOSSES[name](LossInputs(logprobs=x.logprobs, inputs=x.inputs, config=config))
+
+
+# ---- adapters: LossInputs -> kernel -> LossOutput. They assume validated inputs; compute_loss validates. ----
+
+
+def _float_input(x: LossInputs, key: str) -> torch.Tensor:
+    """An input as the logprobs' dtype and device, so the loss is computed at the logprobs' precision."""
+    return x.inputs[key].to(dtype=x.logprobs.dtype, device=x.logprobs.device)
+
+
+def _threshold(x: LossInputs, key: str, default: float) -> kernels.Threshold:
+    """A per-token input of that name wins over loss_fn_config, which wins over the default."""
+    if key in x.inputs:
+        return _float_input(x, key)
+    return float(x.config.get(key, default))
+
+
+def _clip_bounds(x: LossInputs) -> tuple[kernels.Threshold, kernels.Threshold]:
+    return (
+        _threshold(x, "clip_low_threshold", CLIP_LOW_DEFAULT),
+        _threshold(x, "clip_high_threshold", CLIP_HIGH_DEFAULT),
+    )
+
+
+def _output(x: LossInputs, elementwise: torch.Tensor) -> LossOutput:
+    loss = elementwise.sum()
+    return LossOutput(
+        loss=loss,
+        outputs={"logprobs": x.logprobs.detach(), "elementwise_loss": elementwise.detach()},
+        metrics={"loss:sum": float(loss.detach())},
+    )
+
+
+def _cross_entropy(x: LossInputs) -> LossOutput:
+    return _output(x, kernels.cross_entropy(x.logprobs, _float_input(x, "weights")))
+
+
+def _importance_sampling(x: LossInputs) -> LossOutput:
+    q, adv = _float_input(x, "logprobs"), _float_input(x, "advantages")
+    return _output(x, kernels.importance_sampling(x.logprobs, q, adv))
+
+
+def _ppo(x: LossInputs) -> LossOutput:
+    q, adv = _float_input(x, "logprobs"), _float_input(x, "advantages")
+    return _output(x, kernels.ppo(x.logprobs, q, adv, *_clip_bounds(x)))
+
+
+def _cispo(x: LossInputs) -> LossOutput:
+    q, adv = _float_input(x, "logprobs"), _float_input(x, "advantages")
+    return _output(x, kernels.cispo(x.logprobs, x.logprobs.detach(), q, adv, *_clip_bounds(x)))
+
+
+def _dro(x: LossInputs) -> LossOutput:
+    q, adv = _float_input(x, "logprobs"), _float_input(x, "advantages")
+    beta = float(x.config.get("beta", DRO_BETA_DEFAULT))
+    return _output(x, kernels.dro(x.logprobs, q, adv, beta))
+
+
+def _gspo(x: LossInputs) -> LossOutput:
+    q, adv = _float_input(x, "logprobs"), _float_input(x, "advantages")
+    mask = x.inputs["sequence_ratio_mask"]
+    return _output(x, kernels.gspo(x.logprobs, x.logprobs.detach(), q, adv, mask, *_clip_bounds(x)))
+
+
+def _stable_reinforce(x: LossInputs) -> LossOutput:
+    """Tinker's StableReinforce objective is not public; its docs say only that it is a REINFORCE variant kept
+    stable off-policy by information the sampler records (``record_stability_info=True``, then provenance spans
+    naming each datum's ``sequence_id``). The sampler's per-token logprobs already arrive in the datum, so we train
+    with truncated-importance-weighted REINFORCE on them, which stays bounded however stale the sample is."""
+    q, adv = _float_input(x, "logprobs"), _float_input(x, "advantages")
+    elementwise = kernels.truncated_importance_reinforce(
+        x.logprobs, x.logprobs.detach(), q, adv, STABLE_REINFORCE_TRUNCATION
+    )
+    return _output(x, elementwise)
+
+
+LOSSES: dict[str, Callable[[LossInputs], LossOutput]] = {
+    "cross_entropy": _cross_entropy,
+    "importance_sampling": _importance_sampling,
+    "ppo": _ppo,
+    "cispo": _cispo,
+    "dro": _dro,
+    "gspo": _gspo,
+    "stable_reinforce": _stable_reinforce,
+}

@@ -1,0 +1,189 @@
+"""One forward implementation for training, scoring and sampling: a decoder-only transformer over packed tokens.
+
+The weights are a Hugging Face causal LM's (Llama, Mistral, Qwen2, Qwen3 layouts); the forward is ours so that
+(a) tokens of many sequences are packed into one [N, hidden] matrix with no padding, so every linear layer runs one
+large matmul, (b) each token can route through a different LoRA adapter, and (c) attention is pluggable: causal
+within each sequence for training, against a KV cache for decoding. Parity with the Hugging Face forward is tested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinkerd.engine.head import HeadSegment, target_logprobs
+from tinkerd.engine.lora import LoraRouting, LoraWeights, apply_linear
+
+# attention(layer_index, q_N_H_D, k_N_Hkv_D, v_N_Hkv_D) -> o_N_HD
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    sliding_window: int | None
+
+
+def _shape_of(model: nn.Module) -> ModelShape:
+    cfg: Any = model.config
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    return ModelShape(
+        num_layers=int(cfg.num_hidden_layers),
+        hidden_size=int(cfg.hidden_size),
+        num_heads=heads,
+        num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+        head_dim=head_dim,
+        vocab_size=int(cfg.vocab_size),
+        max_positions=int(getattr(cfg, "max_position_embeddings", 1 << 30)),
+        sliding_window=int(window) if window else None,
+    )
+
+
+def causal_attention(
+    seq_lens: Sequence[int], scale: float, window: int | None = None
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Causal self-attention within each packed sequence; runs of equal length share one SDPA call."""
+    runs: list[tuple[int, int, int]] = []  # (token offset, number of sequences, length)
+    offset = 0
+    for length in seq_lens:
+        if runs and runs[-1][2] == length and runs[-1][0] + runs[-1][1] * length == offset:
+            start, count, _ = runs[-1]
+            runs[-1] = (start, count + 1, length)
+        else:
+            runs.append((offset, 1, length))
+        offset += length
+
+    def attend(q_N_H_D: torch.Tensor, k_N_G_D: torch.Tensor, v_N_G_D: torch.Tensor) -> torch.Tensor:
+        outs: list[torch.Tensor] = []
+        for start, count, length in runs:
+            end = start + count * length
+            q = q_N_H_D[start:end].view(count, length, *q_N_H_D.shape[1:]).transpose(1, 2)
+            k = k_N_G_D[start:end].view(count, length, *k_N_G_D.shape[1:]).transpose(1, 2)
+            v = v_N_G_D[start:end].view(count, length, *v_N_G_D.shape[1:]).transpose(1, 2)
+            if window is not None and length > window:
+                i = torch.arange(length, device=q.device)
+                mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            outs.append(o.transpose(1, 2).reshape(count * length, -1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    return attend
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Transformer:
+    """A frozen Hugging Face causal LM, run by our packed forward. Holds no per-run state."""
+
+    def __init__(self, hf_model: nn.Module, compute_dtype: torch.dtype) -> None:
+        hf_model.requires_grad_(False)
+        hf_model.eval()
+        self.hf = hf_model.to(compute_dtype)
+        self.dtype = compute_dtype
+        self.shape = _shape_of(hf_model)
+        # Hugging Face modules are typed loosely (nn.Module.__getattr__); we read their known attributes as Any.
+        hf: Any = hf_model
+        self.embed: nn.Embedding = hf.model.embed_tokens
+        self.layers: list[Any] = list(hf.model.layers)
+        self.norm: nn.Module = hf.model.norm
+        self.rotary: nn.Module = hf.model.rotary_emb
+        self.lm_head: nn.Linear = hf.lm_head
+        self.attn_scale = float(self.layers[0].self_attn.scaling)
+        self.device = self.embed.weight.device
+
+    # -- the body ---------------------------------------------------------------------------------------------------
+
+    def hidden(
+        self,
+        tokens_N: torch.Tensor,
+        positions_N: torch.Tensor,
+        routing: LoraRouting,
+        attention: AttentionFn,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [N, hidden] for packed tokens at the given positions."""
+        s = self.shape
+        h = self.embed(tokens_N)
+        cos, sin = self.rotary(h[None], positions_N[None])
+        cos_N_1_D, sin_N_1_D = cos[0][:, None, :], sin[0][:, None, :]
+        n = tokens_N.shape[0]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            prefix = f"model.layers.{i}"
+            x = layer.input_layernorm(h)
+            q = apply_linear(attn.q_proj, f"{prefix}.self_attn.q_proj", x, routing).view(n, s.num_heads, s.head_dim)
+            k = apply_linear(attn.k_proj, f"{prefix}.self_attn.k_proj", x, routing).view(n, s.num_kv_heads, -1)
+            v = apply_linear(attn.v_proj, f"{prefix}.self_attn.v_proj", x, routing).view(n, s.num_kv_heads, -1)
+            if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos_N_1_D + _rotate_half(q) * sin_N_1_D
+            k = k * cos_N_1_D + _rotate_half(k) * sin_N_1_D
+            o = attention(i, q, k, v)
+            h = h + apply_linear(attn.o_proj, f"{prefix}.self_attn.o_proj", o, routing)
+            x = layer.post_attention_layernorm(h)
+            mlp = layer.mlp
+            gate = apply_linear(mlp.gate_proj, f"{prefix}.mlp.gate_proj", x, routing)
+            up = apply_linear(mlp.up_proj, f"{prefix}.mlp.up_proj", x, routing)
+            h = h + apply_linear(mlp.down_proj, f"{prefix}.mlp.down_proj", mlp.act_fn(gate) * up, routing)
+        return self.norm(h)
+
+    def packed_hidden(self, seqs: Sequence[Sequence[int]], routing: LoraRouting) -> torch.Tensor:
+        """Hidden states of whole sequences packed back to back (causal attention within each)."""
+        lens = [len(t) for t in seqs]
+        tokens = torch.tensor([t for seq in seqs for t in seq], dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        attend = causal_attention(lens, self.attn_scale, self.shape.sliding_window)
+        return self.hidden(tokens, positions, routing, lambda _i, q, k, v: attend(q, k, v))
+
+    # -- the head ---------------------------------------------------------------------------------------------------
+
+    def _head_lora(self, h_N_d: torch.Tensor, routing: LoraRouting) -> tuple[tuple[HeadSegment, ...], list]:
+        segments: list[HeadSegment] = []
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        n = h_N_d.shape[0]
+        for seg in routing.segments:
+            factors = seg.weights.factors("lm_head", h_N_d.dtype) if seg.weights is not None else None
+            if factors is None:
+                segments.append(HeadSegment(seg.start, seg.end, -1))
+                continue
+            a, b = factors
+            assert seg.weights is not None
+            u = (h_N_d[seg.start : seg.end] @ a.t()) * seg.weights.scale
+            u_full = F.pad(u, (0, 0, seg.start, n - seg.end))
+            segments.append(HeadSegment(seg.start, seg.end, len(pairs)))
+            pairs.append((u_full, b))
+        return tuple(segments), pairs
+
+    def target_logprobs(self, h_N_d: torch.Tensor, targets_N_K: torch.Tensor, routing: LoraRouting) -> torch.Tensor:
+        """fp32 [N, K] logprobs of targets; differentiable into the adapters."""
+        segments, pairs = self._head_lora(h_N_d, routing)
+        return target_logprobs(h_N_d, self.lm_head.weight, targets_N_K, segments, pairs)
+
+    def logits(self, h_N_d: torch.Tensor, routing: LoraRouting) -> torch.Tensor:
+        """Full fp32 logits [N, vocab]; for sampling and prompt top-k, never under autograd."""
+        out = apply_linear(self.lm_head, "lm_head", h_N_d, routing)
+        return out.float()
+
+
+def merged_weights_delta(weights: LoraWeights, name: str) -> torch.Tensor:
+    """scale * B @ A: what merging the adapter adds to a base weight (for export and tests)."""
+    return (weights.b[name] @ weights.a[name]) * weights.scale
