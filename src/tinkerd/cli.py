@@ -1,0 +1,106 @@
+"""The `tinkerd` command line: the composition root that reads settings once and wires the layers.
+
+Commands are grouped by what they act on, one Typer sub-app per group (`tinkerd models ...`); a new group
+(serve, runs, checkpoints) gets its own sub-app registered on `app` the same way. Commands turn tinkerd's
+domain errors into a one-line message and exit code 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tinkerd import __version__, hub
+from tinkerd.domain.errors import TinkerdError
+from tinkerd.settings import Settings
+
+app = typer.Typer(
+    name="tinkerd",
+    help="A self-hosted server for the Tinker fine-tuning API.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Fetch and list the base models tinkerd serves.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="Where models are kept. Default: $TINKERD_CACHE_DIR, else the user cache dir.",
+        file_okay=False,
+        show_default=False,
+    ),
+]
+
+
+def _fail(error: TinkerdError) -> typer.Exit:
+    Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+def _human_size(size_bytes: int) -> str:
+    size = float(size_bytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"tinkerd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """A self-hosted server for the Tinker fine-tuning API."""
+
+
+@models_app.command("pull")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="Model id to fetch.", show_default=True)] = hub.DEFAULT_MODEL,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Download and convert a model once; later pulls of the same model return at once."""
+    settings = Settings.load(cache_dir=cache_dir)
+    try:
+        result = hub.pull(name, settings.cache_dir, progress=True)
+    except TinkerdError as error:
+        raise _fail(error) from error
+    verb = "Pulled" if result.fetched else "Already pulled:"
+    typer.echo(f"{verb} {result.name} -> {result.path}")
+    typer.echo(f"Tokenizer by repo id, offline: HF_HOME={result.hf_home} HF_HUB_OFFLINE=1")
+
+
+@models_app.command("list")
+def models_list(cache_dir: CacheDirOption = None) -> None:
+    """Show the models in the cache."""
+    settings = Settings.load(cache_dir=cache_dir)
+    models = hub.list_models(settings.cache_dir)
+    console = Console()
+    if not models:
+        console.print(f"No models in {settings.cache_dir}; run `tinkerd models pull`.", highlight=False)
+        return
+    # No path column: every path is <root>/<name>, and long paths would squeeze the names on narrow terminals.
+    table = Table(title=f"Models in {hub.models_root(settings.cache_dir)}", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("architecture", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    for model in models:
+        table.add_row(model.name, model.architecture, _human_size(model.size_bytes))
+    console.print(table)
+
+
+def main() -> None:
+    app()

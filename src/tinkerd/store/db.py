@@ -1,0 +1,206 @@
+"""Engine creation, schema creation and transactions with retry on a busy database.
+
+Every repository runs its work as a function of one Connection inside `Database.read` or `Database.write`, so a
+transaction that hits a locked SQLite file (or a PostgreSQL serialization failure) can be rolled back and run
+again whole. SQL stays portable; SQLite-only behaviour is confined to the pragmas and BEGIN handling below.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, event, insert, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import StaticPool
+
+from tinkerd.domain.errors import CapacityError, TinkerdError
+from tinkerd.store.tables import SCHEMA_VERSION, metadata, schema_version
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Set on a Connection by `Database.write` so the begin hook can take SQLite's write lock up front.
+_WRITE_OPTION = "tinkerd_write"
+_POSTGRES_RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+
+
+class DatabaseBusyError(CapacityError):
+    """The database stayed locked past the retry deadline; the client should retry later (429)."""
+
+
+class SchemaVersionError(TinkerdError):
+    """The database was written by a tinkerd with a different schema; it needs a migration."""
+
+
+class RetryableConflict(Exception):
+    """Raised inside a transaction when a concurrent writer changed rows we read; the transaction is re-run."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, bounded by a total deadline rather than an attempt count."""
+
+    first_delay_s: float = 0.005
+    max_delay_s: float = 0.25
+    deadline_s: float = 30.0
+
+
+def default_url(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'tinkerd.db'}"
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether an error means "someone else holds the lock or won a race; try the whole transaction again"."""
+    if isinstance(exc, RetryableConflict):
+        return True
+    # Errors raised by our connect hook reach us unwrapped; statement errors come wrapped in DBAPIError.
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if isinstance(orig, sqlite3.OperationalError):
+        code = getattr(orig, "sqlite_errorcode", None)
+        if code is not None:
+            # Extended codes (e.g. SQLITE_BUSY_SNAPSHOT) keep the primary code in the low byte.
+            return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        message = str(orig).lower()
+        return "locked" in message or "busy" in message
+    if not isinstance(exc, DBAPIError):
+        return False
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return code in _POSTGRES_RETRYABLE
+
+
+class Database:
+    """An engine plus the transaction discipline every repository uses."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        busy_timeout_ms: int = 5000,
+        retry: RetryPolicy | None = None,
+        echo: bool = False,
+    ) -> None:
+        self.url = make_url(url)
+        self.retry = retry or RetryPolicy()
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        self._retries = 0
+        self._retries_lock = threading.Lock()
+        self.engine = self._create_engine(busy_timeout_ms, echo)
+
+    @property
+    def retries(self) -> int:
+        """How many times a transaction has been re-run because the database was busy (for metrics and tests)."""
+        return self._retries
+
+    def _create_engine(self, busy_timeout_ms: int, echo: bool) -> Engine:
+        if not self.is_sqlite:
+            return create_engine(self.url, echo=echo, pool_pre_ping=True)
+        database = self.url.database or ""
+        in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
+        if not in_memory:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs: dict[str, Any] = {}
+        if in_memory:
+            # One shared connection, or every checkout would see its own empty database. Single-threaded use only.
+            kwargs["poolclass"] = StaticPool
+        engine = create_engine(
+            self.url,
+            echo=echo,
+            # Pooled connections move between threads; sqlite3 itself is compiled thread-safe.
+            connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
+            **kwargs,
+        )
+        _install_sqlite_hooks(engine, busy_timeout_ms, in_memory)
+        return engine
+
+    def create_schema(self) -> None:
+        """Create missing tables and record the schema version; refuse a database with a different version."""
+
+        def create(conn: Connection) -> None:
+            metadata.create_all(conn)
+            found = conn.execute(select(schema_version.c.version)).scalar_one_or_none()
+            if found is None:
+                conn.execute(insert(schema_version).values(id=1, version=SCHEMA_VERSION))
+            elif found != SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"database {self.url.render_as_string(hide_password=True)} has schema version {found}; "
+                    f"this tinkerd uses version {SCHEMA_VERSION} and cannot migrate it yet"
+                )
+
+        self.write(create)
+
+    def read(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in a read transaction (one consistent snapshot), retrying while the database is busy."""
+        return self._run(work, write=False)
+
+    def write(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in a write transaction, committed when it returns, re-run whole while the database is busy.
+
+        `work` must have no effects outside the database: it may run more than once.
+        """
+        return self._run(work, write=True)
+
+    def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
+        deadline = time.monotonic() + self.retry.deadline_s
+        delay = self.retry.first_delay_s
+        while True:
+            try:
+                with self.engine.connect() as conn:
+                    if write:
+                        conn = conn.execution_options(**{_WRITE_OPTION: True})
+                    with conn.begin():
+                        return work(conn)
+            except Exception as exc:
+                if not is_retryable(exc):
+                    raise
+                now = time.monotonic()
+                if now >= deadline:
+                    raise DatabaseBusyError(
+                        f"the database stayed busy for {self.retry.deadline_s:.1f}s; try again later"
+                    ) from exc
+                with self._retries_lock:
+                    self._retries += 1
+                log.debug("database busy (%s); retrying in %.3fs", exc, delay)
+                time.sleep(min(delay * (0.5 + random.random()), deadline - now))
+                delay = min(delay * 2, self.retry.max_delay_s)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _install_sqlite_hooks(engine: Engine, busy_timeout_ms: int, in_memory: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin (the module's legacy mode skips
+        # BEGIN before SELECT, which breaks read snapshots).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            if not in_memory:
+                # WAL: readers (long-polls) never block the writer, nor it them. Changing the mode needs a moment of
+                # exclusive access, so only ask when it is not set yet (it persists in the file).
+                mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    cursor.execute("PRAGMA journal_mode = WAL")
+                # NORMAL is durable across process crashes in WAL mode; only an OS crash can lose the last commits.
+                cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(conn: Connection) -> None:
+        # A write transaction takes the write lock at BEGIN. A deferred one that reads and then writes cannot be
+        # upgraded once another writer committed (SQLITE_BUSY_SNAPSHOT, which busy_timeout does not wait out).
+        write = bool(conn.get_execution_options().get(_WRITE_OPTION))
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")

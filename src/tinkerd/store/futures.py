@@ -1,0 +1,333 @@
+"""The futures ledger: every request that does work is a row, pending -> running -> completed | failed.
+
+Ordering. A request with a seq_id of a sequenced kind (every training-client operation) is *ordered*: its model
+executes seq_ids one after another, starting at FIRST_SEQ_ID (create_model's implicit seq 0). A cursor per model
+(`store.sequencing`) holds its next seq_id; a pending request runs only once every earlier seq_id has finished,
+and a model with a request running yields nothing more until it finishes, so one model never has two executors.
+Requests without a seq_id, and sampling requests, are unordered.
+
+Idempotency. (model_id, seq_id) is unique: the SDK retries a submit with the same pair, and the retry gets the
+request that already exists, never a second one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Connection, RowMapping, and_, delete, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from tinkerd.domain.errors import ConflictError, InvalidRequestError, NotFoundError
+from tinkerd.domain.ids import new_request_id, validate_owner
+from tinkerd.domain.records import (
+    FIRST_SEQ_ID,
+    Clock,
+    ErrorCategory,
+    FutureRecord,
+    FutureState,
+    RequestKind,
+    is_ordered,
+    utc_now,
+)
+from tinkerd.store.codec import future_from_row, future_to_row
+from tinkerd.store.db import Database, RetryableConflict
+from tinkerd.store.sequencing import (
+    FINISHED_STATES,
+    advance_cursor,
+    cursor_of,
+    ensure_cursor,
+    ready_chains,
+    ready_unordered,
+)
+from tinkerd.store.tables import futures
+
+_CHUNK = 500  # ids per IN (...) list: far below every backend's bound-parameter limit
+_WITHOUT_PAYLOAD = [c for c in futures.c if c.name != "payload"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker may run now, already marked running under its name."""
+
+    futures: tuple[FutureRecord, ...]  # ordered chains (each in seq_id order), then unordered work oldest first
+    next_seq: Mapping[str, int]  # for each ordered model in the claim, the seq_id its chain starts at
+
+
+def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(ids), _CHUNK):
+        yield ids[start : start + _CHUNK]
+
+
+class FuturesLedger:
+    def __init__(self, db: Database, clock: Clock = utc_now) -> None:
+        self._db = db
+        self._clock = clock
+
+    # -- the api's side ------------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        *,
+        owner: str,
+        model_id: str,
+        seq_id: int | None,
+        kind: RequestKind,
+        payload: bytes,
+        token_count: int = 0,
+    ) -> FutureRecord:
+        """Record a request. With a seq_id, a repeat of the same (model_id, seq_id) returns the existing request.
+
+        Raises InvalidRequestError for a seq_id its model has already executed past (a retry of a request whose
+        row was purged, or a client bug): accepting it would leave it waiting forever.
+        """
+        validate_owner(owner)
+        if seq_id is not None and seq_id < 0:
+            raise InvalidRequestError(f"seq_id must be >= 0, got {seq_id}")
+        if token_count < 0:
+            raise InvalidRequestError(f"token_count must be >= 0, got {token_count}")
+        ordered = is_ordered(kind, seq_id)
+
+        def txn(conn: Connection) -> FutureRecord:
+            if seq_id is not None:
+                existing = self._find(conn, model_id, seq_id)
+                if existing is not None:
+                    return self._check_repeat(existing, owner, kind)
+            if ordered:
+                assert seq_id is not None
+                next_seq = ensure_cursor(conn, model_id, FIRST_SEQ_ID)
+                if seq_id < next_seq:
+                    raise InvalidRequestError(
+                        f"seq_id {seq_id} of model {model_id!r} was already executed; the next one is {next_seq}"
+                    )
+            record = FutureRecord(
+                request_id=new_request_id(),
+                owner=owner,
+                model_id=model_id,
+                seq_id=seq_id,
+                kind=kind,
+                ordered=ordered,
+                state=FutureState.PENDING,
+                payload=payload,
+                result=None,
+                error_message=None,
+                error_category=None,
+                token_count=token_count,
+                created_at=self._clock(),
+            )
+            conn.execute(insert(futures).values(future_to_row(record)))
+            return record
+
+        # On PostgreSQL two concurrent submits can both miss the row and race to insert; the loser's unique
+        # violation means the winner's row now exists, so run again and return it. (SQLite serialises writers.)
+        for _ in range(3):
+            try:
+                return self._db.write(txn)
+            except IntegrityError:
+                continue
+        return self._db.write(txn)
+
+    def get(self, request_id: str, owner: str, *, with_payload: bool = False) -> FutureRecord:
+        """The request as its owner sees it. Results stay readable after delivery, until purged."""
+        columns = list(futures.c) if with_payload else _WITHOUT_PAYLOAD
+        query = select(*columns).where(futures.c.request_id == request_id, futures.c.owner == owner)
+        row = self._db.read(lambda conn: conn.execute(query).mappings().first())
+        if row is None:
+            raise NotFoundError(f"unknown request {request_id!r}")
+        return future_from_row(row)
+
+    def mark_delivered(self, request_id: str, owner: str) -> FutureRecord:
+        """Note that a finished result was sent to the client. The row is kept: a retry may ask again."""
+
+        def txn(conn: Connection) -> FutureRecord:
+            row = self._load(conn, request_id, owner)
+            if not FutureState(row["state"]).finished:
+                raise ConflictError(f"request {request_id!r} has not finished; nothing was delivered")
+            now = self._clock()
+            conn.execute(
+                update(futures)
+                .where(futures.c.request_id == request_id)
+                .values(
+                    delivered_count=futures.c.delivered_count + 1,
+                    delivered_at=row["delivered_at"] or now,
+                )
+            )
+            return future_from_row(self._load(conn, request_id, owner))
+
+        return self._db.write(txn)
+
+    # -- the worker's side ---------------------------------------------------------------------------------------
+
+    def claim_ready(self, *, worker_id: str = "local", per_model_limit: int = 64, unordered_limit: int = 64) -> Claim:
+        """Mark running, and return, everything that may run now.
+
+        For each ordered model with nothing running: its pending requests from the model's next seq_id on, up to
+        the first gap (a missing seq_id means wait) or `per_model_limit`. Plus up to `unordered_limit` unordered
+        requests, oldest first.
+        """
+
+        def txn(conn: Connection) -> Claim:
+            ordered_ids, next_seq = ready_chains(conn, per_model_limit)
+            unordered_ids = ready_unordered(conn, unordered_limit)
+            ids = ordered_ids + unordered_ids
+            now = self._clock()
+            for chunk in _chunks(ids):
+                claimed = conn.execute(
+                    update(futures)
+                    .where(futures.c.request_id.in_(chunk), futures.c.state == FutureState.PENDING.value)
+                    .values(state=FutureState.RUNNING.value, started_at=now, claimed_by=worker_id)
+                ).rowcount
+                if claimed != len(chunk):
+                    # Another worker claimed some of these between our read and our write (PostgreSQL only;
+                    # SQLite's write lock is taken at BEGIN). Start over from a fresh snapshot.
+                    raise RetryableConflict(f"{len(chunk) - claimed} futures were claimed concurrently")
+            rows = {row["request_id"]: row for row in self._rows(conn, ids, with_payload=True)}
+            return Claim(futures=tuple(future_from_row(rows[rid]) for rid in ids), next_seq=next_seq)
+
+        def anything_ready(conn: Connection) -> bool:
+            return bool(ready_chains(conn, 1)[0] or ready_unordered(conn, min(unordered_limit, 1)))
+
+        # The worker polls this; look first without the write lock, so an idle poll never blocks a submit.
+        if not self._db.read(anything_ready):
+            return Claim(futures=(), next_seq={})
+        return self._db.write(txn)
+
+    def complete(self, request_id: str, result: bytes) -> FutureRecord:
+        return self._finish(request_id, FutureState.COMPLETED, {"result": result})
+
+    def fail(self, request_id: str, message: str, category: ErrorCategory) -> FutureRecord:
+        """Fail one request; its model goes on with the next seq_id (a failing request fails only itself)."""
+        if category not in ("user", "server"):
+            raise ValueError(f"error category must be 'user' or 'server', got {category!r}")
+        return self._finish(
+            request_id, FutureState.FAILED, {"error_message": message or "request failed", "error_category": category}
+        )
+
+    def release(self, request_ids: Iterable[str]) -> int:
+        """Put claimed requests back to pending (a worker shutting down before running them). Returns how many."""
+        ids = list(request_ids)
+
+        def txn(conn: Connection) -> int:
+            count = 0
+            for chunk in _chunks(ids):
+                count += conn.execute(
+                    update(futures)
+                    .where(futures.c.request_id.in_(chunk), futures.c.state == FutureState.RUNNING.value)
+                    .values(state=FutureState.PENDING.value, started_at=None, claimed_by=None)
+                ).rowcount
+            return count
+
+        return self._db.write(txn)
+
+    def fail_in_flight(self, message: str, *, worker_id: str | None = None) -> int:
+        """At startup: fail every request left running by a worker that died, so no client waits forever.
+
+        With `worker_id`, only that worker's requests (other workers sharing the database are alive). Returns
+        how many were failed.
+        """
+
+        def txn(conn: Connection) -> int:
+            query = select(futures.c.request_id, futures.c.model_id, futures.c.ordered).where(
+                futures.c.state == FutureState.RUNNING.value
+            )
+            if worker_id is not None:
+                query = query.where(futures.c.claimed_by == worker_id)
+            rows = conn.execute(query).all()
+            ids = [row.request_id for row in rows]
+            for chunk in _chunks(ids):
+                conn.execute(
+                    update(futures)
+                    .where(futures.c.request_id.in_(chunk))
+                    .values(self._finished_values(FutureState.FAILED, error_message=message, error_category="server"))
+                )
+            for model_id in {row.model_id for row in rows if row.ordered}:
+                advance_cursor(conn, model_id)
+            return len(ids)
+
+        return self._db.write(txn)
+
+    def purge(self, *, delivered_for: timedelta, undelivered_for: timedelta | None = None) -> int:
+        """Delete finished requests delivered more than `delivered_for` ago, and (optionally) finished ones never
+        fetched for `undelivered_for`. Pending and running requests are never purged. Returns how many."""
+        now = self._clock()
+        finished = futures.c.state.in_(FINISHED_STATES)
+        condition = and_(futures.c.delivered_count > 0, futures.c.delivered_at < now - delivered_for)
+        if undelivered_for is not None:
+            abandoned = and_(futures.c.delivered_count == 0, futures.c.finished_at < now - undelivered_for)
+            condition = or_(condition, abandoned)
+        return self._db.write(lambda conn: conn.execute(delete(futures).where(finished, condition)).rowcount)
+
+    # -- sequences -----------------------------------------------------------------------------------------------
+
+    def next_seq(self, model_id: str) -> int | None:
+        """The seq_id the model will execute next, or None for a model with no ordered request yet."""
+        return self._db.read(lambda conn: cursor_of(conn, model_id))
+
+    def start_sequence(self, model_id: str, next_seq: int) -> None:
+        """Declare where a model's sequence starts, for a model created without a seq-0 future. No-op if known."""
+        self._db.write(lambda conn: ensure_cursor(conn, model_id, next_seq))
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _finish(self, request_id: str, state: FutureState, values: dict[str, Any]) -> FutureRecord:
+        def txn(conn: Connection) -> FutureRecord:
+            row = conn.execute(select(*_WITHOUT_PAYLOAD).where(futures.c.request_id == request_id)).mappings().first()
+            if row is None:
+                raise NotFoundError(f"unknown request {request_id!r}")
+            if FutureState(row["state"]).finished:
+                raise ConflictError(f"request {request_id!r} has already {row['state']}")
+            conn.execute(
+                update(futures).where(futures.c.request_id == request_id).values(self._finished_values(state, **values))
+            )
+            if row["ordered"]:
+                advance_cursor(conn, row["model_id"])
+            return future_from_row(self._load(conn, request_id, row["owner"]))
+
+        return self._db.write(txn)
+
+    def _finished_values(self, state: FutureState, **values: Any) -> dict[str, Any]:
+        # The payload (a whole training batch, possibly megabytes) is dropped once it has run: keeping it would
+        # grow the ledger by the size of all training data, and a repeat submit only needs the key.
+        return {"state": state.value, "finished_at": self._clock(), "payload": None, **values}
+
+    @staticmethod
+    def _find(conn: Connection, model_id: str, seq_id: int) -> FutureRecord | None:
+        row = (
+            conn.execute(select(*_WITHOUT_PAYLOAD).where(futures.c.model_id == model_id, futures.c.seq_id == seq_id))
+            .mappings()
+            .first()
+        )
+        return None if row is None else future_from_row(row)
+
+    @staticmethod
+    def _check_repeat(existing: FutureRecord, owner: str, kind: RequestKind) -> FutureRecord:
+        if existing.owner != owner:
+            # Do not reveal another owner's request; the seq_id is simply taken.
+            raise ConflictError(f"seq_id {existing.seq_id} of model {existing.model_id!r} is already in use")
+        if existing.kind != kind:
+            raise ConflictError(
+                f"seq_id {existing.seq_id} of model {existing.model_id!r} was already used for {existing.kind.value}, "
+                f"not {kind.value}"
+            )
+        return existing
+
+    @staticmethod
+    def _load(conn: Connection, request_id: str, owner: str) -> RowMapping:
+        row = (
+            conn.execute(select(*_WITHOUT_PAYLOAD).where(futures.c.request_id == request_id, futures.c.owner == owner))
+            .mappings()
+            .first()
+        )
+        if row is None:
+            raise NotFoundError(f"unknown request {request_id!r}")
+        return row
+
+    @staticmethod
+    def _rows(conn: Connection, ids: Sequence[str], *, with_payload: bool) -> list[RowMapping]:
+        columns = list(futures.c) if with_payload else _WITHOUT_PAYLOAD
+        rows: list[RowMapping] = []
+        for chunk in _chunks(ids):
+            rows.extend(conn.execute(select(*columns).where(futures.c.request_id.in_(chunk))).mappings().all())
+        return rows

@@ -1,0 +1,106 @@
+"""Per-model seq_id order for the futures ledger: cursors, and which pending requests may run now.
+
+Functions of an open Connection, so the ledger can combine them in one transaction.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, exists, insert, select, update
+
+from tinkerd.domain.records import FutureState
+from tinkerd.store.tables import futures, model_cursors
+
+FINISHED_STATES = (FutureState.COMPLETED.value, FutureState.FAILED.value)
+
+
+def cursor_of(conn: Connection, model_id: str) -> int | None:
+    """The seq_id the model executes next, or None for a model with no ordered request yet."""
+    query = select(model_cursors.c.next_seq).where(model_cursors.c.model_id == model_id)
+    return conn.execute(query).scalar_one_or_none()
+
+
+def ensure_cursor(conn: Connection, model_id: str, next_seq: int) -> int:
+    """The model's cursor, created at `next_seq` if the model has none."""
+    found = cursor_of(conn, model_id)
+    if found is not None:
+        return found
+    conn.execute(insert(model_cursors).values(model_id=model_id, next_seq=next_seq))
+    return next_seq
+
+
+def advance_cursor(conn: Connection, model_id: str) -> None:
+    """Move the model's cursor past every finished seq_id that directly follows it.
+
+    Walking the finished rows (rather than setting seq + 1) keeps the cursor right whatever order a worker
+    reports results in.
+    """
+    cursor = cursor_of(conn, model_id)
+    if cursor is None:
+        return
+    finished = conn.execute(
+        select(futures.c.seq_id)
+        .where(
+            futures.c.model_id == model_id,
+            futures.c.ordered.is_(True),
+            futures.c.state.in_(FINISHED_STATES),
+            futures.c.seq_id >= cursor,
+        )
+        .order_by(futures.c.seq_id)
+    ).scalars()
+    new_cursor = cursor
+    for seq_id in finished:
+        if seq_id != new_cursor:
+            break
+        new_cursor += 1
+    if new_cursor != cursor:
+        conn.execute(update(model_cursors).where(model_cursors.c.model_id == model_id).values(next_seq=new_cursor))
+
+
+def ready_chains(conn: Connection, per_model_limit: int) -> tuple[list[str], dict[str, int]]:
+    """For each ordered model with nothing running, the request ids of its pending requests from its cursor on, up
+    to the first gap or `per_model_limit`; and, per model with a chain, the seq_id the chain starts at."""
+    running = futures.alias("running")
+    busy = exists().where(
+        running.c.model_id == futures.c.model_id,
+        running.c.ordered.is_(True),
+        running.c.state == FutureState.RUNNING.value,
+    )
+    candidates = conn.execute(
+        select(futures.c.request_id, futures.c.model_id, futures.c.seq_id, model_cursors.c.next_seq)
+        .join(model_cursors, model_cursors.c.model_id == futures.c.model_id)
+        .where(
+            futures.c.state == FutureState.PENDING.value,
+            futures.c.ordered.is_(True),
+            futures.c.seq_id >= model_cursors.c.next_seq,
+            ~busy,
+        )
+        .order_by(futures.c.model_id, futures.c.seq_id)
+    ).all()
+    ids: list[str] = []
+    starts: dict[str, int] = {}
+    expected: dict[str, int] = {}
+    taken: dict[str, int] = {}
+    for request_id, model_id, seq_id, cursor in candidates:
+        want = expected.setdefault(model_id, cursor)
+        if seq_id == want and taken.get(model_id, 0) < per_model_limit:
+            ids.append(request_id)
+            expected[model_id] = want + 1
+            taken[model_id] = taken.get(model_id, 0) + 1
+            starts[model_id] = cursor
+        else:
+            expected[model_id] = -1  # a gap or the limit: the rest of this model waits (-1 matches no seq_id)
+    return ids, starts
+
+
+def ready_unordered(conn: Connection, limit: int) -> list[str]:
+    """Up to `limit` pending unordered request ids, oldest first."""
+    if limit <= 0:
+        return []
+    return list(
+        conn.execute(
+            select(futures.c.request_id)
+            .where(futures.c.state == FutureState.PENDING.value, futures.c.ordered.is_(False))
+            .order_by(futures.c.created_at, futures.c.request_id)
+            .limit(limit)
+        ).scalars()
+    )
