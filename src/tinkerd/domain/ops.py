@@ -12,7 +12,7 @@ DType = Literal["int64", "float32"]
 class ArrayData:
     """A dense array: flat row-major values plus a shape."""
 
-    values: list[float] | list[int]
+    values: list[int] | list[float]
     shape: tuple[int, ...]
     dtype: DType = "float32"
 

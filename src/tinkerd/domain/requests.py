@@ -1,0 +1,124 @@
+"""The work a future asks for and what it answers, as plain data: the contract between the API and the worker.
+
+The API turns wire requests into these, the ledger stores them as bytes (``codec``), and the worker decodes and
+executes them. Results travel back the same way and the API renders them as JSON or protobuf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tinkerd.domain.ops import (
+    AdamParams,
+    Datum,
+    ForwardResult,
+    LoraConfig,
+    OptimStepResult,
+    SampleResult,
+    SamplingParams,
+)
+
+JsonObject = dict[str, object]
+
+
+@dataclass(frozen=True)
+class CreateModel:
+    run_id: str
+    base_model: str
+    lora: LoraConfig
+    user_metadata: JsonObject = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ForwardBackward:
+    run_id: str
+    datums: list[Datum]
+    loss_fn: str
+    loss_fn_config: dict[str, float] = field(default_factory=dict)
+    backward: bool = True
+
+
+@dataclass(frozen=True)
+class OptimStep:
+    run_id: str
+    adam: AdamParams
+
+
+@dataclass(frozen=True)
+class SaveWeights:
+    """save_state (kind "weights": adapter + optimizer) or save_weights_for_sampler (kind "sampler_weights")."""
+
+    run_id: str
+    kind: Literal["weights", "sampler_weights"]
+    name: str
+    ttl_seconds: int | None = None
+    overwrite: bool = False
+    user_metadata: JsonObject = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SnapshotForSampler:
+    """save_weights_and_get_sampling_client: an in-memory, version-pinned sampler; nothing is written to disk."""
+
+    run_id: str
+    sampler_id: str
+
+
+@dataclass(frozen=True)
+class LoadWeights:
+    """Load a ``weights/`` checkpoint into a run; creates the run first when ``create`` carries its identity."""
+
+    run_id: str
+    path: str
+    with_optimizer: bool
+    create_base_model: str | None = None
+    create: bool = False
+    user_metadata: JsonObject = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sample:
+    sampler_id: str
+    prompt: list[int]
+    num_samples: int
+    params: SamplingParams
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class UnloadModel:
+    run_id: str
+
+
+Request = (
+    CreateModel | ForwardBackward | OptimStep | SaveWeights | SnapshotForSampler | LoadWeights | Sample | UnloadModel
+)
+
+
+@dataclass(frozen=True)
+class CreateModelResult:
+    model_id: str
+
+
+@dataclass(frozen=True)
+class PathResult:
+    """save_weights / save_weights_for_sampler / load_weights: the tinker:// path concerned."""
+
+    path: str
+    model_id: str | None = None
+    size_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class SamplerResult:
+    sampling_session_id: str
+
+
+@dataclass(frozen=True)
+class Empty:
+    pass
+
+
+Result = ForwardResult | OptimStepResult | SampleResult | CreateModelResult | PathResult | SamplerResult | Empty
