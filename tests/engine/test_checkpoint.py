@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from tests.engine.tiny_models import tiny_config, tiny_model
 from tinkerd.domain.errors import InvalidRequestError, NotFoundError
 from tinkerd.domain.ops import LoraConfig
-from tinkerd.engine import checkpoint
+from tinkerd.engine import atomic_dir, checkpoint
 from tinkerd.engine.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -264,7 +264,7 @@ def test_ordinary_failure_cleans_up_at_once(tmp_path: Path, monkeypatch: pytest.
     _assert_is(tmp_path / "ckpt", old, 1)
 
 
-@pytest.mark.skipif(checkpoint._renameat2() is None, reason="no renameat2 here")
+@pytest.mark.skipif(atomic_dir._renameat2() is None, reason="no renameat2 here")
 def test_overwrite_swaps_atomically_and_a_crash_at_the_swap_keeps_the_old(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -272,13 +272,13 @@ def test_overwrite_swaps_atomically_and_a_crash_at_the_swap_keeps_the_old(
     dest = tmp_path / "ckpt"
     _save(dest, lora, old, 1)
     swaps: list[bool] = []
-    real_exchange = checkpoint._exchange
+    real_exchange = atomic_dir._exchange
 
     def spy(a: Path, b: Path) -> bool:
         swaps.append(real_exchange(a, b))
         return swaps[-1]
 
-    monkeypatch.setattr(checkpoint, "_exchange", spy)
+    monkeypatch.setattr(atomic_dir, "_exchange", spy)
     _save(dest, lora, new, 2)
     assert swaps == [True]  # this filesystem swapped: dest was never missing
     _assert_is(dest, new, 2)
@@ -286,7 +286,7 @@ def test_overwrite_swaps_atomically_and_a_crash_at_the_swap_keeps_the_old(
     def die(a: Path, b: Path) -> bool:
         raise SimulatedCrash
 
-    monkeypatch.setattr(checkpoint, "_exchange", die)
+    monkeypatch.setattr(atomic_dir, "_exchange", die)
     with pytest.raises(SimulatedCrash):
         _save(dest, lora, old, 3)
     _assert_is(dest, new, 2)
@@ -297,7 +297,7 @@ def test_without_atomic_swap_a_crash_between_renames_recovers_the_old(
 ) -> None:
     lora, old, new = _versions(tmp_path)
     dest = tmp_path / "ckpt"
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)  # as on macOS or a filesystem without it
+    monkeypatch.setattr(atomic_dir, "_exchange", lambda a, b: False)  # as on macOS or a filesystem without it
     _save(dest, lora, old, 1)
     _save(dest, lora, new, 2)  # the fallback overwrites too
     _assert_is(dest, new, 2)
@@ -311,10 +311,10 @@ def test_without_atomic_swap_a_crash_between_renames_recovers_the_old(
             raise SimulatedCrash
         real_rename(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "rename", die_on_second_rename)
+    monkeypatch.setattr(atomic_dir.os, "rename", die_on_second_rename)
     with pytest.raises(SimulatedCrash):
         _save(dest, lora, old, 3)
-    monkeypatch.setattr(checkpoint.os, "rename", real_rename)
+    monkeypatch.setattr(atomic_dir.os, "rename", real_rename)
     assert not dest.exists()  # the window the fallback cannot close; the parked copy is recovered on next use
     _assert_is(dest, new, 2)
     _save(dest, lora, old, 3)
@@ -329,7 +329,7 @@ def test_sweep_spares_fresh_neighbours_and_parked_only_copies(tmp_path: Path) ->
     parked = tmp_path / f".c.tinkerd-old-{hex32}"  # c itself is missing: this is the only copy of c
     for path in (stale_tmp, fresh_tmp, parked):
         path.mkdir()
-    an_hour_ago = time.time() - 2 * checkpoint.STALE_AFTER_S
+    an_hour_ago = time.time() - 2 * atomic_dir.STALE_AFTER_S
     for path in (stale_tmp, parked):
         os.utime(path, (an_hour_ago, an_hour_ago))
     _save(tmp_path / "ckpt", lora, old, 1)

@@ -13,23 +13,13 @@ never a mix. Directories whose names start with "." beside checkpoints are ours 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import errno
-import glob
 import json
 import math
-import os
-import re
 import shutil
-import sys
-import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -38,6 +28,7 @@ from torch import nn
 
 from tinkerd.domain.errors import ConflictError, InvalidRequestError, NotFoundError
 from tinkerd.domain.ops import LoraConfig
+from tinkerd.engine import atomic_dir
 from tinkerd.engine.lora import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULE, LoraWeights, validate_lora_config
 
 FORMAT_VERSION = 1
@@ -47,8 +38,6 @@ OPTIMIZER_STATE = "optimizer.safetensors"
 TINKERD_METADATA = "tinkerd_checkpoint.json"
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps LoraModel wraps the HF model: two levels of prefix
 # A temp dir of another checkpoint name is only swept once this old, so a concurrent save of it is left alone.
-STALE_AFTER_S = 3600.0
-_SIDE_DIR = re.compile(r"^\.(?P<name>.+)\.tinkerd-(?P<kind>tmp|old)-[0-9a-f]{32}$")
 _EMBEDDING_LEAVES = ("embed_tokens", "lm_head")
 # adapter_config.json fields that change the math of a plain LoRA: refuse rather than silently drop them
 _UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "bias", "modules_to_save", "rank_pattern", "alpha_pattern")
@@ -92,9 +81,9 @@ def save_checkpoint(
         raise ConflictError(f"checkpoint destination {dest.name!r} exists and is not a directory")
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _recover(dest)
-    _sweep_side_dirs(dest)
-    tmp = _side_dir(dest, "tmp")
+    atomic_dir.recover(dest)
+    atomic_dir.sweep_side_dirs(dest)
+    tmp = atomic_dir.side_dir(dest, "tmp")
     tmp.mkdir()
     try:
         _write_safetensors(tmp / ADAPTER_WEIGHTS, _peft_tensors(weights))
@@ -119,8 +108,8 @@ def save_checkpoint(
             "metadata": user_json,
         }
         _write_json(tmp / TINKERD_METADATA, info)
-        _fsync_dir(tmp)
-        _install(tmp, dest)
+        atomic_dir.fsync_dir(tmp)
+        atomic_dir.install(tmp, dest)
     except Exception:
         # An ordinary failure (disk full, bad tensor) cleans up now; a real crash leaves tmp for the next save's sweep.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -174,7 +163,7 @@ def load_checkpoint(
     With ``model``, also checks the adapter fits it (``check_compatible``). Errors name files inside the checkpoint,
     never server paths."""
     src = Path(src)
-    _recover(src)
+    atomic_dir.recover(src)
     if not src.is_dir():
         raise NotFoundError(f"checkpoint {src.name!r} not found")
     config = _read_json(src, ADAPTER_CONFIG)
@@ -362,104 +351,11 @@ def checkpoint_size_bytes(path: Path) -> int:
     )
 
 
-# -- atomic directory replacement ------------------------------------------------------------------------------------
-
-
-def _side_dir(dest: Path, kind: str) -> Path:
-    return dest.parent / f".{dest.name}.tinkerd-{kind}-{uuid.uuid4().hex}"
-
-
 def _write_json(path: Path, data: Mapping[str, object]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _fsync(path)
+    atomic_dir.fsync(path)
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file(tensors, path, metadata={"format": "pt"})  # "format": "pt" is what PEFT and transformers write
-    _fsync(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "posix":  # Windows cannot open a directory to fsync it
-        _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@cache
-def _renameat2() -> Callable[..., int] | None:
-    try:  # glibc >= 2.28; absent on macOS, Windows, musl
-        return ctypes.CDLL(None, use_errno=True).renameat2 if sys.platform == "linux" else None
-    except (OSError, AttributeError):
-        return None
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE); False where the OS or filesystem can't."""
-    fn = _renameat2()
-    if fn is None:
-        return False
-    at_fdcwd, rename_exchange = ctypes.c_int(-100), ctypes.c_uint(2)
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
-def _install(tmp: Path, dest: Path) -> None:
-    """Put the complete directory ``tmp`` at ``dest``; a crash at any point leaves the old or the new checkpoint."""
-    if not os.path.lexists(dest):
-        os.rename(tmp, dest)  # atomic; fails rather than merge if another writer got there first
-        garbage = None
-    elif _exchange(tmp, dest):
-        garbage = tmp  # now holds the old checkpoint
-    else:
-        # No atomic swap here (macOS, Windows, some filesystems): park the old one where _recover finds it should we
-        # die before the second rename, so the old checkpoint comes back on the next load or save.
-        garbage = _side_dir(dest, "old")
-        os.rename(dest, garbage)
-        try:
-            os.rename(tmp, dest)
-        except Exception:
-            os.rename(garbage, dest)  # still alive: put the old one straight back
-            raise
-    _fsync_dir(dest.parent)
-    if garbage is not None:
-        shutil.rmtree(garbage, ignore_errors=True)
-
-
-def _recover(dest: Path) -> None:
-    """Undo a fallback install that died between its two renames: bring the parked old checkpoint back."""
-    if os.path.lexists(dest) or not dest.parent.is_dir():
-        return
-    parked = [p for p in dest.parent.glob(f".{glob.escape(dest.name)}.tinkerd-old-*") if _SIDE_DIR.match(p.name)]
-    if parked:
-        newest = max(parked, key=lambda p: p.stat().st_mtime)
-        with contextlib.suppress(OSError):  # a read-only store: the caller reports the checkpoint as missing
-            os.rename(newest, dest)
-            _fsync_dir(dest.parent)
-
-
-def _sweep_side_dirs(dest: Path) -> None:
-    """Remove what crashed saves left: always for this checkpoint, after STALE_AFTER_S for its neighbours."""
-    now = time.time()
-    for path in dest.parent.iterdir():
-        m = _SIDE_DIR.match(path.name)
-        if m is None or not path.is_dir():
-            continue
-        own = m["name"] == dest.name
-        try:
-            stale = own or now - path.stat().st_mtime > STALE_AFTER_S
-        except FileNotFoundError:
-            continue  # another save finished with it meanwhile
-        # a parked old checkpoint is the only copy while its destination is missing: _recover needs it
-        if stale and (m["kind"] == "tmp" or os.path.lexists(dest.parent / m["name"])):
-            shutil.rmtree(path, ignore_errors=True)
+    atomic_dir.fsync(path)
