@@ -89,6 +89,21 @@ class LoraWeights:
             self._cast_cache[key] = cached
         return cached
 
+    def scaled_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A [r, in], scale * B.T [r, out]) in the compute dtype: the delta is then one addmm onto the base output."""
+        factors = self.factors(name, dtype)
+        if factors is None:
+            return None
+        a, b = factors
+        if not self.frozen:
+            return a, (b * self.scale).t()
+        key = (name + "#scaled", dtype)
+        cached = self._cast_cache.get(key)
+        if cached is None:
+            cached = (a, (b * self.scale).t().contiguous())
+            self._cast_cache[key] = cached
+        return cached
+
     def snapshot(self) -> LoraWeights:
         """An immutable copy: what a sampler version serves, whatever training does next."""
         return LoraWeights(
@@ -152,15 +167,14 @@ def apply_linear(linear: nn.Linear, name: str, x_N_in: torch.Tensor, routing: Lo
     pieces: list[torch.Tensor] = []
     touched = False
     for seg in routing.segments:
-        factors = seg.weights.factors(name, x_N_in.dtype) if seg.weights is not None else None
+        factors = seg.weights.scaled_factors(name, x_N_in.dtype) if seg.weights is not None else None
         if factors is None:
             pieces.append(out_N_out[seg.start : seg.end])
             continue
         touched = True
-        a, b = factors
-        assert seg.weights is not None
-        delta = (x_N_in[seg.start : seg.end] @ a.t()) @ b.t()
+        a_r_in, b_scaled_r_out = factors
+        xa_n_r = x_N_in[seg.start : seg.end] @ a_r_in.t()
         if len(routing.segments) == 1:
-            return out_N_out + delta * seg.weights.scale
-        pieces.append(out_N_out[seg.start : seg.end] + delta * seg.weights.scale)
+            return torch.addmm(out_N_out, xa_n_r, b_scaled_r_out)
+        pieces.append(torch.addmm(out_N_out[seg.start : seg.end], xa_n_r, b_scaled_r_out))
     return torch.cat(pieces, dim=0) if touched else out_N_out

@@ -87,6 +87,11 @@ def causal_attention(
     return attend
 
 
+def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """The Llama-family RMSNorm as one fused op (the Hugging Face module spends six passes on it)."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -129,22 +134,22 @@ class Transformer:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             prefix = f"model.layers.{i}"
-            x = layer.input_layernorm(h)
+            x = _rms_norm(layer.input_layernorm, h)
             q = apply_linear(attn.q_proj, f"{prefix}.self_attn.q_proj", x, routing).view(n, s.num_heads, s.head_dim)
             k = apply_linear(attn.k_proj, f"{prefix}.self_attn.k_proj", x, routing).view(n, s.num_kv_heads, -1)
             v = apply_linear(attn.v_proj, f"{prefix}.self_attn.v_proj", x, routing).view(n, s.num_kv_heads, -1)
             if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
-                q, k = attn.q_norm(q), attn.k_norm(k)
+                q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
             q = q * cos_N_1_D + _rotate_half(q) * sin_N_1_D
             k = k * cos_N_1_D + _rotate_half(k) * sin_N_1_D
             o = attention(i, q, k, v)
             h = h + apply_linear(attn.o_proj, f"{prefix}.self_attn.o_proj", o, routing)
-            x = layer.post_attention_layernorm(h)
+            x = _rms_norm(layer.post_attention_layernorm, h)
             mlp = layer.mlp
             gate = apply_linear(mlp.gate_proj, f"{prefix}.mlp.gate_proj", x, routing)
             up = apply_linear(mlp.up_proj, f"{prefix}.mlp.up_proj", x, routing)
             h = h + apply_linear(mlp.down_proj, f"{prefix}.mlp.down_proj", mlp.act_fn(gate) * up, routing)
-        return self.norm(h)
+        return _rms_norm(self.norm, h)
 
     def packed_hidden(self, seqs: Sequence[Sequence[int]], routing: LoraRouting) -> torch.Tensor:
         """Hidden states of whole sequences packed back to back (causal attention within each)."""
