@@ -16,7 +16,7 @@ from rich.table import Table
 
 from tinkerd import __version__, hub
 from tinkerd.domain.errors import TinkerdError
-from tinkerd.settings import Settings
+from tinkerd.settings import Settings, SettingsError
 
 app = typer.Typer(
     name="tinkerd",
@@ -38,7 +38,7 @@ CacheDirOption = Annotated[
 ]
 
 
-def _fail(error: TinkerdError) -> typer.Exit:
+def _fail(error: Exception) -> typer.Exit:
     Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
 
@@ -100,6 +100,51 @@ def models_list(cache_dir: CacheDirOption = None) -> None:
     for model in models:
         table.add_row(model.name, model.architecture, _human_size(model.size_bytes))
     console.print(table)
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on. \\[default: 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port to listen on. \\[default: 8000]")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Database and checkpoints. \\[default: the user data dir]", file_okay=False),
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="A pulled model id or a local Hugging Face model directory; repeat to serve several. "
+            f"\\[default: {hub.DEFAULT_MODEL}]",
+        ),
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Torch device. \\[default: cpu]")] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="Training compute dtype of the base model. \\[default: bfloat16]")
+    ] = None,
+    keys: Annotated[
+        Path | None,
+        typer.Option("--keys", help="File of '<api-key> <user>' lines; unknown keys get 401. \\[default: single user]"),
+    ] = None,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Serve the Tinker API (api + worker in one process) until Ctrl-C. Every option also reads TINKERD_<NAME>."""
+    from tinkerd.server import serve as run_server  # loads FastAPI and torch: only for this command
+
+    try:
+        settings = Settings.load(
+            cache_dir=cache_dir,
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            models=model,
+            device=device,
+            dtype=dtype,
+            keys_file=keys,
+        )
+        run_server(settings, announce=lambda line: typer.echo(line))
+    except (TinkerdError, SettingsError) as error:
+        raise _fail(error) from error
 
 
 def main() -> None:

@@ -3,37 +3,105 @@
 Precedence: a command-line argument, then a `TINKERD_<FIELD>` environment variable, then the default.
 To add a setting: add a field, read it in `Settings.load`, and document its variable here.
 
-| field     | variable            | default                                             |
-|-----------|---------------------|-----------------------------------------------------|
-| cache_dir | TINKERD_CACHE_DIR   | the platform's user cache dir, e.g. ~/.cache/tinkerd |
+| field     | variable            | default                                                     |
+|-----------|---------------------|-------------------------------------------------------------|
+| cache_dir | TINKERD_CACHE_DIR   | the platform's user cache dir, e.g. ~/.cache/tinkerd         |
+| data_dir  | TINKERD_DATA_DIR    | the platform's user data dir, e.g. ~/.local/share/tinkerd    |
+| host      | TINKERD_HOST        | 127.0.0.1                                                   |
+| port      | TINKERD_PORT        | 8000                                                        |
+| models    | TINKERD_MODEL       | the embedded default model (comma-separated for several)    |
+| device    | TINKERD_DEVICE      | cpu                                                         |
+| dtype     | TINKERD_DTYPE       | the engine's default training dtype (bfloat16)              |
+| keys_file | TINKERD_KEYS        | none: single-user mode, any API key is accepted             |
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
 
 ENV_PREFIX = "TINKERD_"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
 
 
 def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("tinkerd"))
 
 
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("tinkerd"))
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used (e.g. a port that is not a number)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     cache_dir: Path  # pulled models, the HF_HOME for clients, scratch space
+    data_dir: Path | None = None  # the database and checkpoints; None = default_data_dir()
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    models: tuple[str, ...] = ()  # served model names or local HF directories; () = the embedded default
+    device: str = "cpu"
+    dtype: str | None = None  # compute dtype of the frozen base for training; None = the engine's default
+    keys_file: Path | None = None
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir if self.data_dir is not None else default_data_dir().absolute()
 
     @classmethod
-    def load(cls, environ: Mapping[str, str] | None = None, *, cache_dir: Path | None = None) -> Settings:
+    def load(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        cache_dir: Path | None = None,
+        data_dir: Path | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        models: Sequence[str] | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        keys_file: Path | None = None,
+    ) -> Settings:
         """Build settings from explicit arguments (None = not given), else `environ` (default os.environ)."""
         env = os.environ if environ is None else environ
+
+        def from_env(name: str) -> str | None:
+            value = env.get(f"{ENV_PREFIX}{name}")
+            return value if value else None
+
         if cache_dir is None:
-            from_env = env.get(f"{ENV_PREFIX}CACHE_DIR")
-            cache_dir = Path(from_env) if from_env else default_cache_dir()
-        # Absolute, because the CLI hands paths under it to other processes (HF_HOME for clients).
-        return cls(cache_dir=cache_dir.expanduser().absolute())
+            cache_dir = Path(from_env("CACHE_DIR") or default_cache_dir())
+        if data_dir is None:
+            data_dir = Path(from_env("DATA_DIR") or default_data_dir())
+        if port is None:
+            raw_port = from_env("PORT")
+            try:
+                port = int(raw_port) if raw_port else DEFAULT_PORT
+            except ValueError:
+                raise SettingsError(f"{ENV_PREFIX}PORT must be a number, got {raw_port!r}") from None
+        if not 0 <= port <= 65535:
+            raise SettingsError(f"port must be between 0 and 65535, got {port}")
+        if not models:
+            models = [m.strip() for m in (from_env("MODEL") or "").split(",") if m.strip()]
+        if keys_file is None:
+            raw_keys = from_env("KEYS")
+            keys_file = Path(raw_keys) if raw_keys else None
+        # Absolute, because the CLI hands paths under them to other processes (HF_HOME for clients, the server).
+        return cls(
+            cache_dir=cache_dir.expanduser().absolute(),
+            data_dir=data_dir.expanduser().absolute(),
+            host=host or from_env("HOST") or DEFAULT_HOST,
+            port=port,
+            models=tuple(models),
+            device=device or from_env("DEVICE") or "cpu",
+            dtype=dtype or from_env("DTYPE"),
+            keys_file=keys_file.expanduser().absolute() if keys_file is not None else None,
+        )

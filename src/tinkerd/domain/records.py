@@ -39,6 +39,7 @@ class RequestKind(StrEnum):
     LOAD_WEIGHTS = "load_weights"
     SAMPLE = "sample"
     CREATE_CUSTOM_LOSS = "create_custom_loss"
+    UNLOAD_MODEL = "unload_model"
 
     @property
     def sequenced(self) -> bool:

@@ -1,0 +1,72 @@
+"""The app factory: ``create_app(store, models, notifier, settings)`` -> a FastAPI app speaking the Tinker API.
+
+The composition root hands in plain data (an open Store, facts about the served models, the notifier it also gives
+the worker); nothing here imports torch or the engine, so the API starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from tinkerd.api.auth import KeyRing
+from tinkerd.api.bodies import BodyMiddleware
+from tinkerd.api.context import ApiContext, ApiSettings, ServedModelInfo
+from tinkerd.api.errors import install_error_handlers
+from tinkerd.api.notify import FutureNotifier
+from tinkerd.api.routes import ROUTERS
+from tinkerd.store import Store
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(
+    store: Store,
+    models: Sequence[ServedModelInfo],
+    notifier: FutureNotifier | None = None,
+    settings: ApiSettings | None = None,
+    *,
+    on_submit: Callable[[], None] | None = None,
+) -> FastAPI:
+    """Build the app. `notifier` wakes long-polls when the worker finishes a request (give the worker its
+    ``notify``); `on_submit`, if given, is called after every accepted future (e.g. to wake an idle worker)."""
+    notifier = notifier or FutureNotifier()
+    settings = settings or ApiSettings()
+    names = [model.name for model in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"served model names must be unique, got {names}")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        notifier.bind(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            notifier.close()
+
+    app = FastAPI(
+        title="tinkerd",
+        version=importlib.metadata.version("tinkerd"),
+        summary="A self-hosted server for the Tinker fine-tuning API",
+        lifespan=lifespan,
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+        redoc_url=None,
+    )
+    app.state.ctx = ApiContext(
+        store=store,
+        models={model.name: model for model in models},
+        notifier=notifier,
+        settings=settings,
+        on_submit=on_submit,
+    )
+    app.state.keys = KeyRing(settings.api_keys)
+    install_error_handlers(app)
+    app.add_middleware(BodyMiddleware, max_body_bytes=settings.max_body_bytes)
+    for router in ROUTERS:
+        app.include_router(router, prefix=API_PREFIX)
+    return app

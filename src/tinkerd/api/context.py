@@ -1,0 +1,59 @@
+"""What the API is given by the composition root, as plain data: no torch, no engine objects."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from tinkerd.api.notify import FutureNotifier
+from tinkerd.domain.errors import NotFoundError
+from tinkerd.store import Store
+
+
+@dataclass(frozen=True)
+class ServedModelInfo:
+    """Facts about one served base model, read from its config files by the composition root."""
+
+    name: str  # what clients pass as base_model
+    tokenizer_id: str | None  # what the SDK hands to AutoTokenizer.from_pretrained: a repo id or a local directory
+    arch: str
+    vocab_size: int
+    max_context_length: int
+    # Token ids that end a sequence when a sampling request leaves `stop` unset ("implicit EOS").
+    eos_token_ids: tuple[int, ...] = ()
+    trainable: bool = True
+    sampleable: bool = True
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    # retrieve_future holds a request this long before answering try_again: under the SDK's 45 s read timeout,
+    # and long enough that the SDK (which re-polls at once) does not spin.
+    long_poll_s: float = 25.0
+    # While waiting, the ledger is re-read this often even without a notification, so a worker in another process
+    # (which cannot call our notifier) still wakes the poll.
+    poll_interval_s: float = 1.0
+    # API key -> owner. None: single-user mode, any key is accepted and everything belongs to DEFAULT_OWNER.
+    api_keys: Mapping[str, str] | None = None
+    # Largest request body accepted after zstd decompression (a zip bomb must not exhaust memory).
+    max_body_bytes: int = 256 * 1024 * 1024
+    # Flags merged into the /client/config answer (e.g. {"use_pyqwest_transport": False}).
+    client_config_overrides: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """Everything a route needs, stored on ``app.state.ctx`` by ``create_app``."""
+
+    store: Store
+    models: Mapping[str, ServedModelInfo]
+    notifier: FutureNotifier
+    settings: ApiSettings
+    on_submit: Callable[[], None] | None = None
+
+    def model(self, name: str) -> ServedModelInfo:
+        try:
+            return self.models[name]
+        except KeyError:
+            served = ", ".join(sorted(self.models)) or "none"
+            raise NotFoundError(f"base model {name!r} is not served here; served models: {served}") from None

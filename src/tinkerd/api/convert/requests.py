@@ -1,0 +1,329 @@
+"""Wire requests -> domain requests and records (sessions, runs, samplers).
+
+Every function is pure: the routes look rows up and pass them in, so the rules here are testable without a server.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from tinkerd.api import schemas
+from tinkerd.api.context import ServedModelInfo
+from tinkerd.api.convert.tensors import array_from_json, array_from_proto, check_tokens, tokens_from_proto
+from tinkerd.api.proto import tinker_public_pb2 as pb
+from tinkerd.domain import ops
+from tinkerd.domain.errors import InvalidRequestError
+from tinkerd.domain.ids import sampler_id, training_run_id, validate_run_id, validate_session_id
+from tinkerd.domain.paths import TinkerPath, parse_tinker_path, validate_checkpoint_name
+from tinkerd.domain.records import Sampler, Session, TrainingRun
+from tinkerd.domain.requests import (
+    CreateModel,
+    ForwardBackward,
+    LoadWeights,
+    OptimStep,
+    SaveWeights,
+    SnapshotForSampler,
+)
+
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600  # the Tinker docs' upper bound
+
+
+def _metadata(value: dict[str, Any] | None) -> dict[str, object]:
+    return dict(value or {})
+
+
+# -- sessions and runs -------------------------------------------------------------------------------------------------
+
+
+def new_session(request: schemas.CreateSessionRequest, session_id: str, owner: str, now: datetime) -> Session:
+    return Session(
+        id=session_id,
+        owner=owner,
+        created_at=now,
+        last_heartbeat_at=now,
+        sdk_version=request.sdk_version or "",
+        tags=tuple(request.tags or ()),
+        user_metadata=_metadata(request.user_metadata),
+        display_name=request.display_name,
+        project_id=request.project_id,
+    )
+
+
+def _check_optimizer(config: schemas.OptimizerConfig | None) -> dict[str, object]:
+    kind = config.type if config is not None else "adamw"
+    if kind != "adamw":
+        raise InvalidRequestError(f"optimizer {kind!r} is not supported; tinkerd trains with 'adamw'")
+    return {"type": "adamw"}
+
+
+def lora_from_wire(config: schemas.LoraConfig | None) -> ops.LoraConfig:
+    if config is None:
+        return ops.LoraConfig()
+    if config.rank < 1:
+        raise InvalidRequestError(f"lora_config.rank must be >= 1, got {config.rank}")
+    lora = ops.LoraConfig(
+        rank=config.rank,
+        seed=config.seed,
+        train_attn=config.train_attn is not False,
+        train_mlp=config.train_mlp is not False,
+        train_unembed=config.train_unembed is not False,
+    )
+    if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+        raise InvalidRequestError("lora_config must train at least one of attention, MLP and unembedding")
+    return lora
+
+
+def create_model(
+    request: schemas.CreateModelRequest, owner: str, now: datetime, model: ServedModelInfo
+) -> tuple[TrainingRun, CreateModel]:
+    run_id = training_run_id(request.session_id, request.model_seq_id)
+    if not model.trainable:
+        raise InvalidRequestError(f"base model {model.name!r} is served for sampling only")
+    lora = lora_from_wire(request.lora_config)
+    metadata = _metadata(request.user_metadata)
+    run = TrainingRun(
+        id=run_id,
+        session_id=request.session_id,
+        owner=owner,
+        base_model=model.name,
+        created_at=now,
+        last_request_at=now,
+        lora=lora,
+        optimizer_config=_check_optimizer(request.optimizer_config),
+        user_metadata=metadata,
+    )
+    return run, CreateModel(run_id=run_id, base_model=model.name, lora=lora, user_metadata=metadata)
+
+
+# -- forward / backward ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ForwardBackwardCall:
+    """A decoded /forward_backward or /forward body, not yet checked against its run."""
+
+    model_id: str
+    seq_id: int | None
+    request: ForwardBackward
+
+    @property
+    def token_count(self) -> int:
+        return sum(len(datum.tokens) for datum in self.request.datums)
+
+
+def _loss_config(numbers: dict[str, float], texts: dict[str, str]) -> dict[str, float]:
+    if texts:
+        key = sorted(texts)[0]
+        raise InvalidRequestError(f"loss_fn_config[{key!r}] is text; tinkerd only takes numeric loss settings")
+    for key, value in numbers.items():
+        if not math.isfinite(value):
+            raise InvalidRequestError(f"loss_fn_config[{key!r}] must be a finite number, got {value}")
+    return numbers
+
+
+def text_chunks(where: str, chunks: list[schemas.Chunk]) -> list[int]:
+    tokens: list[int] = []
+    for index, chunk in enumerate(chunks):
+        if chunk.type != "encoded_text":
+            raise InvalidRequestError(f"{where} chunk {index} is {chunk.type!r}; tinkerd serves text models only")
+        tokens.extend(chunk.tokens or ())
+    return tokens
+
+
+def forward_backward_from_json(
+    body: schemas.ForwardBackwardInput, model_id: str, seq_id: int | None, *, backward: bool
+) -> ForwardBackwardCall:
+    datums = [
+        ops.Datum(
+            tokens=text_chunks(f"data[{i}].model_input", datum.model_input.chunks),
+            loss_fn_inputs={name: array_from_json(name, td) for name, td in datum.loss_fn_inputs.items()},
+        )
+        for i, datum in enumerate(body.data)
+    ]
+    config = body.loss_fn_config or {}
+    numbers = {k: float(v) for k, v in config.items() if not isinstance(v, str)}
+    texts = {k: v for k, v in config.items() if isinstance(v, str)}
+    request = ForwardBackward(
+        run_id=validate_run_id(model_id),
+        datums=datums,
+        loss_fn=body.loss_fn,
+        loss_fn_config=_loss_config(numbers, texts),
+        backward=backward,
+    )
+    return ForwardBackwardCall(model_id=request.run_id, seq_id=seq_id, request=request)
+
+
+def parse_forward_backward_proto(body: bytes) -> pb.ForwardBackwardRequest:
+    """The message, checked only as far as naming its model: the rest is checked by `forward_backward_from_proto`
+    once the caller knows the run (see routes.training on why the order matters)."""
+    message = pb.ForwardBackwardRequest()
+    try:
+        message.ParseFromString(body)
+    except DecodeError as error:
+        raise InvalidRequestError(f"body is not a valid ForwardBackwardRequest protobuf: {error}") from None
+    if not message.model_id:
+        raise InvalidRequestError("model_id is required")
+    validate_run_id(message.model_id)
+    return message
+
+
+def forward_backward_from_proto(message: pb.ForwardBackwardRequest) -> ForwardBackwardCall:
+    datums: list[ops.Datum] = []
+    for i, datum in enumerate(message.data):
+        tokens: list[int] = []
+        for j, chunk in enumerate(datum.model_input):
+            which = chunk.WhichOneof("chunk")
+            if which != "encoded_text":
+                raise InvalidRequestError(f"data[{i}].model_input chunk {j} is {which!r}; tinkerd serves text only")
+            tokens.extend(tokens_from_proto(chunk.encoded_text.tokens))
+        inputs = {name: array_from_proto(name, tensor) for name, tensor in datum.loss_fn_inputs.items()}
+        datums.append(ops.Datum(tokens=tokens, loss_fn_inputs=inputs))
+    numbers = dict(message.loss_fn_config)
+    texts: dict[str, str] = {}
+    for key, value in message.loss_fn_config_v2.items():
+        if value.WhichOneof("value") == "text":
+            texts[key] = value.text
+        elif value.WhichOneof("value") == "number":
+            numbers[key] = value.number
+    request = ForwardBackward(
+        run_id=validate_run_id(message.model_id),
+        datums=datums,
+        loss_fn=message.loss_fn,
+        loss_fn_config=_loss_config(numbers, texts),
+        backward=not message.forward_only,
+    )
+    return ForwardBackwardCall(model_id=request.run_id, seq_id=message.seq_id, request=request)
+
+
+def check_forward_backward(call: ForwardBackwardCall, model: ServedModelInfo) -> None:
+    if not call.request.datums:
+        raise InvalidRequestError("data is empty: forward_backward needs at least one datum")
+    if not call.request.loss_fn:
+        raise InvalidRequestError("loss_fn is required")
+    for i, datum in enumerate(call.request.datums):
+        check_tokens(datum.tokens, f"data[{i}].model_input", model.vocab_size, model.max_context_length)
+
+
+# -- optimizer and weights ---------------------------------------------------------------------------------------------
+
+
+def optim_step(request: schemas.OptimStepRequest) -> OptimStep:
+    params = request.adam_params
+    if params is None:
+        other = request.optim_params or request.optimizer_params
+        if other is not None and other.get("type", "adam") not in ("adam", "adamw"):
+            raise InvalidRequestError(f"optimizer {other.get('type')!r} is not supported; send adam_params")
+        params = schemas.AdamParams.model_validate(other or {})
+    for name, value in params.model_dump().items():
+        if not math.isfinite(value):
+            raise InvalidRequestError(f"adam_params.{name} must be a finite number, got {value}")
+    if params.learning_rate < 0:
+        raise InvalidRequestError(f"adam_params.learning_rate must be >= 0, got {params.learning_rate}")
+    if not (0 <= params.beta1 < 1 and 0 <= params.beta2 < 1):
+        raise InvalidRequestError(f"adam_params betas must be in [0, 1), got {params.beta1} and {params.beta2}")
+    if params.eps <= 0 or params.weight_decay < 0 or params.grad_clip_norm < 0:
+        raise InvalidRequestError("adam_params: eps must be > 0, weight_decay and grad_clip_norm >= 0")
+    adam = ops.AdamParams(**params.model_dump())
+    return OptimStep(run_id=validate_run_id(request.model_id), adam=adam)
+
+
+def _ttl(value: int | None) -> int | None:
+    if value is not None and not 1 <= value <= MAX_TTL_SECONDS:
+        raise InvalidRequestError(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (10 years), got {value}")
+    return value
+
+
+def save_weights(request: schemas.SaveWeightsRequest) -> SaveWeights:
+    # save_state always names its checkpoint; a nameless request gets one from its place in the run's sequence.
+    name = request.path if request.path else f"seq-{request.seq_id or 0}"
+    return SaveWeights(
+        run_id=validate_run_id(request.model_id),
+        kind="weights",
+        name=validate_checkpoint_name(name),
+        ttl_seconds=_ttl(request.ttl_seconds),
+        overwrite=bool(request.overwrite),
+        user_metadata=_metadata(request.user_metadata),
+    )
+
+
+def save_sampler_weights(request: schemas.SaveWeightsForSamplerRequest) -> SaveWeights:
+    assert request.path
+    return SaveWeights(
+        run_id=validate_run_id(request.model_id),
+        kind="sampler_weights",
+        name=validate_checkpoint_name(request.path),
+        ttl_seconds=_ttl(request.ttl_seconds),
+        # The SDK cannot ask for overwrite here, and re-saving a sampler under the same name (e.g. "final") is common.
+        overwrite=True,
+        user_metadata=_metadata(request.user_metadata),
+    )
+
+
+def snapshot_sampler(
+    request: schemas.SaveWeightsForSamplerRequest, run: TrainingRun, now: datetime
+) -> tuple[Sampler, SnapshotForSampler]:
+    """save_weights_and_get_sampling_client: a sampler pinned to the run's weights as of this request's seq_id."""
+    assert request.sampling_session_seq_id is not None
+    sampler = Sampler(
+        id=sampler_id(run.session_id, request.sampling_session_seq_id),
+        session_id=run.session_id,
+        owner=run.owner,
+        base_model=run.base_model,
+        created_at=now,
+        run_id=run.id,
+        # The request's seq_id says which point of the run's history the snapshot holds.
+        run_version=request.seq_id or 0,
+    )
+    return sampler, SnapshotForSampler(run_id=run.id, sampler_id=sampler.id)
+
+
+def weights_path(value: str) -> TinkerPath:
+    path = parse_tinker_path(value)
+    if path.kind != "weights":
+        raise InvalidRequestError(
+            f"{value} is a sampler checkpoint; loading for training needs a tinker://<run>/weights/<name> path"
+        )
+    return path
+
+
+def load_weights(request: schemas.LoadWeightsRequest, run_id: str) -> LoadWeights:
+    return LoadWeights(run_id=run_id, path=str(weights_path(request.path)), with_optimizer=bool(request.optimizer))
+
+
+def create_via_load(
+    request: schemas.LoadWeightsRequest, source: TrainingRun, owner: str, now: datetime
+) -> tuple[TrainingRun, LoadWeights]:
+    """create_training_client_from_state: a new run `<session>:train:<model_seq_id>` shaped like the checkpoint's."""
+    assert request.session_id is not None and request.model_seq_id is not None
+    session_id = validate_session_id(request.session_id)
+    run_id = training_run_id(session_id, request.model_seq_id)
+    if request.base_model and request.base_model != source.base_model:
+        raise InvalidRequestError(
+            f"{request.path} was trained on {source.base_model!r}, not on the requested {request.base_model!r}"
+        )
+    metadata = _metadata(request.user_metadata)
+    run = TrainingRun(
+        id=run_id,
+        session_id=session_id,
+        owner=owner,
+        base_model=source.base_model,
+        created_at=now,
+        last_request_at=now,
+        lora=source.lora,
+        optimizer_config=_check_optimizer(request.optimizer_config),
+        user_metadata=metadata,
+    )
+    load = LoadWeights(
+        run_id=run_id,
+        path=str(weights_path(request.path)),
+        with_optimizer=bool(request.optimizer),
+        create_base_model=source.base_model,
+        create=True,
+        user_metadata=metadata,
+    )
+    return run, load

@@ -1,0 +1,101 @@
+"""Sampling wire requests -> domain: samplers, and sample requests with their stop rules."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from tinkerd.api import schemas
+from tinkerd.api.context import ServedModelInfo
+from tinkerd.api.convert.requests import text_chunks
+from tinkerd.api.convert.tensors import check_tokens
+from tinkerd.domain import ops
+from tinkerd.domain.errors import InvalidRequestError
+from tinkerd.domain.ids import sampler_id
+from tinkerd.domain.records import Sampler
+from tinkerd.domain.requests import Sample
+
+MAX_NUM_SAMPLES = 256
+DEFAULT_MAX_TOKENS = 16  # when a sampling request leaves max_tokens unset
+
+
+def nonnegative(name: str, value: int) -> int:
+    if value < 0:
+        raise InvalidRequestError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def new_sampler(request: schemas.CreateSamplingSessionRequest, base_model: str, owner: str, now: datetime) -> Sampler:
+    return Sampler(
+        id=sampler_id(request.session_id, request.sampling_session_seq_id),
+        session_id=request.session_id,
+        owner=owner,
+        base_model=base_model,
+        created_at=now,
+        model_path=request.model_path,
+    )
+
+
+def _stops(stop: str | list[str] | list[int] | None, model: ServedModelInfo) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(stop strings, stop token ids). Unset keeps the model's EOS; [] stops nowhere (runs to max_tokens); a list adds
+    to EOS, as vLLM does, so a chat model still ends at its end-of-turn token."""
+    if stop is None:
+        return (), model.eos_token_ids
+    if isinstance(stop, str):
+        return (stop,), model.eos_token_ids
+    if not stop:
+        return (), ()
+    if all(isinstance(item, str) for item in stop):
+        return tuple(str(item) for item in stop), model.eos_token_ids
+    ids = tuple(int(item) for item in stop)
+    return (), tuple(dict.fromkeys(ids + model.eos_token_ids))
+
+
+def _unsupported_sampling_options(request: schemas.SampleRequest) -> None:
+    if request.topk_sample_logprobs:
+        raise InvalidRequestError("topk_sample_logprobs is not supported by tinkerd yet; leave it at 0")
+    if request.prompt_alt_tokens_k:
+        raise InvalidRequestError("prompt_alt_tokens_k is not supported by tinkerd yet; leave it at 0")
+    if request.target_prompt_logprobs is not None:
+        raise InvalidRequestError("target_prompt_logprobs is not supported by tinkerd yet")
+    if request.prompt_logprobs_last_n is not None:
+        raise InvalidRequestError("prompt_logprobs_last_n is not supported by tinkerd yet")
+
+
+def sample(request: schemas.SampleRequest, sampler: Sampler, model: ServedModelInfo) -> Sample:
+    _unsupported_sampling_options(request)
+    prompt = text_chunks("prompt", request.prompt.chunks)
+    check_tokens(prompt, "prompt", model.vocab_size, model.max_context_length)
+    num_samples = 1 if request.num_samples is None else request.num_samples
+    if not 1 <= num_samples <= MAX_NUM_SAMPLES:
+        raise InvalidRequestError(f"num_samples must be between 1 and {MAX_NUM_SAMPLES}, got {num_samples}")
+    wire = request.sampling_params
+    max_tokens = DEFAULT_MAX_TOKENS if wire.max_tokens is None else wire.max_tokens
+    if max_tokens < 1:
+        raise InvalidRequestError(f"sampling_params.max_tokens must be >= 1, got {max_tokens}")
+    if len(prompt) + max_tokens > model.max_context_length:
+        raise InvalidRequestError(
+            f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's context of "
+            f"{model.max_context_length} tokens"
+        )
+    stop_strings, stop_ids = _stops(wire.stop, model)
+    params = ops.SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if wire.temperature is None else wire.temperature,
+        top_p=1.0 if wire.top_p is None else wire.top_p,
+        top_k=-1 if wire.top_k is None else wire.top_k,
+        seed=wire.seed,
+        stop_strings=stop_strings,
+        stop_token_ids=stop_ids,
+    )
+    return Sample(
+        sampler_id=sampler.id,
+        prompt=prompt,
+        num_samples=num_samples,
+        params=params,
+        prompt_logprobs=bool(request.prompt_logprobs),
+        topk_prompt_logprobs=nonnegative("topk_prompt_logprobs", request.topk_prompt_logprobs or 0),
+    )
+
+
+def sample_token_count(request: Sample) -> int:
+    return len(request.prompt) + request.params.max_tokens * request.num_samples

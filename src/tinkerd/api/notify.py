@@ -1,0 +1,81 @@
+"""Waking retrieve_future long-polls when the worker finishes a request.
+
+The worker runs on its own thread and calls ``notify(request_id)`` after it completes or fails a future; the
+long-poll waits on an asyncio event in the server's event loop. ``notify`` only schedules the wake-up on that loop
+(``call_soon_threadsafe``), so the worker never blocks on, or touches, asyncio state.
+
+A notification can arrive before the waiter exists (the worker may finish between the poll's read of the ledger
+and its wait). Waiters therefore register *before* they read the ledger, and re-read it after every wake-up or
+poll interval: a lost notification costs at most one poll interval, never a missed result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+
+
+class FutureNotifier:
+    """Thread-safe ``notify``; everything else runs on the event loop it is bound to."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._closed = False
+        self._lock = threading.Lock()  # guards _loop, which notify() reads from other threads
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Attach to the event loop that serves requests (called at app startup)."""
+        with self._lock:
+            self._loop = loop
+            self._closed = False
+
+    def notify(self, request_id: str) -> None:
+        """A request finished: wake whoever waits for it. Safe from any thread; never blocks."""
+        with self._lock:
+            loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+            loop.call_soon_threadsafe(self._wake, request_id)
+
+    def close(self) -> None:
+        """Shutting down: wake every waiter so long-polls answer at once instead of holding the exit. Thread-safe."""
+        with self._lock:
+            loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._close_on_loop)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @contextlib.contextmanager
+    def waiter(self, request_id: str) -> Iterator[asyncio.Event]:
+        """An event set when `request_id` is notified (or the notifier closes). Use on the event loop only."""
+        event = asyncio.Event()
+        if self._closed:
+            event.set()
+        self._waiters.setdefault(request_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            events = self._waiters.get(request_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._waiters[request_id]
+
+    def _wake(self, request_id: str) -> None:
+        for event in self._waiters.get(request_id, ()):
+            event.set()
+
+    def _close_on_loop(self) -> None:
+        self._closed = True
+        for events in self._waiters.values():
+            for event in events:
+                event.set()

@@ -1,0 +1,14 @@
+"""HTTP routes, one module per resource; every path lives under /api/v1."""
+
+from fastapi import APIRouter
+
+from tinkerd.api.routes import client, futures, rest, sampling, sessions, training
+
+ROUTERS: tuple[APIRouter, ...] = (
+    client.router,
+    sessions.router,
+    training.router,
+    sampling.router,
+    futures.router,
+    rest.router,
+)

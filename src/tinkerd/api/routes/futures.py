@@ -1,0 +1,74 @@
+"""retrieve_future: long-poll the ledger, then answer try_again, the error, or the result (JSON or protobuf).
+
+The SDK re-polls a try_again at once, so the poll is held server-side (``ApiSettings.long_poll_s``, under the SDK's
+45 s timeout). A result stays readable after delivery (the ledger keeps it until housekeeping purges it), so a
+retried poll never meets "unknown request".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+from fastapi import APIRouter, Request, Response
+from starlette.background import BackgroundTask
+
+from tinkerd.api import schemas
+from tinkerd.api.context import ApiContext
+from tinkerd.api.convert.results import result_json, result_proto
+from tinkerd.api.routes.common import JSON, PROTOBUF, Context, Owner, in_thread, json_response
+from tinkerd.domain import codec
+from tinkerd.domain.errors import TinkerdError
+from tinkerd.domain.records import FutureRecord, FutureState
+from tinkerd.domain.requests import Result
+
+router = APIRouter()
+
+
+def _render(ctx: ApiContext, record: FutureRecord, owner: str, want_proto: bool) -> Response:
+    """The finished future's answer. Runs in a worker thread (results can be large)."""
+    if record.state is FutureState.FAILED:
+        # A 200 with an "error" key is how the SDK learns that a request failed (RequestFailedError + category).
+        body = {"error": record.error_message or "request failed", "category": record.error_category or "server"}
+        response = Response(json.dumps(body), media_type=JSON)
+    else:
+        result: Result = codec.decode(record.result or b"")
+        proto = result_proto(result) if want_proto else None
+        if proto is not None:
+            response = Response(proto, media_type=PROTOBUF)
+        else:
+            response = Response(
+                json.dumps(result_json(record.kind, result, record.model_id), allow_nan=False), media_type=JSON
+            )
+    # Noted once the answer is on the wire (a write transaction the client need not wait for); it lets housekeeping
+    # purge the result later. Should it fail, the result is merely kept longer.
+    response.background = BackgroundTask(_mark_delivered, ctx, record.request_id, owner)
+    return response
+
+
+def _mark_delivered(ctx: ApiContext, request_id: str, owner: str) -> None:
+    with contextlib.suppress(TinkerdError):  # purged or otherwise gone meanwhile: nothing left to note
+        ctx.store.futures.mark_delivered(request_id, owner)
+
+
+@router.post("/retrieve_future")
+async def retrieve_future(
+    body: schemas.FutureRetrieveRequest, request: Request, ctx: Context, owner: Owner
+) -> Response:
+    # 0.38 asks for protobuf for forward/backward and sampling results; SDKs before 0.20 accept only JSON.
+    want_proto = PROTOBUF in request.headers.get("accept", "")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ctx.settings.long_poll_s
+    # Register before reading the ledger: a notification that lands between the read and the wait is not lost.
+    with ctx.notifier.waiter(body.request_id) as woken:
+        while True:
+            woken.clear()
+            record = await in_thread(ctx.store.futures.get, body.request_id, owner)
+            if record.state.finished:
+                return await in_thread(_render, ctx, record, owner, want_proto)
+            remaining = deadline - loop.time()
+            if remaining <= 0 or ctx.notifier.closed:
+                return json_response(schemas.TryAgainResponse(request_id=body.request_id))
+            with contextlib.suppress(TimeoutError):  # a timeout only means: read the ledger again
+                await asyncio.wait_for(woken.wait(), timeout=min(remaining, ctx.settings.poll_interval_s))

@@ -1,0 +1,335 @@
+"""A continuous-batching sampler over one ``Transformer``: many requests, many adapters, one decode batch.
+
+Each ``step()`` first admits waiting requests (their prompts are prefilled together in one packed forward, each
+prompt once whatever its ``num_samples``; its keys/values are then copied into one cache slot per sample), then
+advances every live sequence by one token in a single batched forward against the KV cache. Rows are ordered by
+adapter so each adapter's rows form one contiguous ``LoraRouting`` segment (the base model is ``weights=None``).
+Finished sequences free their slot at once, and a request is returned when its last sample finishes. A request
+with more samples than free slots keeps its prefilled prompt and stamps out the rest as slots free up.
+
+Stopping: a sequence stops after a token in ``stop_token_ids`` or once its generated text (``decode_text`` of all its
+tokens) contains a stop string; in both cases the tokens returned include the token that stopped it, as Tinker and
+vLLM do (tinker-cookbook's renderers expect the stop token at the end of a response, and its ``RoleColonRenderer``
+splits the decoded response on its stop string). Otherwise it stops with reason "length" at ``max_tokens``.
+
+Speed: give it a ``Transformer`` of its own, prepared with ``decode_layout.use_decode_layout`` (oneDNN-packed
+weights: ~2x faster decoding and prefill on CPU). Pure engine: no threads, no I/O. The caller serialises calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tinkerd.domain.ops import SampledSequence, SampleResult, SamplingParams, StopReason
+from tinkerd.engine.kv_cache import KVCache, prefill_attention
+from tinkerd.engine.lora import LoraRouting, LoraWeights, Segment
+from tinkerd.engine.sampling_ops import draw_uniforms, prompt_logprobs, sample_tokens
+from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES, validate_sample_request
+from tinkerd.engine.transformer import Transformer
+
+# Prompt tokens prefilled in one packed forward (at least one whole prompt is always taken).
+MAX_PREFILL_TOKENS = 4096
+# Prompt positions whose full-vocabulary logits are materialised at once for prompt logprobs.
+PROMPT_LOGPROB_CHUNK = 512
+
+
+@dataclass(frozen=True, eq=False)
+class SampleJob:
+    """One sampling request: ``num_samples`` continuations of ``prompt`` through ``weights`` (None: the base)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    num_samples: int
+    weights: LoraWeights | None
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
+@dataclass(eq=False)
+class _JobState:
+    ticket: int
+    job: SampleJob
+    sequences: list[SampledSequence | None]
+    stop_ids: frozenset[int]
+    next_sample: int = 0  # samples [0, next_sample) have a slot
+    unfinished: int = 0
+    # the prefilled prompt, kept until every sample has been copied into a slot
+    k_L_G_P_D: torch.Tensor | None = None
+    v_L_G_P_D: torch.Tensor | None = None
+    last_logits_1_V: torch.Tensor | None = None
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+@dataclass(eq=False)
+class _Row:
+    """One live sequence: a sample of a job, in a KV cache slot."""
+
+    job: _JobState
+    sample_index: int
+    slot: int
+    uniforms: list[float]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def position(self) -> int:
+        """Where the last sampled token goes when it is fed back in."""
+        return len(self.job.job.prompt) + len(self.tokens) - 1
+
+
+def _adapter_order(weights: LoraWeights | None) -> int:
+    return 0 if weights is None else id(weights)
+
+
+def _last_logits(state: _JobState) -> torch.Tensor:
+    assert state.last_logits_1_V is not None, "a request is prefilled before its samples get slots"
+    return state.last_logits_1_V
+
+
+def _routing(weights_per_row: Sequence[LoraWeights | None], rows_per_item: Sequence[int]) -> LoraRouting:
+    """Contiguous segments for items already grouped by adapter; item i spans ``rows_per_item[i]`` rows."""
+    segments: list[Segment] = []
+    start = 0
+    for weights, n in zip(weights_per_row, rows_per_item, strict=True):
+        if segments and segments[-1].weights is weights:
+            segments[-1] = Segment(segments[-1].start, start + n, weights)
+        else:
+            segments.append(Segment(start, start + n, weights))
+        start += n
+    return LoraRouting(tuple(segments))
+
+
+class Sampler:
+    def __init__(
+        self,
+        transformer: Transformer,
+        decode_text: Callable[[list[int]], str] | None = None,
+        max_batch: int = 64,
+        max_num_samples: int = MAX_NUM_SAMPLES,
+        max_prefill_tokens: int = MAX_PREFILL_TOKENS,
+    ) -> None:
+        self.transformer = transformer
+        self.decode_text = decode_text
+        self.max_batch = max_batch
+        self.max_num_samples = max_num_samples
+        self.max_prefill_tokens = max_prefill_tokens
+        self.cache = KVCache(transformer.shape, transformer.dtype, transformer.device, max_batch)
+        self._tickets = itertools.count()
+        self._waiting: deque[_JobState] = deque()  # not prefilled yet
+        self._stamping: deque[_JobState] = deque()  # prefilled, some samples still without a slot
+        self._rows: list[_Row] = []
+
+    # -- the public surface -----------------------------------------------------------------------------------------
+
+    def submit(self, job: SampleJob) -> int:
+        """Queue a request (validated now, so a bad one never reaches a batch); returns its ticket."""
+        validate_sample_request(
+            job.prompt,
+            job.params,
+            job.num_samples,
+            job.topk_prompt_logprobs,
+            self.transformer.shape,
+            self.max_num_samples,
+            self.decode_text is not None,
+        )
+        ticket = next(self._tickets)
+        state = _JobState(
+            ticket=ticket,
+            job=job,
+            sequences=[None] * job.num_samples,
+            stop_ids=frozenset(job.params.stop_token_ids),
+            unfinished=job.num_samples,
+        )
+        self._waiting.append(state)
+        return ticket
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._stamping or self._rows)
+
+    def step(self) -> list[tuple[int, SampleResult]]:
+        """Admit what fits, advance every live sequence by one token; returns the requests that finished.
+
+        A request admitted in this step gets its first token from its prefill and then decodes along with the
+        rest, so it leaves the step with two tokens: joining the running batch costs one more row, not a pass."""
+        done: list[tuple[int, SampleResult]] = []
+        with torch.inference_mode():
+            self._admit(done)
+            if self._rows:
+                self._decode(done)
+        return done
+
+    def run(self, jobs: Sequence[SampleJob]) -> list[SampleResult]:
+        """Submit ``jobs`` and step until all of them finish; results in the order of ``jobs``.
+
+        For a sampler with nothing else in flight (the results of other requests would have nowhere to go)."""
+        if self.has_work():
+            raise RuntimeError("Sampler.run needs an idle sampler; drive submit() and step() yourself instead")
+        tickets = [self.submit(job) for job in jobs]
+        results: dict[int, SampleResult] = {}
+        while self.has_work():
+            results.update(self.step())
+        return [results[t] for t in tickets]
+
+    # -- admission --------------------------------------------------------------------------------------------------
+
+    def _admit(self, done: list[tuple[int, SampleResult]]) -> None:
+        new_rows: list[_Row] = []
+        while self._stamping and self.cache.num_free > 0:
+            state = self._stamping[0]
+            new_rows += self._stamp(state, self.cache.num_free)
+            if state.next_sample == state.job.num_samples:
+                self._stamping.popleft()
+        if self._waiting and self.cache.num_free > 0:
+            batch = self._take_prefill_batch(self.cache.num_free)
+            self._prefill(batch)
+            for state in batch:
+                if self.cache.num_free > 0:
+                    new_rows += self._stamp(state, self.cache.num_free)
+                if state.next_sample < state.job.num_samples:
+                    # its own copy, so the batch's packed keys/values are freed once the others have theirs
+                    assert state.k_L_G_P_D is not None and state.v_L_G_P_D is not None
+                    state.k_L_G_P_D, state.v_L_G_P_D = state.k_L_G_P_D.contiguous(), state.v_L_G_P_D.contiguous()
+                    self._stamping.append(state)
+        if new_rows:
+            # each new sequence's first token comes from its prompt's last-position logits
+            logits_B_V = torch.cat([_last_logits(row.job) for row in new_rows])
+            self._rows += new_rows
+            self._advance(new_rows, logits_B_V, done)
+
+    def _take_prefill_batch(self, free_slots: int) -> list[_JobState]:
+        """Waiting requests in arrival order, while their prompts fit the token budget and their samples the slots."""
+        batch: list[_JobState] = []
+        tokens = samples = 0
+        while self._waiting:
+            job = self._waiting[0].job
+            if batch and (tokens + len(job.prompt) > self.max_prefill_tokens or samples + job.num_samples > free_slots):
+                break
+            batch.append(self._waiting.popleft())
+            tokens += len(job.prompt)
+            samples += job.num_samples
+        return batch
+
+    def _prefill(self, batch: list[_JobState]) -> None:
+        """One packed forward over the prompts (grouped by adapter): keeps their K/V and last-position logits."""
+        t = self.transformer
+        batch.sort(key=lambda s: _adapter_order(s.job.weights))  # stable: arrival order within an adapter
+        lens = [len(s.job.prompt) for s in batch]
+        adapters = [s.job.weights for s in batch]
+        tokens_N = torch.tensor([tok for s in batch for tok in s.job.prompt], dtype=torch.long, device=t.device)
+        positions_N = torch.cat([torch.arange(n, device=t.device) for n in lens])
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        attend = prefill_attention(lens, t.attn_scale, t.shape.sliding_window, keys, values)
+        h_N_d = t.hidden(tokens_N, positions_N, _routing(adapters, lens), attend)
+
+        ends = list(itertools.accumulate(lens))
+        last_J = torch.tensor([e - 1 for e in ends], device=t.device)
+        last_logits_J_V = t.logits(h_N_d[last_J], _routing(adapters, [1] * len(batch)))
+        k_L_N_G_D, v_L_N_G_D = torch.stack(keys), torch.stack(values)
+        for j, state in enumerate(batch):
+            start, end = ends[j] - lens[j], ends[j]
+            state.k_L_G_P_D = k_L_N_G_D[:, start:end].transpose(1, 2)
+            state.v_L_G_P_D = v_L_N_G_D[:, start:end].transpose(1, 2)
+            state.last_logits_1_V = last_logits_J_V[j : j + 1]
+            job = state.job
+            if job.prompt_logprobs or job.topk_prompt_logprobs > 0:
+                self._prompt_logprobs(state, h_N_d[start:end])
+
+    def _prompt_logprobs(self, state: _JobState, h_P_d: torch.Tensor) -> None:
+        job = state.job
+        t = self.transformer
+        targets_P = torch.tensor(job.prompt, dtype=torch.long, device=t.device)
+        chosen: list[float | None] = [None]
+        topk: list[list[tuple[int, float]] | None] = [None]
+        for s in range(0, len(job.prompt) - 1, PROMPT_LOGPROB_CHUNK):
+            e = min(len(job.prompt) - 1, s + PROMPT_LOGPROB_CHUNK)
+            logits_C_V = t.logits(h_P_d[s:e], LoraRouting.single(e - s, job.weights))
+            lps, pairs = prompt_logprobs(logits_C_V, targets_P[s + 1 : e + 1], job.topk_prompt_logprobs)
+            chosen += lps
+            topk += pairs
+        state.prompt_logprobs = chosen if job.prompt_logprobs else None
+        state.topk_prompt_logprobs = topk if job.topk_prompt_logprobs > 0 else None
+
+    def _stamp(self, state: _JobState, limit: int) -> list[_Row]:
+        """Give up to ``limit`` more samples of a prefilled request a slot holding a copy of its prompt's K/V."""
+        assert state.k_L_G_P_D is not None and state.v_L_G_P_D is not None
+        job = state.job
+        n = min(limit, job.num_samples - state.next_sample)
+        slots = [self.cache.allocate() for _ in range(n)]
+        self.cache.store_prompt(slots, state.k_L_G_P_D, state.v_L_G_P_D)
+        rows = [
+            _Row(state, i, slot, draw_uniforms(job.params.seed, i, job.params.max_tokens))
+            for i, slot in zip(range(state.next_sample, state.next_sample + n), slots, strict=True)
+        ]
+        state.next_sample += n
+        if state.next_sample == job.num_samples:
+            state.k_L_G_P_D = state.v_L_G_P_D = None  # every sample has its copy now
+        return rows
+
+    # -- decoding ---------------------------------------------------------------------------------------------------
+
+    def _decode(self, done: list[tuple[int, SampleResult]]) -> None:
+        t = self.transformer
+        rows = sorted(self._rows, key=lambda r: (_adapter_order(r.job.job.weights), r.slot))
+        tokens_B = torch.tensor([r.tokens[-1] for r in rows], dtype=torch.long, device=t.device)
+        positions = [r.position for r in rows]
+        positions_B = torch.tensor(positions, device=t.device)
+        routing = _routing([r.job.job.weights for r in rows], [1] * len(rows))
+        attend = self.cache.decode_attention([r.slot for r in rows], positions, t.attn_scale)
+        h_B_d = t.hidden(tokens_B, positions_B, routing, attend)
+        self._advance(rows, t.logits(h_B_d, routing), done)
+
+    def _advance(self, rows: list[_Row], logits_B_V: torch.Tensor, done: list[tuple[int, SampleResult]]) -> None:
+        """Sample one token per row, append it, and retire the rows that stop."""
+        params = [r.job.job.params for r in rows]
+        tokens_B, logprobs_B = sample_tokens(
+            logits_B_V,
+            [p.temperature for p in params],
+            [p.top_k for p in params],
+            [p.top_p for p in params],
+            [r.uniforms[len(r.tokens)] for r in rows],
+        )
+        finished: list[_Row] = []
+        for row, token, logprob, p in zip(rows, tokens_B.tolist(), logprobs_B.tolist(), params, strict=True):
+            row.tokens.append(token)
+            row.logprobs.append(logprob)
+            if token in row.job.stop_ids or (p.stop_strings and self._hits_stop_string(row, p.stop_strings)):
+                self._finish(row, "stop", done)
+                finished.append(row)
+            elif len(row.tokens) >= p.max_tokens:
+                self._finish(row, "length", done)
+                finished.append(row)
+        if finished:
+            gone = {id(r) for r in finished}
+            self._rows = [r for r in self._rows if id(r) not in gone]
+
+    def _hits_stop_string(self, row: _Row, stop_strings: Sequence[str]) -> bool:
+        # Whole-text decode each step: exact for any tokenizer (a suffix decode can drop or merge characters at its
+        # edge), and cheap next to a forward pass.
+        assert self.decode_text is not None
+        text = self.decode_text(row.tokens)
+        return any(s in text for s in stop_strings)
+
+    def _finish(self, row: _Row, reason: StopReason, done: list[tuple[int, SampleResult]]) -> None:
+        self.cache.release(row.slot)
+        state = row.job
+        state.sequences[row.sample_index] = SampledSequence(row.tokens, row.logprobs, reason)
+        state.unfinished -= 1
+        if state.unfinished == 0:
+            sequences = [s for s in state.sequences if s is not None]
+            done.append(
+                (
+                    state.ticket,
+                    SampleResult(
+                        sequences=sequences,
+                        prompt_logprobs=state.prompt_logprobs,
+                        topk_prompt_logprobs=state.topk_prompt_logprobs,
+                    ),
+                )
+            )

@@ -1,0 +1,81 @@
+"""One served base model as the worker drives it: the trainer (``ServedModel``), its sampler, and a text decoder.
+
+Built once by the composition root (loading weights takes seconds) and then used only on the worker's thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from tinkerd.engine.config import EngineConfig
+from tinkerd.engine.sampler import Sampler
+from tinkerd.engine.served_model import ServedModel, load_hf_model
+from tinkerd.engine.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+DecodeText = Callable[[list[int]], str]
+
+
+class ModelHost:
+    """A base model's engines. The sampler can be rebuilt (after a failed step) without touching the adapters."""
+
+    def __init__(
+        self, served: ServedModel, sample_transformer: Transformer, decode_text: DecodeText | None = None
+    ) -> None:
+        self.served = served
+        self.sample_transformer = sample_transformer
+        self.decode_text = decode_text
+        self.sampler = self.new_sampler()
+
+    @property
+    def name(self) -> str:
+        return self.served.name
+
+    def new_sampler(self) -> Sampler:
+        return Sampler(self.sample_transformer, self.decode_text, max_batch=self.served.config.max_decode_batch)
+
+    def reset_sampler(self) -> None:
+        """Drop every queued and running sequence (after a step raised: the sampler's state is no longer known)."""
+        self.sampler = self.new_sampler()
+
+    @staticmethod
+    def from_model(
+        name: str, hf_model: torch.nn.Module, config: EngineConfig, decode_text: DecodeText | None = None
+    ) -> ModelHost:
+        """Host an already loaded fp32 Hugging Face model (tests, or callers that build models themselves)."""
+        sample_hf = None
+        if config.sample_torch_dtype != config.train_torch_dtype:
+            # Copy before ServedModel casts the original to the training dtype: a bf16 copy cast back up to fp32
+            # would sample from rounded weights.
+            sample_hf = copy.deepcopy(hf_model)
+        served = ServedModel(name, hf_model, config)
+        sample = served.train if sample_hf is None else Transformer(sample_hf, config.sample_torch_dtype)
+        return ModelHost(served, sample, decode_text)
+
+    @staticmethod
+    def from_directory(name: str, path: Path, config: EngineConfig) -> ModelHost:
+        """Load a Hugging Face model directory; its tokenizer (if any) decodes text for stop strings."""
+        return ModelHost.from_model(name, load_hf_model(path, config.torch_device), config, load_decoder(path))
+
+
+def load_decoder(path: Path) -> DecodeText | None:
+    """The tokenizer's decode, or None when the directory has no usable tokenizer (stop strings are then refused)."""
+    try:
+        tokenizer: Any = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("no tokenizer in %s (%s): stop strings will be refused for this model", path, exc)
+        return None
+
+    def decode_text(tokens: list[int]) -> str:
+        # Special tokens stay in the text so that a stop string naming one (e.g. "<|im_end|>") can match.
+        return str(tokenizer.decode(tokens, skip_special_tokens=False))
+
+    return decode_text

@@ -1,0 +1,135 @@
+"""Sampling requests on the continuous-batching samplers: resolve what a sampler samples, submit, step, collect.
+
+A request joins its base model's running decode batch as soon as it is claimed; each ``step`` advances every
+host's batch by one token and hands back the requests that finished. Sampler weights come from an in-memory
+snapshot (save_weights_and_get_sampling_client), a ``tinker://`` checkpoint read from disk on first use (then
+cached), or nothing (the base model).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tinkerd.domain.errors import InvalidRequestError, NotFoundError
+from tinkerd.domain.ops import SampleResult
+from tinkerd.domain.paths import TinkerPath, parse_tinker_path
+from tinkerd.domain.records import FutureRecord
+from tinkerd.domain.requests import Sample
+from tinkerd.engine.checkpoint import check_compatible, load_checkpoint
+from tinkerd.engine.lora import LoraWeights
+from tinkerd.engine.sampler import SampleJob
+from tinkerd.store.store import Store
+from tinkerd.worker.hosts import ModelHost
+from tinkerd.worker.runtime import Runtime, SamplerSource
+from tinkerd.worker.storage import CheckpointFiles
+
+log = logging.getLogger(__name__)
+
+SampleOutcome = SampleResult | Exception
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    future: FutureRecord
+    num_samples: int
+
+
+class SamplingService:
+    def __init__(self, store: Store, runtime: Runtime, files: CheckpointFiles) -> None:
+        self.store = store
+        self.runtime = runtime
+        self.files = files
+        self._in_flight: dict[str, dict[int, _InFlight]] = {name: {} for name in runtime.hosts}
+
+    # -- submitting ----------------------------------------------------------------------------------------------
+
+    def submit(self, future: FutureRecord, req: Sample) -> None:
+        """Queue a request on its base model's sampler. Raises (a user error, usually) if it cannot be sampled."""
+        host, weights = self.resolve(req.sampler_id, future.owner)
+        job = SampleJob(
+            prompt=list(req.prompt),
+            params=req.params,
+            num_samples=req.num_samples,
+            weights=weights,
+            prompt_logprobs=req.prompt_logprobs,
+            topk_prompt_logprobs=req.topk_prompt_logprobs,
+        )
+        ticket = host.sampler.submit(job)  # validates against the model first
+        self._in_flight[host.name][ticket] = _InFlight(future, req.num_samples)
+
+    def resolve(self, sampler_id: str, owner: str) -> tuple[ModelHost, LoraWeights | None]:
+        source = self.runtime.samplers.get(sampler_id)
+        if source is None or source.owner != owner:
+            source = self._source_from_store(sampler_id, owner)
+            self.runtime.samplers[sampler_id] = source
+        host = self.runtime.host(source.base_model)
+        if source.checkpoint is None:
+            return host, source.snapshot
+        path = source.checkpoint
+        # Read the row each time: a deleted (or expired) checkpoint must stop serving, an overwritten one re-read.
+        row = self.store.checkpoints.get(path, owner)
+        return host, self.runtime.weights_cache.get(path, row.created_at, lambda: self._load(host, path))
+
+    def _source_from_store(self, sampler_id: str, owner: str) -> SamplerSource:
+        record = self.store.samplers.get(sampler_id, owner)
+        if record.run_id is not None:
+            raise NotFoundError(
+                f"sampler {sampler_id!r} sampled an in-memory snapshot of training run {record.run_id!r}, which "
+                "this server no longer holds (it restarted, or the session ended); save the weights with "
+                "save_weights_for_sampler(name) and create a sampling client from the returned tinker:// path"
+            )
+        checkpoint = parse_tinker_path(record.model_path) if record.model_path else None
+        return SamplerSource(sampler_id, owner, record.session_id, record.base_model, checkpoint)
+
+    def _load(self, host: ModelHost, path: TinkerPath) -> LoraWeights:
+        loaded = load_checkpoint(self.files.dir_of(path), host.sample_transformer.device, load_optimizer=False)
+        check_compatible(loaded.weights, host.sample_transformer.hf)
+        if loaded.base_model and loaded.base_model != host.name:
+            raise InvalidRequestError(
+                f"checkpoint {path} was trained on {loaded.base_model!r}, not on the sampler's base model {host.name!r}"
+            )
+        w = loaded.weights
+        # frozen: a sampler version never changes, so the sampler may keep its dtype casts of these tensors
+        return LoraWeights(w.rank, w.alpha, w.a, w.b, frozen=True)
+
+    # -- stepping ------------------------------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return any(host.sampler.has_work() for host in self.runtime.hosts.values())
+
+    def in_flight_count(self) -> int:
+        return sum(len(tickets) for tickets in self._in_flight.values())
+
+    def step(self) -> list[tuple[FutureRecord, SampleOutcome]]:
+        """One decode step on every host with work; the requests that finished (or failed) in it."""
+        finished: list[tuple[FutureRecord, SampleOutcome]] = []
+        for name, host in self.runtime.hosts.items():
+            if not host.sampler.has_work():
+                continue
+            tickets = self._in_flight[name]
+            try:
+                done = host.sampler.step()
+            except Exception as exc:
+                # Requests were validated on submit, so this is ours; the sampler's state is unknown now: start a
+                # fresh one and fail what it held (the SDK raises; the user may retry).
+                log.exception("the sampler of %s failed; failing its %d requests", name, len(tickets))
+                host.reset_sampler()
+                finished += [(flight.future, exc) for flight in tickets.values()]
+                tickets.clear()
+                continue
+            for ticket, result in done:
+                flight = tickets.pop(ticket)
+                outcome: SampleOutcome = result
+                if len(result.sequences) != flight.num_samples:
+                    outcome = RuntimeError(f"sampler returned {len(result.sequences)} of {flight.num_samples} samples")
+                finished.append((flight.future, outcome))
+        return finished
+
+    def abandon_all(self) -> list[FutureRecord]:
+        """Drop every queued and running request (shutting down); returns their futures, to put back or fail."""
+        futures = [flight.future for tickets in self._in_flight.values() for flight in tickets.values()]
+        for name, host in self.runtime.hosts.items():
+            host.reset_sampler()
+            self._in_flight[name].clear()
+        return futures
