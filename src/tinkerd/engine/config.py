@@ -31,6 +31,8 @@ class EngineConfig:
     # Sequences decoded together by the sampler.
     max_decode_batch: int = 64
     num_threads: int | None = None
+    # Re-store the sampling copy's weights for decoding (oneDNN-packed on CPU); see engine/decode_layout.py.
+    decode_layout: bool = True
 
     @property
     def torch_device(self) -> torch.device:

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tinkerd.engine.config import EngineConfig
+from tinkerd.engine.decode_layout import use_decode_layout
 from tinkerd.engine.sampler import Sampler
 from tinkerd.engine.served_model import ServedModel, load_hf_model
 from tinkerd.engine.transformer import Transformer
@@ -57,7 +58,13 @@ class ModelHost:
             # would sample from rounded weights.
             sample_hf = copy.deepcopy(hf_model)
         served = ServedModel(name, hf_model, config)
-        sample = served.train if sample_hf is None else Transformer(sample_hf, config.sample_torch_dtype)
+        if sample_hf is None:
+            sample = served.train  # one copy of the weights serves both; its layout must stay trainable
+        else:
+            sample = Transformer(sample_hf, config.sample_torch_dtype)
+            if config.decode_layout:
+                # the sampler's own copy is never trained: store it the way decode reads it (about 2x faster gemv)
+                use_decode_layout(sample)
         return ModelHost(served, sample, decode_text)
 
     @staticmethod
