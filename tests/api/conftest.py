@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,8 +73,12 @@ class Api:
         return response
 
     def result(self, request_id: str, accept: str = "application/json") -> Any:
-        response = self.retrieve(request_id, accept)
-        body = response.json()
+        """The result, re-polling on try_again as the SDK does (a short long-poll may end before a busy worker)."""
+        deadline = time.monotonic() + 60.0
+        while True:
+            body = self.retrieve(request_id, accept).json()
+            if body.get("type") != "try_again" or time.monotonic() > deadline:
+                break
         assert "error" not in body and body.get("type") != "try_again", body
         return body
 

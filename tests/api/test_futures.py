@@ -15,7 +15,7 @@ def test_a_pending_future_answers_try_again_after_the_long_poll(make_api: MakeAp
     request_id = api.forward_backward(model_id, 1).json()["request_id"]
     started = time.monotonic()
     body = api.retrieve(request_id).json()
-    assert 0.25 <= time.monotonic() - started < 2.0
+    assert 0.25 <= time.monotonic() - started < 10.0
     assert body == {"type": "try_again", "request_id": request_id, "queue_state": "active"}
     api.worker.resume()
     assert api.result(request_id)["metrics"] == {"loss:sum": 3.0}
@@ -30,7 +30,7 @@ def test_the_notifier_wakes_a_waiting_poll_at_once(make_api: MakeApi) -> None:
     threading.Timer(0.3, api.worker.resume).start()
     started = time.monotonic()
     assert "metrics" in api.result(request_id)
-    assert time.monotonic() - started < 5.0
+    assert time.monotonic() - started < 8.0
 
 
 def test_failed_requests_answer_error_and_category(api: Api) -> None:
@@ -63,4 +63,4 @@ def test_shutdown_releases_waiting_polls(make_api: MakeApi) -> None:
     threading.Timer(0.3, notifier.close).start()
     started = time.monotonic()
     assert api.retrieve(request_id).json()["type"] == "try_again"
-    assert time.monotonic() - started < 5.0
+    assert time.monotonic() - started < 8.0
