@@ -1,0 +1,138 @@
+"""API overhead: an SDK call to its result for a 1-datum forward, against the engine call alone.
+
+Starts `tinkerd serve` as a subprocess on 127.0.0.1 with a tiny random Llama (so the model's own time is small and
+the overhead shows), drives it with the official tinker SDK, and times the same forward on a `ServedModel` in this
+process. Prints p50 / p99 over N calls of each and the difference.
+
+    .venv/bin/python -m bench.bench_api_overhead [--calls 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import tinker
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from tinkerd.domain.ops import ArrayData, Datum, LoraConfig
+from tinkerd.engine.config import EngineConfig
+from tinkerd.engine.served_model import ForwardJob, ServedModel
+
+TOKENS = [1, 5, 9, 33, 4, 7, 8, 9]
+
+
+def tiny_model_dir(root: Path) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    path = root / "tiny-llama"
+    model.save_pretrained(path)
+    return path
+
+
+def percentiles(seconds: list[float]) -> tuple[float, float]:
+    ms = sorted(s * 1000 for s in seconds)
+    return statistics.median(ms), ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def time_sdk(url: str, model: str, calls: int) -> list[float]:
+    service = tinker.ServiceClient(base_url=url, api_key="tml-bench")
+    trainer = service.create_lora_training_client(base_model=model, rank=8, seed=0)
+    datum = tinker.Datum(
+        model_input=tinker.ModelInput.from_ints(TOKENS),
+        loss_fn_inputs={
+            "target_tokens": tinker.TensorData(data=[*TOKENS[1:], 2], dtype="int64", shape=[len(TOKENS)]),
+            "weights": tinker.TensorData(data=[1.0] * len(TOKENS), dtype="float32", shape=[len(TOKENS)]),
+        },
+    )
+    times: list[float] = []
+    for i in range(calls + 10):
+        start = time.perf_counter()
+        trainer.forward([datum], "cross_entropy").result()
+        if i >= 10:  # warm-up
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def time_engine(model_dir: Path, calls: int) -> list[float]:
+    served = ServedModel.from_directory("tiny", model_dir, EngineConfig(num_threads=1))
+    served.create_adapter("run", LoraConfig(rank=8, seed=0))
+    datum = Datum(
+        TOKENS,
+        {"target_tokens": ArrayData.of_ints([*TOKENS[1:], 2]), "weights": ArrayData.of_floats([1.0] * len(TOKENS))},
+    )
+    times: list[float] = []
+    for i in range(calls + 10):
+        start = time.perf_counter()
+        served.forward([ForwardJob("run", [datum], "cross_entropy")])
+        if i >= 10:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = tiny_model_dir(Path(tmp))
+        port = free_port()
+        env = dict(os.environ, TINKER_TELEMETRY="0", HF_HUB_OFFLINE="1")
+        tinkerd_cli = str(Path(sys.executable).with_name("tinkerd"))
+        cmd = [tinkerd_cli, "serve", "--port", str(port), "--model", str(model_dir)]
+        cmd += ["--data-dir", str(Path(tmp) / "data")]
+        log = open(Path(tmp) / "serve.log", "w")  # noqa: SIM115 - closed with the process
+        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(f"{url}/api/v1/healthz", timeout=1.0).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("tinkerd serve did not start:\n" + (Path(tmp) / "serve.log").read_text())
+                time.sleep(0.2)
+            sdk = percentiles(time_sdk(url, str(model_dir), args.calls))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            log.close()
+        engine = percentiles(time_engine(model_dir, args.calls))
+    print(f"1-datum forward (8 tokens, tiny Llama), {args.calls} calls each after 10 warm-up calls\n")
+    print("| path | p50 ms | p99 ms |")
+    print("|---|---|---|")
+    print(f"| SDK -> tinkerd serve -> result | {sdk[0]:.1f} | {sdk[1]:.1f} |")
+    print(f"| engine call alone (ServedModel.forward) | {engine[0]:.1f} | {engine[1]:.1f} |")
+    print(f"| overhead (difference) | {sdk[0] - engine[0]:.1f} | {sdk[1] - engine[1]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
