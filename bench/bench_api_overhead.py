@@ -18,12 +18,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import tinker
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
+from tests.engine.tiny_models import tiny_model
 from tinkerd.domain.ops import ArrayData, Datum, LoraConfig
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.served_model import ForwardJob, ServedModel
@@ -32,19 +32,8 @@ TOKENS = [1, 5, 9, 33, 4, 7, 8, 9]
 
 
 def tiny_model_dir(root: Path) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     path = root / "tiny-llama"
+    model: Any = tiny_model("llama", vocab_size=256)  # a PreTrainedModel, typed as a plain Module
     model.save_pretrained(path)
     return path
 

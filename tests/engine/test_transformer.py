@@ -7,6 +7,7 @@ import torch
 
 from tests.engine.tiny_models import FAMILIES, tiny_model
 from tinkerd.domain.ops import LoraConfig
+from tinkerd.engine import head
 from tinkerd.engine.lora import LoraRouting, init_lora_weights
 from tinkerd.engine.transformer import Transformer
 
@@ -32,7 +33,11 @@ def test_packed_forward_matches_hugging_face(family: str) -> None:
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
-def test_target_logprobs_match_log_softmax_and_their_gradients() -> None:
+@pytest.mark.parametrize("save_limit", [head.SAVE_LOGITS_MAX_BYTES, 0], ids=["saved-logits", "recomputed-logits"])
+def test_target_logprobs_match_log_softmax_and_their_gradients(
+    save_limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(head, "SAVE_LOGITS_MAX_BYTES", save_limit)
     engine = Transformer(tiny_model("llama"), torch.float32)
     seqs = [[1, 5, 9, 33, 4, 7], [3, 4, 5]]
     n = 9

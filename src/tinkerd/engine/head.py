@@ -51,7 +51,9 @@ class _TargetLogprobs(torch.autograd.Function):
         n, k = targets_N_K.shape
         out_N_K = torch.empty(n, k, dtype=torch.float32, device=h_N_d.device)
         lse_N = torch.empty(n, dtype=torch.float32, device=h_N_d.device)
-        save_logits = n * w_V_d.shape[0] * h_N_d.element_size() <= SAVE_LOGITS_MAX_BYTES
+        # Keep the logits for backward only when there will be one (forward-only scoring holds one chunk at a time).
+        needs_grad = any(ctx.needs_input_grad)
+        save_logits = needs_grad and n * w_V_d.shape[0] * h_N_d.element_size() <= SAVE_LOGITS_MAX_BYTES
         saved: list[torch.Tensor] = []
         for c in chunks:
             logits = _chunk_logits(h_N_d, w_V_d, lora, c)

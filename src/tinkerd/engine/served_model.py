@@ -196,25 +196,9 @@ class ServedModel:
     # -- optimizer --------------------------------------------------------------------------------------------------
 
     def optim_step(self, adapter_id: str, adam: AdamParams) -> OptimStepResult:
-        _validate_adam(adam)
-        adapter = self.adapter(adapter_id)
+        adapter = self.adapter(adapter_id)  # adamw_step validates the hyperparameters
         metrics = adamw_step(list(adapter.weights.parameters()), adapter.optimizer, adam)
         return OptimStepResult(metrics=metrics)
-
-
-def _validate_adam(adam: AdamParams) -> None:
-    checks = {
-        "learning_rate": adam.learning_rate >= 0,
-        "beta1": 0 <= adam.beta1 < 1,
-        "beta2": 0 <= adam.beta2 < 1,
-        "eps": adam.eps >= 0,
-        "weight_decay": adam.weight_decay >= 0,
-        "grad_clip_norm": adam.grad_clip_norm >= 0,
-    }
-    for name, ok in checks.items():
-        value = getattr(adam, name)
-        if not ok or value != value or value in (float("inf"), float("-inf")):
-            raise InvalidRequestError(f"adam_params.{name} = {value} is out of range")
 
 
 def _array(t: torch.Tensor) -> ArrayData:

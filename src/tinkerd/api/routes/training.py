@@ -25,7 +25,8 @@ from tinkerd.domain import codec
 from tinkerd.domain.errors import CapacityError, InvalidRequestError, TinkerdError
 from tinkerd.domain.ids import validate_run_id
 from tinkerd.domain.records import FIRST_SEQ_ID, RequestKind, TrainingRun, utc_now
-from tinkerd.domain.requests import Empty, SaveWeights, SnapshotForSampler, UnloadModel
+from tinkerd.domain.requests import Empty, UnloadModel
+from tinkerd.domain.requests import Request as DomainRequest
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -73,6 +74,25 @@ def _accepted(ctx: ApiContext, run: TrainingRun) -> None:
         ctx.store.runs.touch(run.id, run.owner, now)
 
 
+def _submit_to_run(
+    ctx: ApiContext,
+    owner: str,
+    model_id: str,
+    seq_id: int | None,
+    kind: RequestKind,
+    build: Callable[[TrainingRun], tuple[DomainRequest, int]],
+) -> Response:
+    """Check and convert a request to an existing run (``build`` returns it and its token count), then submit it.
+
+    A refusal inside ``build`` still fills the run's seq_id (see _refusing_fills_the_seq)."""
+    run = _run(ctx, owner, model_id)
+    with _refusing_fills_the_seq(ctx, owner, run, seq_id, kind):
+        request, token_count = build(run)
+    record = submit(ctx, owner, model_id=run.id, seq_id=seq_id, kind=kind, payload=request, token_count=token_count)
+    _accepted(ctx, run)
+    return future_response(schemas.UntypedAPIFuture(request_id=record.request_id, model_id=run.id))
+
+
 @router.post("/create_model")
 def create_model(body: schemas.CreateModelRequest, ctx: Context, owner: Owner) -> Response:
     run, request = convert.create_model(body, owner, utc_now(), ctx.model(body.base_model))
@@ -103,16 +123,13 @@ def _submit_forward(
     ctx: ApiContext, owner: str, model_id: str, seq_id: int | None, forward_only: bool,
     convert_call: Callable[[], convert.ForwardBackwardCall],
 ) -> Response:  # fmt: skip
-    run = _run(ctx, owner, model_id)
-    kind = RequestKind.FORWARD if forward_only else RequestKind.FORWARD_BACKWARD
-    with _refusing_fills_the_seq(ctx, owner, run, seq_id, kind):
+    def build(run: TrainingRun) -> tuple[DomainRequest, int]:
         call = convert_call()
         convert.check_forward_backward(call, ctx.model(run.base_model))
-    record = submit(
-        ctx, owner, model_id=run.id, seq_id=seq_id, kind=kind, payload=call.request, token_count=call.token_count
-    )
-    _accepted(ctx, run)
-    return future_response(schemas.UntypedAPIFuture(request_id=record.request_id, model_id=run.id))
+        return call.request, call.token_count
+
+    kind = RequestKind.FORWARD if forward_only else RequestKind.FORWARD_BACKWARD
+    return _submit_to_run(ctx, owner, model_id, seq_id, kind, build)
 
 
 def _forward_backward(ctx: ApiContext, owner: str, body: bytes, content_type: str) -> Response:
@@ -158,44 +175,33 @@ async def forward(request: Request, ctx: Context, owner: Owner) -> Response:
 
 @router.post("/optim_step")
 def optim_step(body: schemas.OptimStepRequest, ctx: Context, owner: Owner) -> Response:
-    run = _run(ctx, owner, body.model_id)
-    kind = RequestKind.OPTIM_STEP
-    with _refusing_fills_the_seq(ctx, owner, run, body.seq_id, kind):
-        request = convert.optim_step(body)
-    record = submit(ctx, owner, model_id=run.id, seq_id=body.seq_id, kind=kind, payload=request)
-    _accepted(ctx, run)
-    return future_response(schemas.UntypedAPIFuture(request_id=record.request_id, model_id=run.id))
+    return _submit_to_run(
+        ctx, owner, body.model_id, body.seq_id, RequestKind.OPTIM_STEP, lambda _run: (convert.optim_step(body), 0)
+    )
 
 
 @router.post("/save_weights")
 def save_weights(body: schemas.SaveWeightsRequest, ctx: Context, owner: Owner) -> Response:
-    run = _run(ctx, owner, body.model_id)
-    kind = RequestKind.SAVE_WEIGHTS
-    with _refusing_fills_the_seq(ctx, owner, run, body.seq_id, kind):
-        request = convert.save_weights(body)
-    record = submit(ctx, owner, model_id=run.id, seq_id=body.seq_id, kind=kind, payload=request)
-    _accepted(ctx, run)
-    return future_response(schemas.UntypedAPIFuture(request_id=record.request_id, model_id=run.id))
+    return _submit_to_run(
+        ctx, owner, body.model_id, body.seq_id, RequestKind.SAVE_WEIGHTS, lambda _run: (convert.save_weights(body), 0)
+    )
 
 
 @router.post("/save_weights_for_sampler")
 def save_weights_for_sampler(body: schemas.SaveWeightsForSamplerRequest, ctx: Context, owner: Owner) -> Response:
     """Named: a sampler checkpoint on disk. Unnamed with sampling_session_seq_id: an in-memory sampler of the run."""
-    run = _run(ctx, owner, body.model_id)
-    kind = RequestKind.SAVE_WEIGHTS_FOR_SAMPLER
-    request: SaveWeights | SnapshotForSampler
-    with _refusing_fills_the_seq(ctx, owner, run, body.seq_id, kind):
+
+    def build(run: TrainingRun) -> tuple[DomainRequest, int]:
         if body.path:
-            request = convert.save_sampler_weights(body)
-        elif body.sampling_session_seq_id is not None:
+            return convert.save_sampler_weights(body), 0
+        if body.sampling_session_seq_id is not None:
             sampler, request = convert.snapshot_sampler(body, run, utc_now())
             # Created at submit, like runs, so the sampler id is known (and unique) before the snapshot is taken.
             ctx.store.samplers.create(sampler, exist_ok=True)
-        else:
-            raise InvalidRequestError("save_weights_for_sampler needs a path (a name) or a sampling_session_seq_id")
-    record = submit(ctx, owner, model_id=run.id, seq_id=body.seq_id, kind=kind, payload=request)
-    _accepted(ctx, run)
-    return future_response(schemas.UntypedAPIFuture(request_id=record.request_id, model_id=run.id))
+            return request, 0
+        raise InvalidRequestError("save_weights_for_sampler needs a path (a name) or a sampling_session_seq_id")
+
+    return _submit_to_run(ctx, owner, body.model_id, body.seq_id, RequestKind.SAVE_WEIGHTS_FOR_SAMPLER, build)
 
 
 @router.post("/load_weights")
@@ -204,17 +210,16 @@ def load_weights(body: schemas.LoadWeightsRequest, ctx: Context, owner: Owner) -
     names itself (create_training_client_from_state)."""
     kind = RequestKind.LOAD_WEIGHTS
     if body.model_id is not None:
-        run = _run(ctx, owner, body.model_id)
-        with _refusing_fills_the_seq(ctx, owner, run, body.seq_id, kind):
+
+        def build(run: TrainingRun) -> tuple[DomainRequest, int]:
             source = _checkpoint_run(ctx, owner, body.path)
             if source.base_model != run.base_model:
                 raise InvalidRequestError(
                     f"{body.path} was trained on {source.base_model!r}; run {run.id} trains {run.base_model!r}"
                 )
-            request = convert.load_weights(body, run.id)
-        record = submit(ctx, owner, model_id=run.id, seq_id=body.seq_id, kind=kind, payload=request)
-        _accepted(ctx, run)
-        return future_response(schemas.UntypedAPIFuture(request_id=record.request_id, model_id=run.id))
+            return convert.load_weights(body, run.id), 0
+
+        return _submit_to_run(ctx, owner, body.model_id, body.seq_id, kind, build)
     if body.session_id is None or body.model_seq_id is None:
         raise InvalidRequestError("load_weights needs model_id, or session_id and model_seq_id to create a run")
     # A new run: nothing is numbered after its seq 0 until this succeeds, so a refusal here leaves no gap.
