@@ -49,7 +49,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def time_sdk(url: str, model: str, calls: int) -> list[float]:
+def time_sdk(url: str, model: str, calls: int) -> tuple[list[float], list[float]]:
+    """Forward calls, and for scale get_info calls (one HTTP round trip through the SDK that does no work)."""
     service = tinker.ServiceClient(base_url=url, api_key="tml-bench")
     trainer = service.create_lora_training_client(base_model=model, rank=8, seed=0)
     datum = tinker.Datum(
@@ -65,7 +66,13 @@ def time_sdk(url: str, model: str, calls: int) -> list[float]:
         trainer.forward([datum], "cross_entropy").result()
         if i >= 10:  # warm-up
             times.append(time.perf_counter() - start)
-    return times
+    round_trips: list[float] = []
+    for i in range(calls + 10):
+        start = time.perf_counter()
+        trainer.get_info()
+        if i >= 10:
+            round_trips.append(time.perf_counter() - start)
+    return times, round_trips
 
 
 def time_engine(model_dir: Path, calls: int) -> list[float]:
@@ -93,7 +100,8 @@ def main() -> None:
         port = free_port()
         env = dict(os.environ, TINKER_TELEMETRY="0", HF_HUB_OFFLINE="1")
         tinkerd_cli = str(Path(sys.executable).with_name("tinkerd"))
-        cmd = [tinkerd_cli, "serve", "--port", str(port), "--model", str(model_dir)]
+        # One engine thread on both sides: what is compared is the path around the engine, not thread counts.
+        cmd = [tinkerd_cli, "serve", "--port", str(port), "--model", str(model_dir), "--threads", "1"]
         cmd += ["--data-dir", str(Path(tmp) / "data")]
         log = open(Path(tmp) / "serve.log", "w")  # noqa: SIM115 - closed with the process
         server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -109,7 +117,8 @@ def main() -> None:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError("tinkerd serve did not start:\n" + (Path(tmp) / "serve.log").read_text())
                 time.sleep(0.2)
-            sdk = percentiles(time_sdk(url, str(model_dir), args.calls))
+            sdk_times, round_trips = time_sdk(url, str(model_dir), args.calls)
+            sdk, round_trip = percentiles(sdk_times), percentiles(round_trips)
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -121,6 +130,7 @@ def main() -> None:
     print(f"| SDK -> tinkerd serve -> result | {sdk[0]:.1f} | {sdk[1]:.1f} |")
     print(f"| engine call alone (ServedModel.forward) | {engine[0]:.1f} | {engine[1]:.1f} |")
     print(f"| overhead (difference) | {sdk[0] - engine[0]:.1f} | {sdk[1] - engine[1]:.1f} |")
+    print(f"| for scale: SDK get_info (1 round trip, no work) | {round_trip[0]:.1f} | {round_trip[1]:.1f} |")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,9 @@ def serve(
         Path | None,
         typer.Option("--keys", help="File of '<api-key> <user>' lines; unknown keys get 401. \\[default: single user]"),
     ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Torch threads of the engine. \\[default: one per core]", min=1)
+    ] = None,
     cache_dir: CacheDirOption = None,
 ) -> None:
     """Serve the Tinker API (api + worker in one process) until Ctrl-C. Every option also reads TINKERD_<NAME>."""
@@ -141,6 +144,7 @@ def serve(
             device=device,
             dtype=dtype,
             keys_file=keys,
+            threads=threads,
         )
         run_server(settings, announce=lambda line: typer.echo(line))
     except (TinkerdError, SettingsError) as error:

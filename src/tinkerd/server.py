@@ -140,7 +140,7 @@ def build(
     data_dir.mkdir(parents=True, exist_ok=True)
     models = resolve_models(settings, announce)
     keys = load_keys_file(settings.keys_file) if settings.keys_file is not None else None
-    engine = EngineConfig(device=settings.device)
+    engine = EngineConfig(device=settings.device, num_threads=settings.threads)
     if settings.dtype:
         engine = dataclasses.replace(engine, train_dtype=settings.dtype)
     store = Store.open(default_url(data_dir))
@@ -155,7 +155,7 @@ def build(
         api = api_settings or ApiSettings()
         if keys is not None:
             api = dataclasses.replace(api, api_keys=keys)
-        app = create_app(store, [model_info(m) for m in models], notifier, api, on_submit=worker.wake)
+        app = create_app(store, [model_info(m) for m in models], notifier, api, on_submit=worker.accept)
     except BaseException:
         store.close()
         raise

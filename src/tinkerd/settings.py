@@ -13,6 +13,7 @@ To add a setting: add a field, read it in `Settings.load`, and document its vari
 | device    | TINKERD_DEVICE      | cpu                                                         |
 | dtype     | TINKERD_DTYPE       | the engine's default training dtype (bfloat16)              |
 | keys_file | TINKERD_KEYS        | none: single-user mode, any API key is accepted             |
+| threads   | TINKERD_THREADS     | torch's default (one per core)                              |
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Settings:
     device: str = "cpu"
     dtype: str | None = None  # compute dtype of the frozen base for training; None = the engine's default
     keys_file: Path | None = None
+    threads: int | None = None  # torch intra-op threads of the engine; None = torch's default
 
     @property
     def resolved_data_dir(self) -> Path:
@@ -69,6 +71,7 @@ class Settings:
         device: str | None = None,
         dtype: str | None = None,
         keys_file: Path | None = None,
+        threads: int | None = None,
     ) -> Settings:
         """Build settings from explicit arguments (None = not given), else `environ` (default os.environ)."""
         env = os.environ if environ is None else environ
@@ -94,6 +97,14 @@ class Settings:
         if keys_file is None:
             raw_keys = from_env("KEYS")
             keys_file = Path(raw_keys) if raw_keys else None
+        if threads is None:
+            raw_threads = from_env("THREADS")
+            try:
+                threads = int(raw_threads) if raw_threads else None
+            except ValueError:
+                raise SettingsError(f"{ENV_PREFIX}THREADS must be a number, got {raw_threads!r}") from None
+        if threads is not None and threads < 1:
+            raise SettingsError(f"threads must be at least 1, got {threads}")
         # Absolute, because the CLI hands paths under them to other processes (HF_HOME for clients, the server).
         return cls(
             cache_dir=cache_dir.expanduser().absolute(),
@@ -104,4 +115,5 @@ class Settings:
             device=device or from_env("DEVICE") or "cpu",
             dtype=dtype or from_env("DTYPE"),
             keys_file=keys_file.expanduser().absolute() if keys_file is not None else None,
+            threads=threads,
         )

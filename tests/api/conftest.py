@@ -146,7 +146,9 @@ def make_api(store: Store) -> Iterator[MakeApi]:
         notifier = FutureNotifier()
         worker = FakeWorker(store, notifier.notify)
         options = {"long_poll_s": 2.0, "poll_interval_s": 0.5, **settings}
-        app = create_app(store, SERVED, notifier, ApiSettings(**options), on_submit=worker.wake)
+        app = create_app(
+            store, SERVED, notifier, ApiSettings(**options), on_submit=lambda _future, _request: worker.wake()
+        )
         client = TestClient(app, headers={"X-API-Key": "tml-test"})
         client.__enter__()
         worker.start()

@@ -45,6 +45,10 @@ def test_results_can_be_fetched_again(api: Api) -> None:
     model_id = api.model()
     request_id = api.forward_backward(model_id, 1).json()["request_id"]
     assert api.result(request_id) == api.result(request_id)
+    # Deliveries are noted in batches (api/deliveries.py), within about half a second.
+    deadline = time.monotonic() + 10.0
+    while api.store.futures.get(request_id, "local").delivered_count < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert api.store.futures.get(request_id, "local").delivered_count == 2
 
 

@@ -301,3 +301,17 @@ def test_concurrent_workers_claim_each_request_once_in_seq_order(store: Store, d
     assert not errors
     for model in models:
         assert [seq for m, seq in claimed if m == model] == list(range(1, 16))
+
+
+def test_mark_delivered_many_counts_each_delivery_and_skips_unfinished(store: Store) -> None:
+    done, again = submit(store, 0), submit(store, 1)
+    assert len(store.futures.claim_ready().futures) == 2
+    pending = submit(store, 2)
+    store.futures.complete(done.request_id, b"ok")
+    store.futures.complete(again.request_id, b"ok")
+    ids = [done.request_id, again.request_id, again.request_id, pending.request_id, "req-unknown"]
+    assert store.futures.mark_delivered_many(ids) == 2
+    assert store.futures.get(done.request_id, DEFAULT_OWNER).delivered_count == 1
+    assert store.futures.get(again.request_id, DEFAULT_OWNER).delivered_count == 2
+    assert store.futures.get(pending.request_id, DEFAULT_OWNER).delivered_count == 0
+    assert store.futures.mark_delivered_many([]) == 0

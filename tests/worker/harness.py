@@ -180,7 +180,7 @@ def make_worker(
         store,
         {host.name: host},
         data_dir,
-        None if notified is None else notified.append,
+        None if notified is None else lambda request_id, _finished: notified.append(request_id),
         config=WorkerConfig(**config),  # type: ignore[arg-type]
         clock=clock,
     )

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from tinkerd.api.auth import KeyRing
 from tinkerd.api.bodies import BodyMiddleware
-from tinkerd.api.context import ApiContext, ApiSettings, ServedModelInfo
+from tinkerd.api.context import ApiContext, ApiSettings, OnSubmit, ServedModelInfo
+from tinkerd.api.deliveries import DeliveryLog
 from tinkerd.api.errors import install_error_handlers
 from tinkerd.api.notify import FutureNotifier
 from tinkerd.api.routes import ROUTERS
@@ -30,10 +31,11 @@ def create_app(
     notifier: FutureNotifier | None = None,
     settings: ApiSettings | None = None,
     *,
-    on_submit: Callable[[], None] | None = None,
+    on_submit: OnSubmit | None = None,
 ) -> FastAPI:
     """Build the app. `notifier` wakes long-polls when the worker finishes a request (give the worker its
-    ``notify``); `on_submit`, if given, is called after every accepted future (e.g. to wake an idle worker)."""
+    ``notify``); `on_submit`, if given, is called with every accepted future and its request (e.g. to hand it to
+    an idle worker)."""
     notifier = notifier or FutureNotifier()
     settings = settings or ApiSettings()
     names = [model.name for model in models]
@@ -47,6 +49,7 @@ def create_app(
             yield
         finally:
             notifier.close()
+            await deliveries.drain()
 
     app = FastAPI(
         title="tinkerd",
@@ -57,11 +60,13 @@ def create_app(
         docs_url=f"{API_PREFIX}/docs",
         redoc_url=None,
     )
+    deliveries = DeliveryLog(store)
     app.state.ctx = ApiContext(
         store=store,
         models={model.name: model for model in models},
         notifier=notifier,
         settings=settings,
+        deliveries=deliveries,
         on_submit=on_submit,
     )
     app.state.keys = KeyRing(settings.api_keys)

@@ -5,9 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from tinkerd.api.deliveries import DeliveryLog
 from tinkerd.api.notify import FutureNotifier
 from tinkerd.domain.errors import NotFoundError
+from tinkerd.domain.records import FutureRecord
+from tinkerd.domain.requests import Request
 from tinkerd.store import Store
+
+OnSubmit = Callable[[FutureRecord, Request], None]
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,9 @@ class ApiContext:
     models: Mapping[str, ServedModelInfo]
     notifier: FutureNotifier
     settings: ApiSettings
-    on_submit: Callable[[], None] | None = None
+    deliveries: DeliveryLog
+    # Called with every accepted future and its request (e.g. to hand it to a worker in this process and wake it).
+    on_submit: OnSubmit | None = None
 
     def model(self, name: str) -> ServedModelInfo:
         try:

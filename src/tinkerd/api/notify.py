@@ -7,6 +7,11 @@ long-poll waits on an asyncio event in the server's event loop. ``notify`` only 
 A notification can arrive before the waiter exists (the worker may finish between the poll's read of the ledger
 and its wait). Waiters therefore register *before* they read the ledger, and re-read it after every wake-up or
 poll interval: a lost notification costs at most one poll interval, never a missed result.
+
+Hand-off. A worker in this process passes the finished record (and its result as an object) with the notification;
+the notifier keeps the latest ones, so the long-poll answers from memory: no ledger read, no decoding, and no
+wait for the worker's own ledger write, which it makes right after notifying. The ledger stays the truth: a
+poll that finds nothing here reads it, exactly as for a worker in another process.
 """
 
 from __future__ import annotations
@@ -14,7 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
+
+from tinkerd.domain.requests import Finished
+
+# Finished requests kept for the hand-off. A client fetches its result within milliseconds of the notification;
+# later polls (retries, slow clients) read the ledger.
+RECENT_LIMIT = 1024
+RECENT_BYTES_LIMIT = 64 * 1024 * 1024
 
 
 class FutureNotifier:
@@ -24,7 +37,9 @@ class FutureNotifier:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._closed = False
-        self._lock = threading.Lock()  # guards _loop, which notify() reads from other threads
+        self._lock = threading.Lock()  # guards _loop and _recent, which notify() touches from other threads
+        self._recent: OrderedDict[str, Finished] = OrderedDict()
+        self._recent_bytes = 0
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop that serves requests (called at app startup)."""
@@ -32,10 +47,14 @@ class FutureNotifier:
             self._loop = loop
             self._closed = False
 
-    def notify(self, request_id: str) -> None:
-        """A request finished: wake whoever waits for it. Safe from any thread; never blocks."""
+    def notify(self, request_id: str, finished: Finished | None = None) -> None:
+        """A request finished: wake whoever waits for it. Safe from any thread; never blocks.
+
+        With `finished`, waiters may answer from it (see ``finished``) instead of reading the ledger."""
         with self._lock:
             loop = self._loop
+            if finished is not None:
+                self._remember(request_id, finished)
         if loop is None or loop.is_closed():
             return
         with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
@@ -49,6 +68,22 @@ class FutureNotifier:
             return
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._close_on_loop)
+
+    def finished(self, request_id: str, owner: str) -> Finished | None:
+        """The hand-off for `request_id` if the worker gave one and `owner` owns the request."""
+        with self._lock:
+            found = self._recent.get(request_id)
+        return found if found is not None and found.record.owner == owner else None
+
+    def _remember(self, request_id: str, finished: Finished) -> None:
+        old = self._recent.pop(request_id, None)
+        if old is not None:
+            self._recent_bytes -= len(old.record.result or b"")
+        self._recent[request_id] = finished
+        self._recent_bytes += len(finished.record.result or b"")
+        while self._recent and (len(self._recent) > RECENT_LIMIT or self._recent_bytes > RECENT_BYTES_LIMIT):
+            _, evicted = self._recent.popitem(last=False)
+            self._recent_bytes -= len(evicted.record.result or b"")
 
     @property
     def closed(self) -> bool:

@@ -18,6 +18,7 @@ from tinkerd.domain.ops import (
     SampleResult,
     SamplingParams,
 )
+from tinkerd.domain.records import FutureRecord
 
 JsonObject = dict[str, object]
 
@@ -122,3 +123,12 @@ class Empty:
 
 
 Result = ForwardResult | OptimStepResult | SampleResult | CreateModelResult | PathResult | SamplerResult | Empty
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished request as a worker hands it to the api in the same process: its record (state, stored result or
+    error) and, when it completed, the result object itself (so the api need not decode it)."""
+
+    record: FutureRecord
+    value: Result | None = None

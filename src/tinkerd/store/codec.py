@@ -22,7 +22,7 @@ from tinkerd.domain.records import (
     TrainingRun,
 )
 
-Row = RowMapping
+Row = RowMapping | Mapping[str, Any]  # a result row or a plain dict
 
 
 def _json_object(value: Any) -> dict[str, Any]:

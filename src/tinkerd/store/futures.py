@@ -12,12 +12,13 @@ request that already exists, never a second one.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, and_, delete, insert, or_, select, update
+from sqlalchemy import Connection, RowMapping, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tinkerd.domain.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -46,6 +47,37 @@ from tinkerd.store.tables import futures
 
 _CHUNK = 500  # ids per IN (...) list: far below every backend's bound-parameter limit
 _WITHOUT_PAYLOAD = [c for c in futures.c if c.name != "payload"]
+
+# The statements every request runs, built once (building one costs more than SQLite takes to run it).
+_INSERT = insert(futures)
+_BY_ID = select(*_WITHOUT_PAYLOAD).where(futures.c.request_id == bindparam("request_id"))
+_BY_ID_AND_OWNER = _BY_ID.where(futures.c.owner == bindparam("owner"))
+_FULL_BY_ID_AND_OWNER = select(*futures.c).where(
+    futures.c.request_id == bindparam("request_id"), futures.c.owner == bindparam("owner")
+)
+_BY_MODEL_SEQ = select(*_WITHOUT_PAYLOAD).where(
+    futures.c.model_id == bindparam("model_id"), futures.c.seq_id == bindparam("seq_id")
+)
+_FULL_BY_IDS = select(*futures.c).where(futures.c.request_id.in_(bindparam("ids", expanding=True)))
+_CLAIM = (
+    update(futures)
+    .where(futures.c.request_id.in_(bindparam("ids", expanding=True)), futures.c.state == FutureState.PENDING.value)
+    .values(state=FutureState.RUNNING.value, started_at=bindparam("now"), claimed_by=bindparam("worker_id"))
+)
+_FINISH = (
+    update(futures)
+    .where(futures.c.request_id == bindparam("b_request_id"))
+    .values(
+        state=bindparam("b_state"),
+        finished_at=bindparam("b_finished_at"),
+        # The payload (a whole training batch, possibly megabytes) is dropped once it has run: keeping it would
+        # grow the ledger by the size of all training data, and a repeat submit only needs the key.
+        payload=None,
+        result=bindparam("b_result"),
+        error_message=bindparam("b_error_message"),
+        error_category=bindparam("b_error_category"),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -117,7 +149,7 @@ class FuturesLedger:
                 token_count=token_count,
                 created_at=self._clock(),
             )
-            conn.execute(insert(futures).values(future_to_row(record)))
+            conn.execute(_INSERT, future_to_row(record))
             return record
 
         # On PostgreSQL two concurrent submits can both miss the row and race to insert; the loser's unique
@@ -131,9 +163,9 @@ class FuturesLedger:
 
     def get(self, request_id: str, owner: str, *, with_payload: bool = False) -> FutureRecord:
         """The request as its owner sees it. Results stay readable after delivery, until purged."""
-        columns = list(futures.c) if with_payload else _WITHOUT_PAYLOAD
-        query = select(*columns).where(futures.c.request_id == request_id, futures.c.owner == owner)
-        row = self._db.read(lambda conn: conn.execute(query).mappings().first())
+        query = _FULL_BY_ID_AND_OWNER if with_payload else _BY_ID_AND_OWNER
+        params = {"request_id": request_id, "owner": owner}
+        row = self._db.read(lambda conn: conn.execute(query, params).mappings().first())
         if row is None:
             raise NotFoundError(f"unknown request {request_id!r}")
         return future_from_row(row)
@@ -158,14 +190,43 @@ class FuturesLedger:
 
         return self._db.write(txn)
 
+    def mark_delivered_many(self, request_ids: Iterable[str]) -> int:
+        """``mark_delivered`` for many deliveries in one transaction (the api batches its notes): an id given n times
+        counts n deliveries. Unknown or unfinished requests are skipped. Returns how many requests were marked."""
+        by_times: dict[int, list[str]] = {}
+        for request_id, times in Counter(request_ids).items():
+            by_times.setdefault(times, []).append(request_id)
+        if not by_times:
+            return 0
+
+        def txn(conn: Connection) -> int:
+            now = self._clock()
+            count = 0
+            for times, ids in by_times.items():
+                for chunk in _chunks(ids):
+                    count += conn.execute(
+                        update(futures)
+                        .where(futures.c.request_id.in_(chunk), futures.c.state.in_(FINISHED_STATES))
+                        .values(
+                            delivered_count=futures.c.delivered_count + times,
+                            delivered_at=func.coalesce(futures.c.delivered_at, now),
+                        )
+                    ).rowcount
+            return count
+
+        return self._db.write(txn)
+
     # -- the worker's side ---------------------------------------------------------------------------------------
 
-    def claim_ready(self, *, worker_id: str = "local", per_model_limit: int = 64, unordered_limit: int = 64) -> Claim:
+    def claim_ready(
+        self, *, worker_id: str = "local", per_model_limit: int = 64, unordered_limit: int = 64, look_first: bool = True
+    ) -> Claim:
         """Mark running, and return, everything that may run now.
 
         For each ordered model with nothing running: its pending requests from the model's next seq_id on, up to
         the first gap (a missing seq_id means wait) or `per_model_limit`. Plus up to `unordered_limit` unordered
-        requests, oldest first.
+        requests, oldest first. `look_first` checks for work without the write lock first (for idle polling);
+        pass False when work is known to be waiting.
         """
 
         def txn(conn: Connection) -> Claim:
@@ -174,23 +235,19 @@ class FuturesLedger:
             ids = ordered_ids + unordered_ids
             now = self._clock()
             for chunk in _chunks(ids):
-                claimed = conn.execute(
-                    update(futures)
-                    .where(futures.c.request_id.in_(chunk), futures.c.state == FutureState.PENDING.value)
-                    .values(state=FutureState.RUNNING.value, started_at=now, claimed_by=worker_id)
-                ).rowcount
+                claimed = conn.execute(_CLAIM, {"ids": chunk, "now": now, "worker_id": worker_id}).rowcount
                 if claimed != len(chunk):
                     # Another worker claimed some of these between our read and our write (PostgreSQL only;
                     # SQLite's write lock is taken at BEGIN). Start over from a fresh snapshot.
                     raise RetryableConflict(f"{len(chunk) - claimed} futures were claimed concurrently")
-            rows = {row["request_id"]: row for row in self._rows(conn, ids, with_payload=True)}
+            rows = {row["request_id"]: row for row in self._rows(conn, ids)}
             return Claim(futures=tuple(future_from_row(rows[rid]) for rid in ids), next_seq=next_seq)
 
         def anything_ready(conn: Connection) -> bool:
             return bool(ready_chains(conn, 1)[0] or ready_unordered(conn, min(unordered_limit, 1)))
 
         # The worker polls this; look first without the write lock, so an idle poll never blocks a submit.
-        if not self._db.read(anything_ready):
+        if look_first and not self._db.read(anything_ready):
             return Claim(futures=(), next_seq={})
         return self._db.write(txn)
 
@@ -273,32 +330,27 @@ class FuturesLedger:
 
     def _finish(self, request_id: str, state: FutureState, values: dict[str, Any]) -> FutureRecord:
         def txn(conn: Connection) -> FutureRecord:
-            row = conn.execute(select(*_WITHOUT_PAYLOAD).where(futures.c.request_id == request_id)).mappings().first()
+            row = conn.execute(_BY_ID, {"request_id": request_id}).mappings().first()
             if row is None:
                 raise NotFoundError(f"unknown request {request_id!r}")
             if FutureState(row["state"]).finished:
                 raise ConflictError(f"request {request_id!r} has already {row['state']}")
-            conn.execute(
-                update(futures).where(futures.c.request_id == request_id).values(self._finished_values(state, **values))
-            )
+            now = self._clock()
+            finished = {"result": None, "error_message": None, "error_category": None, **values}
+            params = {f"b_{name}": value for name, value in finished.items()}
+            conn.execute(_FINISH, {**params, "b_request_id": request_id, "b_state": state.value, "b_finished_at": now})
             if row["ordered"]:
                 advance_cursor(conn, row["model_id"])
-            return future_from_row(self._load(conn, request_id, row["owner"]))
+            return future_from_row({**row, **finished, "state": state.value, "finished_at": now})
 
         return self._db.write(txn)
 
     def _finished_values(self, state: FutureState, **values: Any) -> dict[str, Any]:
-        # The payload (a whole training batch, possibly megabytes) is dropped once it has run: keeping it would
-        # grow the ledger by the size of all training data, and a repeat submit only needs the key.
         return {"state": state.value, "finished_at": self._clock(), "payload": None, **values}
 
     @staticmethod
     def _find(conn: Connection, model_id: str, seq_id: int) -> FutureRecord | None:
-        row = (
-            conn.execute(select(*_WITHOUT_PAYLOAD).where(futures.c.model_id == model_id, futures.c.seq_id == seq_id))
-            .mappings()
-            .first()
-        )
+        row = conn.execute(_BY_MODEL_SEQ, {"model_id": model_id, "seq_id": seq_id}).mappings().first()
         return None if row is None else future_from_row(row)
 
     @staticmethod
@@ -315,19 +367,15 @@ class FuturesLedger:
 
     @staticmethod
     def _load(conn: Connection, request_id: str, owner: str) -> RowMapping:
-        row = (
-            conn.execute(select(*_WITHOUT_PAYLOAD).where(futures.c.request_id == request_id, futures.c.owner == owner))
-            .mappings()
-            .first()
-        )
+        row = conn.execute(_BY_ID_AND_OWNER, {"request_id": request_id, "owner": owner}).mappings().first()
         if row is None:
             raise NotFoundError(f"unknown request {request_id!r}")
         return row
 
     @staticmethod
-    def _rows(conn: Connection, ids: Sequence[str], *, with_payload: bool) -> list[RowMapping]:
-        columns = list(futures.c) if with_payload else _WITHOUT_PAYLOAD
+    def _rows(conn: Connection, ids: Sequence[str]) -> list[RowMapping]:
+        """Whole rows, payload included."""
         rows: list[RowMapping] = []
         for chunk in _chunks(ids):
-            rows.extend(conn.execute(select(*columns).where(futures.c.request_id.in_(chunk))).mappings().all())
+            rows.extend(conn.execute(_FULL_BY_IDS, {"ids": chunk}).mappings().all())
         return rows

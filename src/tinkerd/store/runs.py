@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Connection, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tinkerd.domain.errors import ConflictError, NotFoundError
@@ -26,6 +26,12 @@ def _visible(owner: str, accessible: bool) -> ColumnElement[bool]:
         .exists()
     )
     return or_(mine, published)
+
+
+# Every request to a run reads it: built once (building a statement costs more than running it).
+_OWNED = select(training_runs).where(
+    training_runs.c.id == bindparam("run_id"), training_runs.c.owner == bindparam("owner")
+)
 
 
 class RunRepository:
@@ -66,8 +72,12 @@ class RunRepository:
 
     def get(self, run_id: str, owner: str, *, accessible: bool = False) -> TrainingRun:
         """The run if `owner` owns it (or, with `accessible`, if it has a published checkpoint); else NotFoundError."""
-        query = select(training_runs).where(training_runs.c.id == run_id, _visible(owner, accessible))
-        row = self._db.read(lambda conn: conn.execute(query).mappings().first())
+        if accessible:
+            query = select(training_runs).where(training_runs.c.id == run_id, _visible(owner, accessible))
+            row = self._db.read(lambda conn: conn.execute(query).mappings().first())
+        else:
+            params = {"run_id": run_id, "owner": owner}
+            row = self._db.read(lambda conn: conn.execute(_OWNED, params).mappings().first())
         if row is None:
             raise NotFoundError(f"unknown training run {run_id!r}")
         return run_from_row(row)

@@ -1,11 +1,12 @@
 """Per-model seq_id order for the futures ledger: cursors, and which pending requests may run now.
 
-Functions of an open Connection, so the ledger can combine them in one transaction.
+Functions of an open Connection, so the ledger can combine them in one transaction. The statements are built once:
+building a SQLAlchemy statement costs more than SQLite takes to run it, and these run for every request.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, exists, insert, select, update
+from sqlalchemy import Connection, bindparam, exists, insert, select, update
 
 from tinkerd.domain.records import FutureState
 from tinkerd.store.tables import futures, model_cursors
@@ -13,10 +14,48 @@ from tinkerd.store.tables import futures, model_cursors
 FINISHED_STATES = (FutureState.COMPLETED.value, FutureState.FAILED.value)
 
 
+_running = futures.alias("running")
+_CURSOR = select(model_cursors.c.next_seq).where(model_cursors.c.model_id == bindparam("model_id"))
+_INSERT_CURSOR = insert(model_cursors)
+_SET_CURSOR = (
+    update(model_cursors).where(model_cursors.c.model_id == bindparam("b_model_id")).values(next_seq=bindparam("next"))
+)
+_FINISHED_FROM = (
+    select(futures.c.seq_id)
+    .where(
+        futures.c.model_id == bindparam("model_id"),
+        futures.c.ordered.is_(True),
+        futures.c.state.in_(FINISHED_STATES),
+        futures.c.seq_id >= bindparam("cursor"),
+    )
+    .order_by(futures.c.seq_id)
+)
+_READY_CHAINS = (
+    select(futures.c.request_id, futures.c.model_id, futures.c.seq_id, model_cursors.c.next_seq)
+    .join(model_cursors, model_cursors.c.model_id == futures.c.model_id)
+    .where(
+        futures.c.state == FutureState.PENDING.value,
+        futures.c.ordered.is_(True),
+        futures.c.seq_id >= model_cursors.c.next_seq,
+        ~exists().where(
+            _running.c.model_id == futures.c.model_id,
+            _running.c.ordered.is_(True),
+            _running.c.state == FutureState.RUNNING.value,
+        ),
+    )
+    .order_by(futures.c.model_id, futures.c.seq_id)
+)
+_READY_UNORDERED = (
+    select(futures.c.request_id)
+    .where(futures.c.state == FutureState.PENDING.value, futures.c.ordered.is_(False))
+    .order_by(futures.c.created_at, futures.c.request_id)
+    .limit(bindparam("limit"))
+)
+
+
 def cursor_of(conn: Connection, model_id: str) -> int | None:
     """The seq_id the model executes next, or None for a model with no ordered request yet."""
-    query = select(model_cursors.c.next_seq).where(model_cursors.c.model_id == model_id)
-    return conn.execute(query).scalar_one_or_none()
+    return conn.execute(_CURSOR, {"model_id": model_id}).scalar_one_or_none()
 
 
 def ensure_cursor(conn: Connection, model_id: str, next_seq: int) -> int:
@@ -24,7 +63,7 @@ def ensure_cursor(conn: Connection, model_id: str, next_seq: int) -> int:
     found = cursor_of(conn, model_id)
     if found is not None:
         return found
-    conn.execute(insert(model_cursors).values(model_id=model_id, next_seq=next_seq))
+    conn.execute(_INSERT_CURSOR, {"model_id": model_id, "next_seq": next_seq})
     return next_seq
 
 
@@ -37,50 +76,23 @@ def advance_cursor(conn: Connection, model_id: str) -> None:
     cursor = cursor_of(conn, model_id)
     if cursor is None:
         return
-    finished = conn.execute(
-        select(futures.c.seq_id)
-        .where(
-            futures.c.model_id == model_id,
-            futures.c.ordered.is_(True),
-            futures.c.state.in_(FINISHED_STATES),
-            futures.c.seq_id >= cursor,
-        )
-        .order_by(futures.c.seq_id)
-    ).scalars()
     new_cursor = cursor
-    for seq_id in finished:
+    for seq_id in conn.execute(_FINISHED_FROM, {"model_id": model_id, "cursor": cursor}).scalars():
         if seq_id != new_cursor:
             break
         new_cursor += 1
     if new_cursor != cursor:
-        conn.execute(update(model_cursors).where(model_cursors.c.model_id == model_id).values(next_seq=new_cursor))
+        conn.execute(_SET_CURSOR, {"b_model_id": model_id, "next": new_cursor})
 
 
 def ready_chains(conn: Connection, per_model_limit: int) -> tuple[list[str], dict[str, int]]:
     """For each ordered model with nothing running, the request ids of its pending requests from its cursor on, up
     to the first gap or `per_model_limit`; and, per model with a chain, the seq_id the chain starts at."""
-    running = futures.alias("running")
-    busy = exists().where(
-        running.c.model_id == futures.c.model_id,
-        running.c.ordered.is_(True),
-        running.c.state == FutureState.RUNNING.value,
-    )
-    candidates = conn.execute(
-        select(futures.c.request_id, futures.c.model_id, futures.c.seq_id, model_cursors.c.next_seq)
-        .join(model_cursors, model_cursors.c.model_id == futures.c.model_id)
-        .where(
-            futures.c.state == FutureState.PENDING.value,
-            futures.c.ordered.is_(True),
-            futures.c.seq_id >= model_cursors.c.next_seq,
-            ~busy,
-        )
-        .order_by(futures.c.model_id, futures.c.seq_id)
-    ).all()
     ids: list[str] = []
     starts: dict[str, int] = {}
     expected: dict[str, int] = {}
     taken: dict[str, int] = {}
-    for request_id, model_id, seq_id, cursor in candidates:
+    for request_id, model_id, seq_id, cursor in conn.execute(_READY_CHAINS).all():
         want = expected.setdefault(model_id, cursor)
         if seq_id == want and taken.get(model_id, 0) < per_model_limit:
             ids.append(request_id)
@@ -96,11 +108,4 @@ def ready_unordered(conn: Connection, limit: int) -> list[str]:
     """Up to `limit` pending unordered request ids, oldest first."""
     if limit <= 0:
         return []
-    return list(
-        conn.execute(
-            select(futures.c.request_id)
-            .where(futures.c.state == FutureState.PENDING.value, futures.c.ordered.is_(False))
-            .order_by(futures.c.created_at, futures.c.request_id)
-            .limit(limit)
-        ).scalars()
-    )
+    return list(conn.execute(_READY_UNORDERED, {"limit": limit}).scalars())

@@ -11,6 +11,7 @@ training requests join the planner's next round.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -21,8 +22,8 @@ from pathlib import Path
 
 from tinkerd.domain import codec
 from tinkerd.domain.errors import TinkerdError
-from tinkerd.domain.records import Clock, ErrorCategory, FutureRecord, utc_now
-from tinkerd.domain.requests import CreateModel, ForwardBackward, LoadWeights, Request, Result, Sample
+from tinkerd.domain.records import Clock, ErrorCategory, FutureRecord, FutureState, utc_now
+from tinkerd.domain.requests import CreateModel, Finished, ForwardBackward, LoadWeights, Request, Result, Sample
 from tinkerd.store.store import Store
 from tinkerd.worker.forward_batch import ForwardItem, run_forward_batch
 from tinkerd.worker.handlers import Handlers
@@ -36,6 +37,7 @@ from tinkerd.worker.storage import CheckpointFiles
 log = logging.getLogger(__name__)
 
 RESTART_MESSAGE = "the server restarted while this request was running; please retry"
+_HANDED_LIMIT = 4096
 Outcome = Result | Exception
 
 
@@ -67,7 +69,7 @@ class Worker:
         store: Store,
         hosts: Mapping[str, ModelHost],
         data_dir: Path,
-        notify: Callable[[str], None] | None = None,
+        notify: Callable[[str, Finished], None] | None = None,
         *,
         config: WorkerConfig | None = None,
         clock: Clock = utc_now,
@@ -75,6 +77,7 @@ class Worker:
         self.store = store
         self.config = config or WorkerConfig()
         self.notify = notify
+        self._clock = clock
         self.runtime = Runtime(hosts, self.config.weights_cache_size)
         self.files = CheckpointFiles(data_dir)
         self.handlers = Handlers(store, self.runtime, self.files, clock)
@@ -83,6 +86,10 @@ class Worker:
         self._pool: dict[str, _Claimed] = {}  # claimed training requests not yet run, by request id
         self._round: deque[Job] = deque()  # the planner's current round, run one job per iteration
         self._wakeup = threading.Event()
+        # Requests the api of this process handed over at submit, by request id: claimed without decoding the stored
+        # payload. Written by api threads, read here; single dict operations are atomic under the GIL.
+        self._handed: dict[str, Request] = {}
+        self._submitted = False  # something was handed over since the last claim: claim without looking first
         self._started = False
         self._next_housekeeping = 0.0
 
@@ -90,6 +97,17 @@ class Worker:
 
     def wake(self) -> None:
         """Cut an idle wait short (e.g. the api just submitted a request). Safe from any thread."""
+        self._wakeup.set()
+
+    def accept(self, future: FutureRecord, request: Request) -> None:
+        """The api recorded `future` in the ledger: keep its request at hand, and wake. Safe from any thread.
+
+        Only an optimisation: the ledger is what the worker runs; a request not found here is decoded from it."""
+        if future.state is FutureState.PENDING:
+            if len(self._handed) >= _HANDED_LIMIT:  # requests claimed by no one (e.g. refused later): start over
+                self._handed.clear()
+            self._handed[future.request_id] = request
+        self._submitted = True
         self._wakeup.set()
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -151,14 +169,19 @@ class Worker:
 
     def _claim(self) -> bool:
         room = max(0, self.config.max_samples_in_flight - self.sampling.in_flight_count())
+        look_first, self._submitted = not self._submitted, False
         claim = self.store.futures.claim_ready(
-            worker_id=self.config.worker_id, per_model_limit=self.config.per_model_limit, unordered_limit=room
+            worker_id=self.config.worker_id,
+            per_model_limit=self.config.per_model_limit,
+            unordered_limit=room,
+            look_first=look_first,
         )
         if not claim.futures:
             return False
         for future in claim.futures:
+            request = self._handed.pop(future.request_id, None)
             try:
-                request = codec.decode(future.payload or b"")
+                request = request if request is not None else codec.decode(future.payload or b"")
             except Exception as exc:
                 self._finish(future, RuntimeError(f"could not decode the stored request: {exc!r}"))
                 continue
@@ -244,32 +267,53 @@ class Worker:
                 break
 
     def _finish(self, future: FutureRecord, outcome: Outcome) -> None:
-        """Record a request's result or error in the ledger, then tell the api."""
-        try:
-            if isinstance(outcome, Exception):
-                message, category = _describe(future, outcome)
-                self.store.futures.fail(future.request_id, message, category)
-            else:
-                try:
-                    data = codec.encode(outcome)
-                except ValueError as exc:  # NaN or infinity: JSON cannot carry it
-                    log.error("result of %s cannot be stored: %s", future.request_id, exc)
-                    self.store.futures.fail(future.request_id, "the result holds NaN or infinite values", "server")
-                else:
-                    self.store.futures.complete(future.request_id, data)
-        except TinkerdError as exc:  # already finished elsewhere (failed as in flight, purged): nothing to record
-            log.warning("could not record the outcome of %s: %s", future.request_id, exc)
-            return
+        """Hand the outcome to the api (which may answer its client at once), then record it in the ledger.
+
+        The ledger write follows the hand-off, on this thread and before anything else runs, so the next request
+        of the same run is claimed only once this one is recorded (seq order holds). Should the process die in
+        between, the client may have its answer while the ledger fails the request as left running: never a lost
+        result, at worst an error for an answer already given.
+        """
+        finished, value = self._finished_record(future, outcome)
         if self.notify is not None:
             try:
-                self.notify(future.request_id)
+                self.notify(future.request_id, Finished(finished, value))
             except Exception:
                 log.exception("notify(%s) failed", future.request_id)
+        try:
+            if finished.state is FutureState.COMPLETED:
+                self.store.futures.complete(future.request_id, finished.result or b"")
+            else:
+                self.store.futures.fail(
+                    future.request_id, finished.error_message or "request failed", finished.error_category or "server"
+                )
+        except TinkerdError as exc:  # already finished elsewhere (failed as in flight, purged): nothing to record
+            log.warning("could not record the outcome of %s: %s", future.request_id, exc)
+
+    def _finished_record(self, future: FutureRecord, outcome: Outcome) -> tuple[FutureRecord, Result | None]:
+        """The record as the ledger will hold it once finished, and the result object if it completed."""
+        done = dataclasses.replace(future, payload=None, finished_at=self._clock())
+        if not isinstance(outcome, Exception):
+            try:
+                data = codec.encode(outcome)
+            except ValueError as exc:  # NaN or infinity: JSON cannot carry it
+                log.error("result of %s cannot be stored: %s", future.request_id, exc)
+                outcome = _Unstorable("the result holds NaN or infinite values")
+            else:
+                return dataclasses.replace(done, state=FutureState.COMPLETED, result=data), outcome
+        message, category = _describe(future, outcome)
+        return dataclasses.replace(done, state=FutureState.FAILED, error_message=message, error_category=category), None
+
+
+class _Unstorable(Exception):
+    """A result the ledger cannot hold (a server-side fault, not the user's)."""
 
 
 def _describe(future: FutureRecord, exc: Exception) -> tuple[str, ErrorCategory]:
     if isinstance(exc, TinkerdError):
         return str(exc) or type(exc).__name__, "user"
+    if isinstance(exc, _Unstorable):
+        return str(exc), "server"
     log.error("%s %s failed", future.kind.value, future.request_id, exc_info=exc)
     detail = str(exc)
     detail = detail if len(detail) <= 200 else detail[:200] + "..."

@@ -65,9 +65,9 @@ def submit(
         token_count=token_count,
     )
     if ctx.on_submit is not None:
-        # Woken here rather than after the response is sent: the worker starts sooner, and the SDK sends its next
-        # request (often the optim_step behind a forward_backward) without waiting for this one's result anyway.
-        ctx.on_submit()
+        # Handed over here rather than after the response is sent: the worker starts sooner, and the SDK sends its
+        # next request (often the optim_step behind a forward_backward) without waiting for this one's result.
+        ctx.on_submit(record, payload)
     return record
 
 

@@ -19,37 +19,41 @@ from tinkerd.api.context import ApiContext
 from tinkerd.api.convert.results import result_json, result_proto
 from tinkerd.api.routes.common import JSON, PROTOBUF, Context, Owner, in_thread, json_response
 from tinkerd.domain import codec
-from tinkerd.domain.errors import TinkerdError
 from tinkerd.domain.records import FutureRecord, FutureState
 from tinkerd.domain.requests import Result
 
 router = APIRouter()
 
 
-def _render(ctx: ApiContext, record: FutureRecord, owner: str, want_proto: bool) -> Response:
-    """The finished future's answer. Runs in a worker thread (results can be large)."""
+# Results up to this size (as stored) are rendered on the event loop; larger ones in a thread.
+_INLINE_RENDER_BYTES = 64 * 1024
+
+
+def _render(record: FutureRecord, value: Result | None, want_proto: bool) -> Response:
+    """The finished future's answer; `value` is its result object when at hand (else decoded from the record)."""
     if record.state is FutureState.FAILED:
         # A 200 with an "error" key is how the SDK learns that a request failed (RequestFailedError + category).
         body = {"error": record.error_message or "request failed", "category": record.error_category or "server"}
-        response = Response(json.dumps(body), media_type=JSON)
+        return Response(json.dumps(body), media_type=JSON)
+    result: Result = value if value is not None else codec.decode(record.result or b"")
+    proto = result_proto(result) if want_proto else None
+    if proto is not None:
+        return Response(proto, media_type=PROTOBUF)
+    return Response(json.dumps(result_json(record.kind, result, record.model_id), allow_nan=False), media_type=JSON)
+
+
+async def _answer(ctx: ApiContext, record: FutureRecord, value: Result | None, want_proto: bool) -> Response:
+    if len(record.result or b"") <= _INLINE_RENDER_BYTES:
+        response = _render(record, value, want_proto)
     else:
-        result: Result = codec.decode(record.result or b"")
-        proto = result_proto(result) if want_proto else None
-        if proto is not None:
-            response = Response(proto, media_type=PROTOBUF)
-        else:
-            response = Response(
-                json.dumps(result_json(record.kind, result, record.model_id), allow_nan=False), media_type=JSON
-            )
-    # Noted once the answer is on the wire (a write transaction the client need not wait for); it lets housekeeping
-    # purge the result later. Should it fail, the result is merely kept longer.
-    response.background = BackgroundTask(_mark_delivered, ctx, record.request_id, owner)
+        response = await in_thread(_render, record, value, want_proto)
+    # Noted once the answer is on the wire; it lets housekeeping purge the result later (see api/deliveries.py).
+    response.background = BackgroundTask(_note_delivered, ctx, record.request_id)
     return response
 
 
-def _mark_delivered(ctx: ApiContext, request_id: str, owner: str) -> None:
-    with contextlib.suppress(TinkerdError):  # purged or otherwise gone meanwhile: nothing left to note
-        ctx.store.futures.mark_delivered(request_id, owner)
+async def _note_delivered(ctx: ApiContext, request_id: str) -> None:
+    ctx.deliveries.note(request_id)  # async: Starlette would run a plain function in a thread, off the loop
 
 
 @router.post("/retrieve_future")
@@ -60,13 +64,16 @@ async def retrieve_future(
     want_proto = PROTOBUF in request.headers.get("accept", "")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ctx.settings.long_poll_s
-    # Register before reading the ledger: a notification that lands between the read and the wait is not lost.
+    # Register before looking: a notification that lands between the look and the wait is not lost.
     with ctx.notifier.waiter(body.request_id) as woken:
         while True:
             woken.clear()
+            handed = ctx.notifier.finished(body.request_id, owner)
+            if handed is not None:
+                return await _answer(ctx, handed.record, handed.value, want_proto)
             record = await in_thread(ctx.store.futures.get, body.request_id, owner)
             if record.state.finished:
-                return await in_thread(_render, ctx, record, owner, want_proto)
+                return await _answer(ctx, record, None, want_proto)
             remaining = deadline - loop.time()
             if remaining <= 0 or ctx.notifier.closed:
                 return json_response(schemas.TryAgainResponse(request_id=body.request_id))

@@ -1,0 +1,42 @@
+"""retrieve_future answers from the worker's hand-off (no ledger read), and only to the request's owner."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tests.api.conftest import Api
+from tinkerd.api.notify import RECENT_LIMIT, FutureNotifier
+from tinkerd.domain.ops import ForwardResult
+from tinkerd.domain.records import FutureState
+from tinkerd.domain.requests import Finished
+
+
+def test_a_handed_over_result_is_answered_before_the_ledger_has_it(api: Api) -> None:
+    model_id = api.model()
+    api.worker.pause()
+    request_id = api.forward_backward(model_id, 1).json()["request_id"]
+    pending = api.store.futures.get(request_id, "local")
+    value = ForwardResult(loss_fn_outputs=[], metrics={"loss:sum": 42.0})
+    done = dataclasses.replace(pending, state=FutureState.COMPLETED, result=b"{}")
+    notifier: FutureNotifier = api.client.app.state.ctx.notifier  # type: ignore[attr-defined]
+    notifier.notify(request_id, Finished(done, value))
+    # The answer is the handed-over object (the ledger still says pending, and its stored result would not decode).
+    assert api.retrieve(request_id).json()["metrics"] == {"loss:sum": 42.0}
+    assert api.store.futures.get(request_id, "local").state is FutureState.PENDING
+    api.worker.resume()
+
+
+def test_the_hand_off_is_owner_scoped_and_bounded(api: Api) -> None:
+    model_id = api.model()
+    api.worker.pause()
+    request_id = api.forward_backward(model_id, 1).json()["request_id"]
+    record = dataclasses.replace(api.store.futures.get(request_id, "local"), state=FutureState.FAILED)
+    notifier = FutureNotifier()
+    notifier.notify(request_id, Finished(record))
+    assert notifier.finished(request_id, "local") is not None
+    assert notifier.finished(request_id, "mallory") is None
+    for i in range(RECENT_LIMIT):
+        notifier.notify(f"req-{i}", Finished(dataclasses.replace(record, request_id=f"req-{i}")))
+    assert notifier.finished(request_id, "local") is None  # the oldest went first
+    assert notifier.finished(f"req-{RECENT_LIMIT - 1}", "local") is not None
+    api.worker.resume()
