@@ -10,6 +10,7 @@ process. Prints p50 / p99 over N calls of each and the difference.
 from __future__ import annotations
 
 import argparse
+import warnings
 import os
 import socket
 import statistics
@@ -50,7 +51,7 @@ def free_port() -> int:
 
 
 def time_sdk(url: str, model: str, calls: int) -> tuple[list[float], list[float]]:
-    """Forward calls, and for scale get_info calls (one HTTP round trip through the SDK that does no work)."""
+    """Forward calls, and for scale get_server_capabilities calls (one HTTP round trip through the SDK, no work)."""
     service = tinker.ServiceClient(base_url=url, api_key="tml-bench")
     trainer = service.create_lora_training_client(base_model=model, rank=8, seed=0)
     datum = tinker.Datum(
@@ -69,7 +70,7 @@ def time_sdk(url: str, model: str, calls: int) -> tuple[list[float], list[float]
     round_trips: list[float] = []
     for i in range(calls + 10):
         start = time.perf_counter()
-        trainer.get_info()
+        service.get_server_capabilities()
         if i >= 10:
             round_trips.append(time.perf_counter() - start)
     return times, round_trips
@@ -92,6 +93,7 @@ def time_engine(model_dir: Path, calls: int) -> list[float]:
 
 
 def main() -> None:
+    warnings.simplefilter("ignore", FutureWarning)  # the SDK's deprecation notices, printed once per call site
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
@@ -130,7 +132,7 @@ def main() -> None:
     print(f"| SDK -> tinkerd serve -> result | {sdk[0]:.1f} | {sdk[1]:.1f} |")
     print(f"| engine call alone (ServedModel.forward) | {engine[0]:.1f} | {engine[1]:.1f} |")
     print(f"| overhead (difference) | {sdk[0] - engine[0]:.1f} | {sdk[1] - engine[1]:.1f} |")
-    print(f"| for scale: SDK get_info (1 round trip, no work) | {round_trip[0]:.1f} | {round_trip[1]:.1f} |")
+    print(f"| for scale: SDK get_server_capabilities (1 round trip) | {round_trip[0]:.1f} | {round_trip[1]:.1f} |")
 
 
 if __name__ == "__main__":
