@@ -10,7 +10,6 @@ process. Prints p50 / p99 over N calls of each and the difference.
 from __future__ import annotations
 
 import argparse
-import warnings
 import os
 import socket
 import statistics
@@ -18,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
