@@ -315,3 +315,27 @@ def test_mark_delivered_many_counts_each_delivery_and_skips_unfinished(store: St
     assert store.futures.get(again.request_id, DEFAULT_OWNER).delivered_count == 2
     assert store.futures.get(pending.request_id, DEFAULT_OWNER).delivered_count == 0
     assert store.futures.mark_delivered_many([]) == 0
+
+
+def test_a_gap_that_never_fills_is_given_up_after_the_timeout(store: Store, clock: FakeClock) -> None:
+    first = submit(store, 0)
+    store.futures.claim_ready()
+    store.futures.complete(first.request_id, b"ok")
+    waiting = [submit(store, 3), submit(store, 4)]  # seq_ids 1 and 2 never arrive
+    assert store.futures.fill_stale_gaps(timedelta(minutes=10)) == {}  # not waited long enough
+    assert claim_seqs(store) == []
+    clock.advance(minutes=11)
+    assert store.futures.fill_stale_gaps(timedelta(minutes=10)) == {M: [1, 2]}
+    assert claim_seqs(store) == [(M, 3), (M, 4)]
+    assert all(store.futures.get(w.request_id, DEFAULT_OWNER).state is FutureState.RUNNING for w in waiting)
+    with pytest.raises(InvalidRequestError, match="never arrived"):
+        submit(store, 1)  # the late arrival is told why
+    assert store.futures.fill_stale_gaps(timedelta(minutes=10)) == {}
+
+
+def test_no_gap_is_filled_while_the_next_seq_id_is_present(store: Store, clock: FakeClock) -> None:
+    submit(store, 0)
+    submit(store, 2)
+    store.futures.claim_ready()  # seq 0 runs; seq 2 waits for 1, but 0 is running, not missing
+    clock.advance(hours=1)
+    assert store.futures.fill_stale_gaps(timedelta(minutes=10)) == {}

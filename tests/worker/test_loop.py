@@ -158,3 +158,15 @@ def test_a_host_from_a_model_directory_samples_in_its_own_dtype(tmp_path: Path) 
     fp32: Any = tiny_model("llama")
     # the sampler's copy was taken before the cast to bf16: its weights are exactly the saved fp32 ones
     torch.testing.assert_close(host.sample_transformer.embed.weight, fp32.get_input_embeddings().weight, atol=0, rtol=0)
+
+
+def test_requests_behind_a_seq_id_that_never_arrives_run_after_the_gap_timeout(api: Api, worker: Worker) -> None:
+    run = api.create_model()
+    drain(worker)
+    later = api.forward_backward(run, datums(0), seq_id=2)  # seq_id 1 was numbered by the client but never sent
+    drain(worker)
+    assert api.record(later).state is FutureState.PENDING
+    api.clock.advance(minutes=11)
+    assert worker.housekeeper.run().gaps_filled == {run: [1]}
+    drain(worker)
+    assert api.loss(later) > 0

@@ -40,6 +40,8 @@ class RequestKind(StrEnum):
     SAMPLE = "sample"
     CREATE_CUSTOM_LOSS = "create_custom_loss"
     UNLOAD_MODEL = "unload_model"
+    # A seq_id that never arrived, recorded as failed so the model's later requests could go on (see store.futures).
+    MISSING = "missing"
 
     @property
     def sequenced(self) -> bool:

@@ -43,7 +43,7 @@ from tinkerd.store.sequencing import (
     ready_chains,
     ready_unordered,
 )
-from tinkerd.store.tables import futures
+from tinkerd.store.tables import futures, model_cursors
 
 _CHUNK = 500  # ids per IN (...) list: far below every backend's bound-parameter limit
 _WITHOUT_PAYLOAD = [c for c in futures.c if c.name != "payload"]
@@ -316,6 +316,76 @@ class FuturesLedger:
             condition = or_(condition, abandoned)
         return self._db.write(lambda conn: conn.execute(delete(futures).where(finished, condition)).rowcount)
 
+    def fill_stale_gaps(self, waited_for: timedelta) -> dict[str, list[int]]:
+        """Record, as failed, every seq_id a model has waited on for longer than `waited_for`.
+
+        A model runs its requests strictly in seq_id order, so a seq_id that never arrives (a client that numbered
+        a request and died, or gave up, before sending it) would hold every later request back forever. When the
+        oldest of the requests waiting behind such a gap has waited `waited_for`, the missing seq_ids become failed
+        placeholders of kind MISSING and the rest run. A late arrival of a filled seq_id is refused with a message
+        saying why. Returns the filled seq_ids by model.
+        """
+
+        def txn(conn: Connection) -> dict[str, list[int]]:
+            now = self._clock()
+            waiting = conn.execute(
+                select(futures.c.model_id, func.min(futures.c.seq_id), func.min(futures.c.created_at))
+                .join(model_cursors, model_cursors.c.model_id == futures.c.model_id)
+                .where(
+                    futures.c.state == FutureState.PENDING.value,
+                    futures.c.ordered.is_(True),
+                    futures.c.seq_id > model_cursors.c.next_seq,
+                )
+                .group_by(futures.c.model_id)
+            ).all()
+            filled: dict[str, list[int]] = {}
+            for model_id, first_waiting, oldest in waiting:
+                if oldest > now - waited_for:
+                    continue
+                cursor = cursor_of(conn, model_id)
+                if cursor is None or self._find(conn, model_id, cursor) is not None:
+                    continue  # the next seq_id is there (pending or running): no gap
+                present = set(
+                    conn.execute(
+                        select(futures.c.seq_id).where(
+                            futures.c.model_id == model_id,
+                            futures.c.seq_id >= cursor,
+                            futures.c.seq_id < first_waiting,
+                        )
+                    ).scalars()
+                )
+                missing = [seq for seq in range(cursor, first_waiting) if seq not in present]
+                message = (
+                    f"seq_id {{seq}} of model {model_id!r} never arrived within {waited_for.total_seconds():.0f} s; "
+                    "the model's later requests went ahead without it"
+                )
+                owner = conn.execute(
+                    select(futures.c.owner).where(futures.c.model_id == model_id, futures.c.seq_id == first_waiting)
+                ).scalar_one()
+                for seq in missing:
+                    placeholder = FutureRecord(
+                        request_id=new_request_id(),
+                        owner=owner,
+                        model_id=model_id,
+                        seq_id=seq,
+                        kind=RequestKind.MISSING,
+                        ordered=True,
+                        state=FutureState.FAILED,
+                        payload=None,
+                        result=None,
+                        error_message=message.format(seq=seq),
+                        error_category="user",
+                        token_count=0,
+                        created_at=now,
+                        finished_at=now,
+                    )
+                    conn.execute(_INSERT, future_to_row(placeholder))
+                advance_cursor(conn, model_id)
+                filled[model_id] = missing
+            return filled
+
+        return self._db.write(txn)
+
     # -- sequences -----------------------------------------------------------------------------------------------
 
     def next_seq(self, model_id: str) -> int | None:
@@ -358,6 +428,8 @@ class FuturesLedger:
         if existing.owner != owner:
             # Do not reveal another owner's request; the seq_id is simply taken.
             raise ConflictError(f"seq_id {existing.seq_id} of model {existing.model_id!r} is already in use")
+        if existing.kind is RequestKind.MISSING:  # a 400: the SDK would retry a 409 for minutes
+            raise InvalidRequestError(existing.error_message or f"seq_id {existing.seq_id} was given up on")
         if existing.kind != kind:
             raise ConflictError(
                 f"seq_id {existing.seq_id} of model {existing.model_id!r} was already used for {existing.kind.value}, "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeVar
 
@@ -35,6 +35,9 @@ class HousekeepingConfig:
     # The SDK heartbeats every 10 s. Timing out frees the session's runs, and with them any training not yet saved,
     # while a LoRA adapter and its optimizer state cost only megabytes: err long (a laptop may sleep a while).
     session_timeout: timedelta = timedelta(minutes=30)
+    # A run's requests wait this long for a seq_id that never arrives before they go ahead without it. The SDK sends
+    # a request right after numbering it and retries a failed send for up to 5 minutes.
+    sequence_gap_timeout: timedelta = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Report:
     freed_runs: tuple[str, ...] = ()
     freed_samplers: tuple[str, ...] = ()
     expired: tuple[str, ...] = ()
+    gaps_filled: dict[str, list[int]] = field(default_factory=dict)
 
 
 class Housekeeper:
@@ -59,7 +63,8 @@ class Housekeeper:
         timed_out = self._guard("timing out sessions", self._time_out_sessions, [])
         runs, samplers = self._guard("freeing closed sessions", self._free_closed_sessions, ([], []))
         expired = self._guard("deleting expired checkpoints", self._delete_expired, [])
-        return Report(purged, tuple(timed_out), tuple(runs), tuple(samplers), tuple(expired))
+        gaps = self._guard("filling stale sequence gaps", self._fill_stale_gaps, {})
+        return Report(purged, tuple(timed_out), tuple(runs), tuple(samplers), tuple(expired), gaps)
 
     @staticmethod
     def _guard(what: str, chore: Callable[[], T], default: T) -> T:
@@ -73,6 +78,12 @@ class Housekeeper:
         return self.store.futures.purge(
             delivered_for=self.config.result_retention, undelivered_for=self.config.undelivered_retention
         )
+
+    def _fill_stale_gaps(self) -> dict[str, list[int]]:
+        filled = self.store.futures.fill_stale_gaps(self.config.sequence_gap_timeout)
+        for model_id, seq_ids in filled.items():
+            log.warning("model %s waited too long for seq_ids %s; its later requests go ahead", model_id, seq_ids)
+        return filled
 
     def _time_out_sessions(self) -> list[str]:
         timed_out: list[str] = []
