@@ -10,21 +10,15 @@ process. Prints p50 / p99 over N calls of each and the difference.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
-import httpx
 import tinker
 
-from tests.engine.tiny_models import tiny_model
+from bench.served import serving, tiny_model_dir
 from tinkerd.domain.ops import ArrayData, Datum, LoraConfig
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.served_model import ForwardJob, ServedModel
@@ -32,22 +26,9 @@ from tinkerd.engine.served_model import ForwardJob, ServedModel
 TOKENS = [1, 5, 9, 33, 4, 7, 8, 9]
 
 
-def tiny_model_dir(root: Path) -> Path:
-    path = root / "tiny-llama"
-    model: Any = tiny_model("llama", vocab_size=256)  # a PreTrainedModel, typed as a plain Module
-    model.save_pretrained(path)
-    return path
-
-
 def percentiles(seconds: list[float]) -> tuple[float, float]:
     ms = sorted(s * 1000 for s in seconds)
     return statistics.median(ms), ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def time_sdk(url: str, model: str, calls: int) -> tuple[list[float], list[float]]:
@@ -99,32 +80,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = tiny_model_dir(Path(tmp))
-        port = free_port()
-        env = dict(os.environ, TINKER_TELEMETRY="0", HF_HUB_OFFLINE="1")
-        tinkerd_cli = str(Path(sys.executable).with_name("tinkerd"))
         # One engine thread on both sides: what is compared is the path around the engine, not thread counts.
-        cmd = [tinkerd_cli, "serve", "--port", str(port), "--model", str(model_dir), "--threads", "1"]
-        cmd += ["--data-dir", str(Path(tmp) / "data")]
-        log = open(Path(tmp) / "serve.log", "w")  # noqa: SIM115 - closed with the process
-        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{url}/api/v1/healthz", timeout=1.0).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("tinkerd serve did not start:\n" + (Path(tmp) / "serve.log").read_text())
-                time.sleep(0.2)
-            sdk_times, round_trips = time_sdk(url, str(model_dir), args.calls)
-            sdk, round_trip = percentiles(sdk_times), percentiles(round_trips)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-            log.close()
+        with serving(model_dir, Path(tmp) / "data", ["--threads", "1"]) as served:
+            sdk_times, round_trips = time_sdk(served.url, str(model_dir), args.calls)
+        sdk, round_trip = percentiles(sdk_times), percentiles(round_trips)
         engine = percentiles(time_engine(model_dir, args.calls))
     print(f"1-datum forward (8 tokens, tiny Llama), {args.calls} calls each after 10 warm-up calls\n")
     print("| path | p50 ms | p99 ms |")
