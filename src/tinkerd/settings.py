@@ -84,12 +84,17 @@ class Settings:
             cache_dir = Path(from_env("CACHE_DIR") or default_cache_dir())
         if data_dir is None:
             data_dir = Path(from_env("DATA_DIR") or default_data_dir())
-        if port is None:
-            raw_port = from_env("PORT")
+
+        def int_from_env(name: str) -> int | None:
+            raw = from_env(name)
             try:
-                port = int(raw_port) if raw_port else DEFAULT_PORT
+                return int(raw) if raw else None
             except ValueError:
-                raise SettingsError(f"{ENV_PREFIX}PORT must be a number, got {raw_port!r}") from None
+                raise SettingsError(f"{ENV_PREFIX}{name} must be a number, got {raw!r}") from None
+
+        if port is None:
+            from_port = int_from_env("PORT")
+            port = DEFAULT_PORT if from_port is None else from_port
         if not 0 <= port <= 65535:
             raise SettingsError(f"port must be between 0 and 65535, got {port}")
         if not models:
@@ -98,11 +103,7 @@ class Settings:
             raw_keys = from_env("KEYS")
             keys_file = Path(raw_keys) if raw_keys else None
         if threads is None:
-            raw_threads = from_env("THREADS")
-            try:
-                threads = int(raw_threads) if raw_threads else None
-            except ValueError:
-                raise SettingsError(f"{ENV_PREFIX}THREADS must be a number, got {raw_threads!r}") from None
+            threads = int_from_env("THREADS")
         if threads is not None and threads < 1:
             raise SettingsError(f"threads must be at least 1, got {threads}")
         # Absolute, because the CLI hands paths under them to other processes (HF_HOME for clients, the server).

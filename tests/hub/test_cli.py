@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from tests.hub.conftest import FakeModel
 from tinkerd.cli import app
 from tinkerd.hub import DEFAULT_MODEL, PullResult
-from tinkerd.settings import Settings, default_cache_dir
+from tinkerd.settings import Settings, SettingsError, default_cache_dir
 
 runner = CliRunner()
 
@@ -65,3 +65,16 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
     settings = Settings(cache_dir=tmp_path)
     with pytest.raises(AttributeError):
         settings.cache_dir = Path("/elsewhere")  # type: ignore[misc]
+
+
+def test_numeric_settings_from_the_environment_are_checked() -> None:
+    assert Settings.load({"TINKERD_PORT": "0", "TINKERD_THREADS": "3"}).port == 0
+    assert Settings.load({"TINKERD_THREADS": "3"}).threads == 3
+    assert Settings.load({}).threads is None
+    assert Settings.load({"TINKERD_THREADS": "3"}, threads=1).threads == 1
+    with pytest.raises(SettingsError, match="TINKERD_THREADS must be a number"):
+        Settings.load({"TINKERD_THREADS": "many"})
+    with pytest.raises(SettingsError, match="at least 1"):
+        Settings.load({"TINKERD_THREADS": "0"})
+    with pytest.raises(SettingsError, match="TINKERD_PORT must be a number"):
+        Settings.load({"TINKERD_PORT": "http"})
