@@ -19,7 +19,9 @@ from tinkerd.api.context import ApiContext, ApiSettings, ServedModelInfo
 from tinkerd.api.errors import install_error_handlers
 from tinkerd.api.notify import FutureNotifier
 from tinkerd.api.routes import ROUTERS
+from tinkerd.api.signing import UrlSigner, load_or_create_secret
 from tinkerd.store import Store
+from tinkerd.store.files import CheckpointFiles
 
 API_PREFIX = "/api/v1"
 
@@ -57,12 +59,15 @@ def create_app(
         docs_url=f"{API_PREFIX}/docs",
         redoc_url=None,
     )
+    data_dir = settings.data_dir
     app.state.ctx = ApiContext(
         store=store,
         models={model.name: model for model in models},
         notifier=notifier,
         settings=settings,
         on_submit=on_submit,
+        files=CheckpointFiles(data_dir) if data_dir is not None else None,
+        signer=UrlSigner(load_or_create_secret(data_dir)) if data_dir is not None else None,
     )
     app.state.keys = KeyRing(settings.api_keys)
     install_error_handlers(app)
