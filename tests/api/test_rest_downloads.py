@@ -18,7 +18,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from tinker import types
+from tinker.cli.auth_api import SelfApiKeyResponse
 
 from tests.api.conftest import Api, MakeApi
 from tinkerd.api import ApiSettings, create_app
@@ -53,6 +56,13 @@ def alice(make_api: MakeApi, data_dir: Path) -> Api:
 def anonymous(api: Api) -> TestClient:
     """A client of the same app that sends no API key."""
     return TestClient(api.client.app)
+
+
+def signer_of(api: Api) -> UrlSigner:
+    """The app's own signer: for links no route would hand out (expired ones, or ones to forbidden files)."""
+    app = api.client.app
+    assert isinstance(app, FastAPI) and app.state.ctx.signer is not None
+    return app.state.ctx.signer
 
 
 def lay_out(data_dir: Path, tinker_path: str, files: dict[str, bytes] = FILES) -> Path:
@@ -113,6 +123,7 @@ def test_signed_urls_fetch_every_file_without_a_key(alice: Api, data_dir: Path) 
     _, tinker_path = export(alice, data_dir)
     body = urls_of(alice, tinker_path)
     assert sorted(body["urls"]) == sorted(FILES)
+    assert types.ExternalWeightsUrlsResponse.model_validate(body).urls == body["urls"]  # as the SDK reads it
     expires = datetime.fromisoformat(body["expires"])
     assert 3500 < (expires - datetime.now(UTC)).total_seconds() <= 3601
     assert body["total_count"] == 3 and body["next_page_token"] is None
@@ -152,7 +163,7 @@ def test_altered_links_are_refused(alice: Api, data_dir: Path) -> None:
 def test_an_expired_link_is_refused_saying_so(alice: Api, data_dir: Path) -> None:
     _, tinker_path = export(alice, data_dir)
     url = urls_of(alice, tinker_path)["urls"]["adapter_config.json"]
-    signer: UrlSigner = alice.client.app.state.ctx.signer  # pyright: ignore[reportAttributeAccessIssue]
+    signer = signer_of(alice)
     path = parse_tinker_path(tinker_path)
     past = int(time.time()) - 5
     resource = f"{path.run_id}/{path.kind}/{path.name}/adapter_config.json"
@@ -171,7 +182,7 @@ def test_no_link_reaches_outside_its_checkpoint(alice: Api, data_dir: Path, tmp_
     assert sorted(urls_of(alice, tinker_path)["urls"]) == sorted(FILES)  # no symlink, no hidden file
 
     # Even a correctly signed link (as if the secret leaked) cannot climb out: traversal, symlinks, hidden files.
-    signer: UrlSigner = alice.client.app.state.ctx.signer  # pyright: ignore[reportAttributeAccessIssue]
+    signer = signer_of(alice)
     expires = int(time.time()) + 60
     client = anonymous(alice)
     base = f"{model_id}/external_weights/e1"
@@ -303,12 +314,21 @@ def test_without_a_data_dir_downloads_are_not_found(api: Api) -> None:
 def test_api_key_me_and_checkpoint_storage(alice: Api, data_dir: Path) -> None:
     export(alice, data_dir)
     me = alice.get("auth/apikey/me").json()
+    SelfApiKeyResponse.model_validate(me)  # what `tinker auth login` parses
     assert me["details"] == {"org_details": {"name": "tinkerd"}, "user_details": {"email": "alice"}}
     assert isinstance(me["key_id"], int) and me["name"] and me["note"] == ""
     assert anonymous(alice).get("/api/v1/auth/apikey/me", headers={"X-API-Key": "tml-nobody"}).status_code == 401
     storage = alice.get("billing/usage/checkpoints/current").json()
+    types.CurrentCheckpointStorageUsageResponse.model_validate(storage)
     assert storage["data"] == [
         {"org_user_urn": "alice", "user_name": "alice", "checkpoint_count": 1, "size_bytes": 1234,
          "size_gigabytes": 1234e-9},
     ]  # fmt: skip
     assert alice.get("billing/usage/checkpoints/current", params={"project_id": "p"}).status_code == 400
+
+
+def test_what_tinkerd_does_not_record_is_not_found_saying_so(alice: Api) -> None:
+    usage = alice.get("billing/usage/events", params={"starting_on": "2026-01-01T00:00:00Z"})
+    assert usage.status_code == 404 and "no billing usage" in usage.json()["detail"]
+    trace = alice.get(f"sessions/{alice.session()}/trace_export")
+    assert trace.status_code == 404 and "no session traces" in trace.json()["detail"]

@@ -1,8 +1,8 @@
 """Who the caller is and what they store: what `tinker auth login` and `tinker billing checkpoint-storage` ask.
 
 tinkerd keeps no organisations, e-mail addresses or prices, so these answers hold only what it knows: the owner a
-key maps to, and the checkpoints that owner stores. It records no billing usage (`/billing/usage/events` is absent,
-so `tinker billing usage` reports "not found").
+key maps to, and the checkpoints that owner stores. What it does not record at all (billing usage, session traces)
+answers 404 saying so, rather than empty data that would read as "nothing happened".
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request, Response
 from tinkerd.api import schemas
 from tinkerd.api.auth import API_KEY_HEADER
 from tinkerd.api.routes.common import Context, Owner, json_response
-from tinkerd.domain.errors import InvalidRequestError
+from tinkerd.domain.errors import InvalidRequestError, NotFoundError
 
 router = APIRouter()
 
@@ -48,3 +48,15 @@ def checkpoint_storage(ctx: Context, owner: Owner, project_id: Annotated[str | N
         org_user_urn=owner, user_name=owner, checkpoint_count=count, size_bytes=size, size_gigabytes=size / _GIGABYTE
     )
     return json_response(schemas.CurrentCheckpointStorageUsageResponse(data=[row] if count else []))
+
+
+@router.get("/billing/usage/events")
+def billing_usage(_owner: Owner) -> Response:
+    raise NotFoundError(
+        "tinkerd records no billing usage (it has no prices); `tinker billing checkpoint-storage` shows what you store"
+    )
+
+
+@router.get("/sessions/{session_id}/trace_export")
+def session_trace_export(session_id: str, _owner: Owner) -> Response:
+    raise NotFoundError(f"tinkerd records no session traces, so session {session_id!r} has none to export")
