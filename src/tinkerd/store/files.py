@@ -73,11 +73,13 @@ class CheckpointFiles:
             raise NotFoundError(f"no file {relpath!r} in checkpoint {path}")
         return candidate
 
-    def delete(self, path: TinkerPath) -> None:
-        """Remove a checkpoint's files, and its run's directories once they are empty. Missing files are fine.
+    def delete(self, path: TinkerPath, *, prune: bool = True) -> None:
+        """Remove a checkpoint's files and, with `prune`, its run's directories once they are empty. Missing files
+        are fine.
 
         The directory is first renamed to a hidden sibling (one atomic step), so that a reader finds the whole
-        checkpoint or none of it; a download that already opened a file reads it to the end."""
+        checkpoint or none of it; a download that already opened a file reads it to the end. Pruning races a save
+        into the same run that has just made its directories, so only the worker's own thread prunes."""
         directory = self.dir_of(path)
         if directory.is_symlink():
             directory.unlink()
@@ -90,7 +92,7 @@ class CheckpointFiles:
             except FileNotFoundError:
                 doomed = directory  # nothing to move; rmtree below ignores its absence
             shutil.rmtree(doomed, ignore_errors=True)
-        for parent in (directory.parent, directory.parent.parent):
+        for parent in (directory.parent, directory.parent.parent) if prune else ():
             try:
                 parent.rmdir()
             except OSError:

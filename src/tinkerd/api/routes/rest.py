@@ -119,5 +119,5 @@ def delete_checkpoint(run_id: str, kind: str, name: str, ctx: Context, owner: Ow
     path = checkpoint_path(run_id, kind, name)
     ctx.store.checkpoints.delete(path, owner)
     if ctx.files is not None:
-        ctx.files.delete(path)
+        ctx.files.delete(path, prune=False)  # the worker may be making this run's directories for a save
     return Response("{}", media_type="application/json")
