@@ -54,5 +54,5 @@ def test_published_checkpoints_are_readable_by_others(make_api: MakeApi) -> None
     api.result(future["request_id"])
     assert api.store.runs.get(f"{bob_session}:train:0", "bob").base_model == MODEL
     assert api.get(f"training_runs/{model_id}", params={"access_scope": "accessible"}).status_code == 200
-    # Only the owner may change it.
-    assert api.post(f"training_runs/{model_id}/checkpoints/weights/c1/publish").status_code == 404
+    # Only the owner may change it: others, who can see it, are told so.
+    assert api.post(f"training_runs/{model_id}/checkpoints/weights/c1/publish").status_code == 403

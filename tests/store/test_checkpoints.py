@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from tinkerd.domain.errors import ConflictError, InvalidRequestError, NotFoundError
+from tinkerd.domain.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from tinkerd.domain.ids import DEFAULT_OWNER
 from tinkerd.domain.paths import CheckpointKind
 from tinkerd.domain.records import Checkpoint
@@ -84,9 +84,9 @@ def test_owner_isolation_and_publishing(store: Store, clock: FakeClock) -> None:
     assert store.checkpoints.latest("bob:train:0", DEFAULT_OWNER, "sampler_weights") == store.checkpoints.get(
         theirs.path, "bob"
     )
-    # Published is readable, not writable, and not listed as the reader's own.
+    # Published is readable, not writable (the reader, who can see it, is told why), and not listed as their own.
     for call in denied[2:]:
-        with pytest.raises(NotFoundError):
+        with pytest.raises(PermissionDeniedError):
             call()
     assert [c.name for c in store.checkpoints.list_for_owner(DEFAULT_OWNER).items] == ["mine"]
     store.checkpoints.set_public(theirs.path, "bob", False)

@@ -20,7 +20,9 @@ from tinkerd.api.deliveries import DeliveryLog
 from tinkerd.api.errors import install_error_handlers
 from tinkerd.api.notify import FutureNotifier
 from tinkerd.api.routes import ROUTERS
+from tinkerd.api.signing import UrlSigner, load_or_create_secret
 from tinkerd.store import Store
+from tinkerd.store.files import CheckpointFiles
 
 API_PREFIX = "/api/v1"
 
@@ -61,6 +63,7 @@ def create_app(
         redoc_url=None,
     )
     deliveries = DeliveryLog(store)
+    data_dir = settings.data_dir
     app.state.ctx = ApiContext(
         store=store,
         models={model.name: model for model in models},
@@ -68,6 +71,8 @@ def create_app(
         settings=settings,
         deliveries=deliveries,
         on_submit=on_submit,
+        files=CheckpointFiles(data_dir) if data_dir is not None else None,
+        signer=UrlSigner(load_or_create_secret(data_dir)) if data_dir is not None else None,
     )
     app.state.keys = KeyRing(settings.api_keys)
     install_error_handlers(app)

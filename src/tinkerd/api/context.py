@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tinkerd.api.deliveries import DeliveryLog
 from tinkerd.api.notify import FutureNotifier
+from tinkerd.api.signing import UrlSigner
 from tinkerd.domain.errors import NotFoundError
 from tinkerd.domain.records import FutureRecord
 from tinkerd.domain.requests import Request
 from tinkerd.store import Store
+from tinkerd.store.files import CheckpointFiles
 
 OnSubmit = Callable[[FutureRecord, Request], None]
 
@@ -44,6 +47,11 @@ class ApiSettings:
     max_body_bytes: int = 256 * 1024 * 1024
     # Flags merged into the /client/config answer (e.g. {"use_pyqwest_transport": False}).
     client_config_overrides: Mapping[str, object] = field(default_factory=dict)
+    # The data directory the worker writes checkpoint files into: downloads read it, deletes remove from it, and the
+    # URL signing secret lives there. None: an API without files (checkpoint rows only; downloads answer 404).
+    data_dir: Path | None = None
+    # How long a signed download URL works. The official CLI re-signs 5 minutes before expiry, so keep it above that.
+    download_url_ttl_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,8 @@ class ApiContext:
     deliveries: DeliveryLog
     # Called with every accepted future and its request (e.g. to hand it to a worker in this process and wake it).
     on_submit: OnSubmit | None = None
+    files: CheckpointFiles | None = None  # set when settings.data_dir is
+    signer: UrlSigner | None = None  # likewise
 
     def model(self, name: str) -> ServedModelInfo:
         try:
@@ -64,3 +74,9 @@ class ApiContext:
         except KeyError:
             served = ", ".join(sorted(self.models)) or "none"
             raise NotFoundError(f"base model {name!r} is not served here; served models: {served}") from None
+
+    def downloads(self) -> tuple[CheckpointFiles, UrlSigner]:
+        """The checkpoint files and the URL signer, or NotFoundError when this API was started without a data dir."""
+        if self.files is None or self.signer is None:
+            raise NotFoundError("this server keeps no checkpoint files (its API runs without a data directory)")
+        return self.files, self.signer

@@ -15,7 +15,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinkerd.api.auth import AuthenticationError
-from tinkerd.domain.errors import CapacityError, ConflictError, InvalidRequestError, NotFoundError, TinkerdError
+from tinkerd.api.signing import ExpiredLinkError
+from tinkerd.domain.errors import (
+    CapacityError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    TinkerdError,
+)
 from tinkerd.domain.records import ErrorCategory
 
 log = logging.getLogger(__name__)
@@ -24,7 +32,9 @@ log = logging.getLogger(__name__)
 _STATUS: tuple[tuple[type[TinkerdError], int], ...] = (
     (AuthenticationError, 401),
     (InvalidRequestError, 400),
+    (PermissionDeniedError, 403),
     (NotFoundError, 404),
+    (ExpiredLinkError, 410),
     (ConflictError, 409),
     (CapacityError, 429),
 )

@@ -180,6 +180,14 @@ class SaveWeightsForSamplerRequest(WireModel):
     user_metadata: dict[str, Any] | None = None
 
 
+class SaveWeightsExternalRequest(WireModel):
+    model_id: str
+    path: str  # the name of the export
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+    age_encryption_recipients: list[str] | None = None
+
+
 class LoadWeightsRequest(WireModel):
     model_id: str | None = None
     seq_id: int | None = None
@@ -344,3 +352,62 @@ class GetSessionResponse(WireModel):
 
 class ListSessionsResponse(WireModel):
     sessions: list[str]
+
+
+# -- downloads and account ---------------------------------------------------------------------------------------------
+
+
+class CheckpointFile(WireModel):
+    """One downloadable file (the fields of Baseten Loops' checkpoint file lists)."""
+
+    relative_file_name: str
+    url: str
+    size_bytes: int
+    last_modified: datetime
+
+
+class ExternalWeightsUrlsResponse(WireModel):
+    """The SDK reads `urls` and `expires`; the rest pages through checkpoints with many files (the SDK ignores it)."""
+
+    urls: dict[str, str]  # relative file path -> signed URL
+    expires: datetime
+    files: list[CheckpointFile]
+    total_count: int
+    next_page_token: int | None = None  # pass as page_token for the next page; None on the last page
+
+
+class CheckpointArchiveUrlResponse(WireModel):
+    url: str
+    expires: datetime
+
+
+class ApiKeyOrgDetails(WireModel):
+    name: str
+
+
+class ApiKeyUserDetails(WireModel):
+    email: str
+
+
+class ApiKeyDetails(WireModel):
+    org_details: ApiKeyOrgDetails
+    user_details: ApiKeyUserDetails
+
+
+class SelfApiKeyResponse(WireModel):
+    key_id: int
+    name: str
+    note: str
+    details: ApiKeyDetails
+
+
+class CheckpointStorageRow(WireModel):
+    org_user_urn: str | None = None
+    user_name: str | None = None
+    checkpoint_count: int
+    size_bytes: int
+    size_gigabytes: float
+
+
+class CurrentCheckpointStorageUsageResponse(WireModel):
+    data: list[CheckpointStorageRow]

@@ -13,6 +13,10 @@ class NotFoundError(TinkerdError):
     """A named model, run, sampler or checkpoint does not exist (maps to 404)."""
 
 
+class PermissionDeniedError(TinkerdError):
+    """The caller may see the thing but not do this to it, e.g. delete another user's published checkpoint (403)."""
+
+
 class ConflictError(TinkerdError):
     """The request contradicts the current state (maps to 409)."""
 

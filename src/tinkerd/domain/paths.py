@@ -1,4 +1,6 @@
-"""`tinker://` checkpoint paths: `tinker://<run_id>/weights/<name>` and `tinker://<run_id>/sampler_weights/<name>`.
+"""`tinker://` checkpoint paths: `tinker://<run_id>/<kind>/<name>`, kind one of `weights` (save_state: adapter and
+optimizer), `sampler_weights` (the adapter, for sampling) and `external_weights` (save_weights_external: a PEFT
+adapter exported for download).
 
 A path names a directory in blob storage (`<root>/<run_id>/<kind>/<name>`), so parsing is also the security
 boundary: every accepted path is exactly three safe segments and cannot climb out of the storage root.
@@ -13,8 +15,8 @@ from typing import Literal, cast
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ids import validate_run_id
 
-CheckpointKind = Literal["weights", "sampler_weights"]
-CHECKPOINT_KINDS: tuple[CheckpointKind, ...] = ("weights", "sampler_weights")
+CheckpointKind = Literal["weights", "sampler_weights", "external_weights"]
+CHECKPOINT_KINDS: tuple[CheckpointKind, ...] = ("weights", "sampler_weights", "external_weights")
 
 SCHEME = "tinker://"
 MAX_NAME_LENGTH = 128
@@ -64,7 +66,7 @@ class TinkerPath:
 
     @property
     def checkpoint_id(self) -> str:
-        """The two-segment id the REST endpoints use: `weights/<name>` or `sampler_weights/<name>`."""
+        """The two-segment id the REST endpoints use, e.g. `weights/<name>`."""
         return f"{self.kind}/{self.name}"
 
     def parts(self) -> tuple[str, str, str]:
@@ -83,7 +85,7 @@ def parse_tinker_path(value: object) -> TinkerPath:
     segments = value[len(SCHEME) :].split("/")
     if len(segments) != 3:
         raise InvalidRequestError(
-            f"{value!r} is not a checkpoint path: expected {SCHEME}<run_id>/<weights|sampler_weights>/<name>"
+            f"{value!r} is not a checkpoint path: expected {SCHEME}<run_id>/<{'|'.join(CHECKPOINT_KINDS)}>/<name>"
         )
     run_id, kind, name = segments
     return TinkerPath(run_id, validate_checkpoint_kind(kind), name)

@@ -7,7 +7,6 @@ executes them. Results travel back the same way and the API renders them as JSON
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from tinkerd.domain.ops import (
     AdamParams,
@@ -18,6 +17,7 @@ from tinkerd.domain.ops import (
     SampleResult,
     SamplingParams,
 )
+from tinkerd.domain.paths import CheckpointKind
 from tinkerd.domain.records import FutureRecord
 
 JsonObject = dict[str, object]
@@ -48,10 +48,11 @@ class OptimStep:
 
 @dataclass(frozen=True)
 class SaveWeights:
-    """save_state (kind "weights": adapter + optimizer) or save_weights_for_sampler (kind "sampler_weights")."""
+    """save_state (kind "weights": adapter + optimizer), save_weights_for_sampler (kind "sampler_weights") or
+    save_weights_external (kind "external_weights": the adapter as a PEFT directory to download)."""
 
     run_id: str
-    kind: Literal["weights", "sampler_weights"]
+    kind: CheckpointKind
     name: str
     ttl_seconds: int | None = None
     overwrite: bool = False

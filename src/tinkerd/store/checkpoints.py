@@ -1,7 +1,7 @@
 """Checkpoint rows (the files themselves live in blob storage, named by the same tinker:// path).
 
 Visibility: an owner sees their own checkpoints; everyone may read a published (public) one. Only the owner may
-change or delete a checkpoint.
+change or delete a checkpoint (others get 404, or 403 for a published one they can see).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, delete, func, insert, or_, select, update
 
-from tinkerd.domain.errors import ConflictError, NotFoundError
+from tinkerd.domain.errors import ConflictError, NotFoundError, PermissionDeniedError
 from tinkerd.domain.ids import validate_owner
 from tinkerd.domain.paths import CheckpointKind, TinkerPath, parse_tinker_path
 from tinkerd.domain.records import Checkpoint, Clock, Page, utc_now
@@ -76,6 +76,13 @@ class CheckpointRepository:
         if row is None:
             raise NotFoundError(f"unknown checkpoint {parsed}")
         return checkpoint_from_row(row)
+
+    def find(self, path: TinkerPath | str) -> Checkpoint | None:
+        """The checkpoint at `path` whoever owns it, or None. For signed downloads only: there the URL's signature,
+        made for someone allowed to read the checkpoint, is the authority rather than an API key."""
+        query = select(checkpoints).where(_at(_as_path(path)))
+        row = self._db.read(lambda conn: conn.execute(query).mappings().first())
+        return None if row is None else checkpoint_from_row(row)
 
     def list_for_run(self, run_id: str, owner: str, *, limit: int = 100, offset: int = 0) -> Page[Checkpoint]:
         """A run's checkpoints, newest first: all of them for its owner, the published ones for anyone else.
@@ -164,9 +171,13 @@ class CheckpointRepository:
 
     @staticmethod
     def _owned(conn: Connection, path: TinkerPath, owner: str) -> Checkpoint:
-        row = conn.execute(select(checkpoints).where(_at(path), checkpoints.c.owner == owner)).mappings().first()
-        if row is None:
+        """The checkpoint if `owner` owns it; PermissionDeniedError for someone else's published one (they can see
+        it, so "unknown" would mislead), NotFoundError otherwise (so existence does not leak)."""
+        row = conn.execute(select(checkpoints).where(_at(path))).mappings().first()
+        if row is None or (row["owner"] != owner and not row["public"]):
             raise NotFoundError(f"unknown checkpoint {path}")
+        if row["owner"] != owner:
+            raise PermissionDeniedError(f"checkpoint {path} belongs to another user; only its owner can change it")
         return checkpoint_from_row(row)
 
     @staticmethod

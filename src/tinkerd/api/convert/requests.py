@@ -264,6 +264,23 @@ def save_sampler_weights(request: schemas.SaveWeightsForSamplerRequest) -> SaveW
     )
 
 
+def save_external_weights(request: schemas.SaveWeightsExternalRequest) -> SaveWeights:
+    """save_weights_external: the run's adapter as a PEFT directory under external_weights/, to be downloaded."""
+    if request.age_encryption_recipients:
+        raise InvalidRequestError(
+            "age_encryption_recipients is not supported: tinkerd stores exports unencrypted on its own disk; "
+            "save without it"
+        )
+    return SaveWeights(
+        run_id=validate_run_id(request.model_id),
+        kind="external_weights",
+        name=validate_checkpoint_name(request.path),
+        ttl_seconds=_ttl(request.ttl_seconds),
+        # An export is read file by file while it downloads: replacing it under a reader would mix two versions.
+        overwrite=False,
+    )
+
+
 def snapshot_sampler(
     request: schemas.SaveWeightsForSamplerRequest, run: TrainingRun, now: datetime
 ) -> tuple[Sampler, SnapshotForSampler]:

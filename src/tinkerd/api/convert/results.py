@@ -21,13 +21,14 @@ _TOPK_EMPTY_LOGPROB = -99999.0
 _PROTO_DTYPE = {"float32": pb.DTYPE_FLOAT32, "int64": pb.DTYPE_INT64}
 _NUMPY_DTYPE = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
 _STOP_REASON = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
-_CHECKPOINT_TYPE: dict[str, Any] = {"weights": "training", "sampler_weights": "sampler"}
+_CHECKPOINT_TYPE: dict[str, Any] = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 
 # The `type` literal the SDK's response model accepts, per request kind (JSON results only).
 _TYPE_TAG: dict[RequestKind, str] = {
     RequestKind.CREATE_MODEL: "create_model",
     RequestKind.SAVE_WEIGHTS: "save_weights",
     RequestKind.SAVE_WEIGHTS_FOR_SAMPLER: "save_weights_for_sampler",
+    RequestKind.SAVE_WEIGHTS_EXTERNAL: "save_weights_external",
     RequestKind.LOAD_WEIGHTS: "load_weights",
     RequestKind.UNLOAD_MODEL: "unload_model",
 }

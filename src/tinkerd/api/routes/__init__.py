@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from tinkerd.api.routes import client, futures, rest, sampling, sessions, training
+from tinkerd.api.routes import account, client, downloads, futures, rest, sampling, sessions, training
 
 ROUTERS: tuple[APIRouter, ...] = (
     client.router,
@@ -11,4 +11,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     sampling.router,
     futures.router,
     rest.router,
+    downloads.router,
+    account.router,
 )

@@ -1,5 +1,6 @@
-"""The RestClient's views: training runs, checkpoints (list, weights_info, publish, TTL). Reads are owner-scoped;
-``access_scope=accessible`` also shows runs with a published checkpoint."""
+"""The RestClient's views: training runs, checkpoints (list, weights_info, publish, TTL, delete). Reads are
+owner-scoped; ``access_scope=accessible`` also shows runs with a published checkpoint. Downloads are in ``downloads``.
+"""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def weights_info(body: schemas.WeightsInfoRequest, ctx: Context, owner: Owner) -
     return json_response(results.weights_info(run))
 
 
-def _path(run_id: str, kind: str, name: str) -> TinkerPath:
+def checkpoint_path(run_id: str, kind: str, name: str) -> TinkerPath:
     # The SDK puts the two-segment checkpoint id ("weights/<name>") into the URL verbatim.
     checkpoint_kind, checkpoint_name = parse_checkpoint_id(f"{kind}/{name}")
     return TinkerPath(validate_run_id(run_id), checkpoint_kind, checkpoint_name)
@@ -86,13 +87,13 @@ def _path(run_id: str, kind: str, name: str) -> TinkerPath:
 
 @router.post("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish")
 def publish_checkpoint(run_id: str, kind: str, name: str, ctx: Context, owner: Owner) -> Response:
-    ctx.store.checkpoints.set_public(_path(run_id, kind, name), owner, True)
+    ctx.store.checkpoints.set_public(checkpoint_path(run_id, kind, name), owner, True)
     return Response("{}", media_type="application/json")
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish")
 def unpublish_checkpoint(run_id: str, kind: str, name: str, ctx: Context, owner: Owner) -> Response:
-    ctx.store.checkpoints.set_public(_path(run_id, kind, name), owner, False)
+    ctx.store.checkpoints.set_public(checkpoint_path(run_id, kind, name), owner, False)
     return Response("{}", media_type="application/json")
 
 
@@ -104,5 +105,19 @@ def set_checkpoint_ttl(
     if ttl is not None and not 1 <= ttl <= convert.MAX_TTL_SECONDS:
         raise InvalidRequestError(f"ttl_seconds must be between 1 and {convert.MAX_TTL_SECONDS}, got {ttl}")
     expires_at = None if ttl is None else utc_now() + timedelta(seconds=ttl)
-    ctx.store.checkpoints.set_expiry(_path(run_id, kind, name), owner, expires_at)
+    ctx.store.checkpoints.set_expiry(checkpoint_path(run_id, kind, name), owner, expires_at)
+    return Response("{}", media_type="application/json")
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
+def delete_checkpoint(run_id: str, kind: str, name: str, ctx: Context, owner: Owner) -> Response:
+    """Owner only. The row goes first, in one transaction: from then on nothing lists, loads, samples or downloads
+    the checkpoint (every reader checks the row first). The files go next, moved aside in one rename and then
+    removed: a load that checked the row just before fails as a user error naming the missing file (never a server
+    error, never a mix of two checkpoints' files), and a download already streaming a file finishes it. A sampler
+    holding the weights in memory stops at its next request, which re-checks the row."""
+    path = checkpoint_path(run_id, kind, name)
+    ctx.store.checkpoints.delete(path, owner)
+    if ctx.files is not None:
+        ctx.files.delete(path, prune=False)  # the worker may be making this run's directories for a save
     return Response("{}", media_type="application/json")

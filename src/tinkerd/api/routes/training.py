@@ -204,6 +204,15 @@ def save_weights_for_sampler(body: schemas.SaveWeightsForSamplerRequest, ctx: Co
     return _submit_to_run(ctx, owner, body.model_id, body.seq_id, RequestKind.SAVE_WEIGHTS_FOR_SAMPLER, build)
 
 
+@router.post("/save_weights_external")
+def save_weights_external(body: schemas.SaveWeightsExternalRequest, ctx: Context, owner: Owner) -> Response:
+    """The adapter as a PEFT directory under external_weights/<name>, downloaded through external_weights_urls."""
+    kind = RequestKind.SAVE_WEIGHTS_EXTERNAL
+    return _submit_to_run(
+        ctx, owner, body.model_id, body.seq_id, kind, lambda _run: (convert.save_external_weights(body), 0)
+    )
+
+
 @router.post("/load_weights")
 def load_weights(body: schemas.LoadWeightsRequest, ctx: Context, owner: Owner) -> Response:
     """Into an existing run (``model_id``), or into a new run ``<session_id>:train:<model_seq_id>`` that the SDK
