@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -73,12 +75,18 @@ def rest(server: Server) -> tinker.RestClient:
 def run_cli(server: Server, cwd: Path, *args: str, key: str | None = API_KEY, stdin: str | None = None) -> Any:
     """`tinker <args>` as a user would run it; its CompletedProcess (text)."""
     env = {**os.environ, "TINKER_BASE_URL": server.url, "HOME": str(cwd), "COLUMNS": "250", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONFAULTHANDLER"] = "1"  # should the CLI process crash, say where
     env.pop("TINKER_API_KEY", None)
     if key is not None:
         env["TINKER_API_KEY"] = key
-    return subprocess.run(
-        [str(TINKER), *args], cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=300
-    )
+    command = [str(TINKER), *args]
+    done = subprocess.run(command, cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=300)
+    if done.returncode == -signal.SIGABRT:
+        # Seen twice on a loaded machine: the CLI process aborted with no output after its work (its server-side
+        # effect had happened). Run it once more, and keep what it said in a warning so a pattern shows up.
+        warnings.warn(f"tinker {' '.join(args)} aborted; retrying once. stderr: {done.stderr[-2000:]}", stacklevel=2)
+        done = subprocess.run(command, cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=300)
+    return done
 
 
 def ok(server: Server, cwd: Path, *args: str) -> str:
