@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from tinkerd.api.routes import client, futures, rest, sampling, sessions, training
+from tinkerd.api.routes import client, futures, rest, sampling, sessions, training, unsupported
 
 ROUTERS: tuple[APIRouter, ...] = (
     client.router,
@@ -11,4 +11,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     sampling.router,
     futures.router,
     rest.router,
+    unsupported.router,  # last: catches POSTs to endpoints no other router has
 )
