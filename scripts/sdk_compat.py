@@ -1,6 +1,6 @@
 """Which methods of the installed `tinker` SDK work against tinkerd: tries each one on a live server, prints Markdown.
 
-    .venv/bin/python scripts/sdk_compat.py [--model DIR] [--out FILE]
+    .venv/bin/python -m scripts.sdk_compat [--model DIR] [--out FILE] [--only Class.method ...]
 
 The inventory is read from the installed SDK (every public method of ServiceClient, TrainingClient, SamplingClient
 and RestClient, the sync and the *_async variant each), so a method a new SDK adds shows up as "untested" until a
@@ -14,7 +14,7 @@ probe for it is written here. Each probe calls the method through the SDK with s
 - untested: no probe knows how to call it.
 
 By default the server serves a tiny random Llama with SmolLM2's tokenizer (taken from the tinkerd cache: run
-`tinkerd models pull` once), so the whole table takes about a minute on a CPU.
+`tinkerd models pull` once), so the whole table takes under a minute on a CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import inspect
+import re
 import shutil
 import sys
 import tempfile
@@ -61,7 +62,7 @@ def public_methods(cls: type) -> list[str]:
         raw = inspect.getattr_static(cls, name)
         if isinstance(raw, property):
             continue
-        if isinstance(raw, staticmethod | classmethod) or inspect.isfunction(raw) or callable(raw):
+        if isinstance(raw, staticmethod | classmethod) or callable(raw):
             names.append(name)
     return sorted(names)
 
@@ -693,8 +694,12 @@ class Outcome:
     note: str
 
 
+_SESSION_ID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
+
+
 def _one_line(text: str, limit: int = 160) -> str:
-    text = " ".join(str(text).split()).replace("|", "\\|")
+    """A table cell: one line, pipes escaped, session ids replaced (so that tables of two runs compare)."""
+    text = _SESSION_ID.sub("<session>", " ".join(str(text).split())).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -746,7 +751,7 @@ def run_all(env: Env, methods: list[str]) -> list[Outcome]:
 
 
 def markdown(outcomes: list[Outcome]) -> str:
-    """One row per method name (sync and *_async side by side)."""
+    """One row per method name, sync and *_async side by side (with one note when both fared alike)."""
     by_method = {o.method: o for o in outcomes}
     rows: dict[str, dict[str, Outcome]] = {}
     for outcome in outcomes:
@@ -755,13 +760,13 @@ def markdown(outcomes: list[Outcome]) -> str:
         rows.setdefault(f"{cls}.{base_name(name)}", {})[variant] = outcome
     lines = ["| method | sync | async | notes |", "|---|---|---|---|"]
     for key, variants in rows.items():
-        notes: list[str] = []
-        for variant in ("sync", "async"):
-            outcome = variants.get(variant)
-            if outcome is not None and outcome.note and outcome.note not in notes:
-                notes.append(outcome.note)
+        sync, async_ = variants.get("sync"), variants.get("async")
+        if sync is not None and async_ is not None and sync.status != async_.status:
+            note = f"sync: {sync.note}; async: {async_.note}"
+        else:
+            note = (sync or async_ or Outcome(key, "untested", "")).note  # the same verdict: the sync one's note
         cells = [variants[v].status if v in variants else "—" for v in ("sync", "async")]
-        note = _one_line("; ".join(notes))
+        note = _one_line(note)
         lines.append(f"| `{key}` | {cells[0]} | {cells[1]} | {note} |")
     counts = {s: sum(1 for o in by_method.values() if o.status == s) for s in ("works", "fails", "n/a", "untested")}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items())

@@ -97,7 +97,7 @@ def test_the_table_pairs_sync_and_async_and_counts_each() -> None:
             Outcome("A.h_async", "untested", "no probe knows this method yet"),
         ]
     )
-    assert "| `A.f` | works | fails | fine; HTTP 404: no \\| such |" in table
+    assert "| `A.f` | works | fails | sync: fine; async: HTTP 404: no \\| such |" in table
     assert "| `A.g` | n/a | — | billing |" in table
     assert "| `A.h` | — | untested | no probe knows this method yet |" in table
     assert table.endswith("4 methods (sync and async counted apart): 1 works, 1 fails, 1 n/a, 1 untested.\n")
