@@ -652,20 +652,19 @@ def _search_sessions(env: Env, invoke: Invoke) -> str:
 
 @probe("RestClient.assign_session_project")
 def _assign_project(env: Env, invoke: Invoke) -> str:
-    session_id = _session_of(env.new_service(), env)
-    invoke(env.rest, session_id, "compat-project")
-    listed = env.rest.list_training_runs(limit=100, project_id="compat-project").result().training_runs
-    return f"accepted ({len(listed)} run(s) in the project)"
+    run = env.new_service().create_lora_training_client(base_model=env.model, rank=4).result().model_id
+    project = env.unique("compat-project")
+    invoke(env.rest, run.split(":")[0], project)
+    listed = [
+        r.training_run_id for r in env.rest.list_training_runs(limit=100, project_id=project).result().training_runs
+    ]
+    check(listed == [run], f"the project lists runs {listed}, not the session's {run}")
+    return "the session's run is listed in the project"
 
 
 @probe("RestClient.export_session_trace", na="session traces are a hosted-Tinker observability feature")
 def _trace(env: Env, invoke: Invoke) -> str:
     return f"returned {invoke(env.rest, env.session_id)!r}"
-
-
-@probe("RestClient.get_audit_log", na="organization audit logs")
-def _audit(env: Env, invoke: Invoke) -> str:
-    return f"returned {type(invoke(env.rest)).__name__}"
 
 
 @probe("RestClient.get_billing_usage", na="billing")
@@ -674,14 +673,13 @@ def _billing(env: Env, invoke: Invoke) -> str:
     return f"returned {type(invoke(env.rest, now - timedelta(days=1), now)).__name__}"
 
 
-@probe("RestClient.get_current_checkpoint_storage_usage", na="billing (storage usage)")
-def _storage(env: Env, invoke: Invoke) -> str:
-    return f"returned {type(invoke(env.rest)).__name__}"
-
-
-@probe("RestClient.whoami", na="identities come from JWTs; tinkerd uses plain API keys")
-def _whoami(env: Env, invoke: Invoke) -> str:
+def _no_arguments(env: Env, invoke: Invoke) -> str:
     return f"returned {invoke(env.rest)!r}"
+
+
+probe("RestClient.get_audit_log", na="organization audit logs")(_no_arguments)
+probe("RestClient.get_current_checkpoint_storage_usage", na="billing (storage usage)")(_no_arguments)
+probe("RestClient.whoami", na="identities come from JWTs; tinkerd uses plain API keys")(_no_arguments)
 
 
 # -- running the probes ------------------------------------------------------------------------------------------------

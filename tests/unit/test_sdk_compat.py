@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -101,3 +102,28 @@ def test_the_table_pairs_sync_and_async_and_counts_each() -> None:
     assert "| `A.g` | n/a | — | billing |" in table
     assert "| `A.h` | — | untested | no probe knows this method yet |" in table
     assert table.endswith("4 methods (sync and async counted apart): 1 works, 1 fails, 1 n/a, 1 untested.\n")
+
+
+CORE = [
+    "ServiceClient.create_lora_training_client",
+    "ServiceClient.create_training_client_from_state_with_optimizer",
+    "TrainingClient.forward_backward",
+    "TrainingClient.optim_step",
+    "TrainingClient.save_state",
+    "TrainingClient.load_state",
+    "TrainingClient.save_weights_for_sampler",
+    "SamplingClient.sample",
+    "SamplingClient.compute_logprobs",
+    "RestClient.list_checkpoints",
+]
+
+
+@pytest.mark.slow
+def test_the_core_rows_work_against_a_live_server(tmp_path: Path) -> None:
+    """The script end to end (in-process tinkerd, tiny model): its probes of the core methods find them working."""
+    out = tmp_path / "table.md"
+    assert sdk_compat.main(["--only", *CORE, "--out", str(out)]) == 0
+    table = out.read_text()
+    for method in CORE:
+        assert f"| `{method}` | works | " in table, table
+    assert f"{2 * len(CORE)} methods (sync and async counted apart): {2 * len(CORE)} works" in table
