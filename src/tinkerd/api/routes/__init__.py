@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from tinkerd.api.routes import account, client, downloads, futures, rest, sampling, sessions, training
+from tinkerd.api.routes import account, client, downloads, futures, rest, sampling, sessions, training, unsupported
 
 ROUTERS: tuple[APIRouter, ...] = (
     client.router,
@@ -13,4 +13,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     rest.router,
     downloads.router,
     account.router,
+    unsupported.router,  # last: catches requests to endpoints no other router has
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import partial
 from typing import Annotated, TypeVar
@@ -13,7 +14,9 @@ from pydantic import BaseModel
 from tinkerd.api import auth, schemas
 from tinkerd.api.context import ApiContext
 from tinkerd.domain import codec
+from tinkerd.domain.errors import TinkerdError
 from tinkerd.domain.records import FutureRecord, RequestKind
+from tinkerd.domain.requests import Empty
 from tinkerd.domain.requests import Request as DomainRequest
 
 T = TypeVar("T")
@@ -69,6 +72,23 @@ def submit(
         # next request (often the optim_step behind a forward_backward) without waiting for this one's result.
         ctx.on_submit(record, payload)
     return record
+
+
+def fill_refused_seq(ctx: ApiContext, owner: str, run_id: str, seq_id: int, kind: RequestKind, reason: str) -> None:
+    """Record a request the API refused as a failed request of its run, so that its seq_id is not a gap.
+
+    The SDK numbered the request before sending it and numbers the next one after it; the ledger runs a run's
+    requests strictly in seq_id order, so a seq_id that never reaches the ledger would stall the run forever.
+    Best effort: whatever goes wrong here, the caller reports the original refusal.
+    """
+    with contextlib.suppress(TinkerdError):
+        record = ctx.store.futures.submit(
+            owner=owner, model_id=run_id, seq_id=seq_id, kind=kind, payload=codec.encode(Empty())
+        )
+        # Only our own placeholder (a repeat of an accepted request would have passed the same checks).
+        if record.kind is kind and not record.state.finished:
+            # Should the worker claim it first, it fails it too: an Empty request never runs.
+            ctx.store.futures.fail(record.request_id, f"refused at submit: {reason}", "user")
 
 
 def future_response(future: schemas.UntypedAPIFuture) -> Response:

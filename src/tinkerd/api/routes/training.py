@@ -8,7 +8,7 @@ future later; the worker checks the rest when the request runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import TypeVar
 
@@ -20,13 +20,21 @@ from tinkerd.api import schemas
 from tinkerd.api.context import ApiContext
 from tinkerd.api.convert import requests as convert
 from tinkerd.api.convert import results
-from tinkerd.api.routes.common import PROTOBUF, Context, Owner, future_response, in_thread, json_response, submit
-from tinkerd.domain import codec
+from tinkerd.api.routes.common import (
+    PROTOBUF,
+    Context,
+    Owner,
+    fill_refused_seq,
+    future_response,
+    in_thread,
+    json_response,
+    submit,
+)
 from tinkerd.domain.errors import CapacityError, InvalidRequestError, TinkerdError
 from tinkerd.domain.ids import validate_run_id
 from tinkerd.domain.records import FIRST_SEQ_ID, RequestKind, TrainingRun, utc_now
-from tinkerd.domain.requests import Empty, UnloadModel
 from tinkerd.domain.requests import Request as DomainRequest
+from tinkerd.domain.requests import UnloadModel
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -51,15 +59,7 @@ def _refusing_fills_the_seq(
         yield
     except TinkerdError as error:
         if seq_id is not None and not isinstance(error, CapacityError):
-            # Best effort: whatever goes wrong here, the client must see the original error.
-            with suppress(TinkerdError):
-                record = ctx.store.futures.submit(
-                    owner=owner, model_id=run.id, seq_id=seq_id, kind=kind, payload=codec.encode(Empty())
-                )
-                # Only our own placeholder (a repeat of an accepted request would have passed the same checks).
-                if record.kind is kind and not record.state.finished:
-                    # Should the worker claim it first, it fails it too: an Empty request never runs.
-                    ctx.store.futures.fail(record.request_id, f"refused at submit: {error}", "user")
+            fill_refused_seq(ctx, owner, run.id, seq_id, kind, str(error))
         raise
 
 
