@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# tinker-cookbook is pinned and installed without its declared dependencies: its wheel requires tml-renderers>=0.4.1,
+# which PyPI does not have; the rest of its dependencies come from the "cookbook" extra (see pyproject.toml).
+COOKBOOK := tinker-cookbook==0.6.1
+
 .PHONY: install test test-slow lint serve pull bench clean
 
 $(STAMP): pyproject.toml
@@ -12,6 +16,7 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch lies on this machine's disk; installing it first keeps pip from pulling a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(COOKBOOK)
 	touch $(STAMP)
 
 install: $(STAMP)

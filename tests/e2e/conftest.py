@@ -87,14 +87,25 @@ def _wait_until_up(url: str, process: subprocess.Popen[str], log: Path) -> None:
 
 
 def start_server(
-    root: Path, model_dir: Path, *, args: Sequence[str] = (), env: Mapping[str, str] | None = None, port: int = 0
+    root: Path,
+    model_dir: Path | str,
+    *,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    port: int = 0,
+    cache_dir: Path | None = None,
 ) -> Server:
-    """`tinkerd serve` in a subprocess, output to ``root/serve.log``; returns once it answers HTTP."""
+    """`tinkerd serve` in a subprocess, output to ``root/serve.log``; returns once it answers HTTP.
+
+    ``model_dir`` is a model directory or a pulled model's name; ``cache_dir`` (default ``root/cache``) is where
+    pulled models are looked up.
+    """
     port = port or free_port()
     log = root / "serve.log"
     command = [
         sys.executable, "-c", "from tinkerd.cli import main; main()", "serve", "--host", "127.0.0.1",
-        "--model", str(model_dir), "--data-dir", str(root / "data"), "--cache-dir", str(root / "cache"), *args,
+        "--model", str(model_dir), "--data-dir", str(root / "data"), "--cache-dir", str(cache_dir or root / "cache"),
+        *args,
     ]  # fmt: skip
     if "TINKERD_PORT" not in (env or {}):
         command += ["--port", str(port)]

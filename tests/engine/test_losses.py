@@ -108,9 +108,22 @@ def random_datum(loss: str, seed: int, length: int = 9) -> tuple[torch.Tensor, d
     return logprobs, inputs
 
 
-def run(loss: str, logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], **config: float):
+def sampled_where_advantaged(inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The provenance the cookbook's RL data carries: the tokens with an advantage are the sampled ones."""
+    return inputs["advantages"] != 0 if "advantages" in inputs else None
+
+
+def run(
+    loss: str,
+    logprobs: torch.Tensor,
+    inputs: dict[str, torch.Tensor],
+    sampled: torch.Tensor | None = None,
+    **config: float,
+):
+    """The loss and its gradient; ``sampled`` (provenance) defaults to the positions with a nonzero advantage."""
     leaf = logprobs.clone().requires_grad_(True)
-    out = compute_loss(loss, LossInputs(logprobs=leaf, inputs=inputs, config=config))
+    sampled = sampled if sampled is not None else sampled_where_advantaged(inputs)
+    out = compute_loss(loss, LossInputs(logprobs=leaf, inputs=inputs, config=config, sampled=sampled))
     out.loss.backward()
     assert leaf.grad is not None
     return out, leaf.grad
@@ -164,7 +177,7 @@ def test_empty_config_means_tinker_defaults() -> None:
         ("dro", {"beta": 0.05}),
     ]:
         logprobs, inputs = random_datum(loss, seed=3)
-        assert run(loss, logprobs, inputs)[0].loss.item() == run(loss, logprobs, inputs, **config)[0].loss.item()
+        assert run(loss, logprobs, inputs)[0].loss.item() == run(loss, logprobs, inputs, None, **config)[0].loss.item()
 
 
 # ---- numerical gradients (float64) ----
@@ -189,7 +202,7 @@ def test_gradcheck_soft_target_cross_entropy() -> None:
     _gradcheck(lambda lp: compute_loss("cross_entropy", LossInputs(lp, inputs)).loss, logprobs)
 
 
-@pytest.mark.parametrize("loss", ["cispo", "gspo", "stable_reinforce"])
+@pytest.mark.parametrize("loss", ["cispo", "gspo", "stable_reinforce", "sampled_log_ratio_penalty"])
 def test_gradcheck_kernels_with_stop_gradient(loss: str) -> None:
     # Holding the stop-gradient values fixed (const) makes each kernel a smooth function of logprobs alone.
     logprobs, inputs = random_datum(loss, seed=5)
@@ -198,6 +211,7 @@ def test_gradcheck_kernels_with_stop_gradient(loss: str) -> None:
         "cispo": lambda lp: kernels.cispo(lp, const, q, adv, 0.8, 1.2),
         "gspo": lambda lp: kernels.gspo(lp, const, q, adv, inputs["sequence_ratio_mask"], 0.8, 1.2),
         "stable_reinforce": lambda lp: kernels.truncated_importance_reinforce(lp, const, q, adv, 2.0),
+        "sampled_log_ratio_penalty": lambda lp: kernels.sampled_log_ratio_penalty(lp, q, adv != 0, 0.3),
     }
     _gradcheck(kernel[loss], logprobs)
 
@@ -261,10 +275,46 @@ def test_gspo_with_no_marked_token_uses_ratio_one() -> None:
     assert torch.allclose(grad, -inputs["advantages"])
 
 
+def test_gspo_without_a_mask_averages_over_the_sampled_tokens() -> None:
+    logprobs, inputs = random_datum("gspo", seed=6)
+    del inputs["sequence_ratio_mask"]
+    sampled = torch.arange(9) >= 4
+    want, want_grad = run("gspo", logprobs, dict(inputs, sequence_ratio_mask=sampled.double()))
+    out, grad = run("gspo", logprobs, inputs, sampled=sampled)
+    assert out.loss.item() == pytest.approx(want.loss.item(), rel=1e-12)
+    assert torch.allclose(grad, want_grad)
+    # No provenance either: the tokens with an advantage are the sampled ones.
+    by_advantage, _ = run("gspo", logprobs, dict(inputs, sequence_ratio_mask=(inputs["advantages"] != 0).double()))
+    leaf = logprobs.clone().requires_grad_(True)
+    bare = compute_loss("gspo", LossInputs(logprobs=leaf, inputs=inputs))
+    assert bare.loss.item() == pytest.approx(by_advantage.loss.item(), rel=1e-12)
+
+
 def test_stable_reinforce_on_policy_is_plain_reinforce() -> None:
     logprobs, inputs = random_datum("stable_reinforce", seed=4)
     _, grad = run("stable_reinforce", logprobs, dict(inputs, logprobs=logprobs.clone()))
     assert torch.allclose(grad, -inputs["advantages"])
+
+
+def test_stable_reinforce_kl_coeff_pulls_sampled_tokens_toward_the_sampler() -> None:
+    logprobs, inputs = random_datum("stable_reinforce", seed=8)
+    sampled = sampled_where_advantaged(inputs)
+    assert sampled is not None
+    base, base_grad = run("stable_reinforce", logprobs, inputs)
+    out, grad = run("stable_reinforce", logprobs, inputs, kl_coeff=0.3)
+    diff = torch.where(sampled, logprobs - inputs["logprobs"], torch.zeros_like(logprobs))
+    assert out.loss.item() == pytest.approx(base.loss.item() + 0.15 * (diff**2).sum().item(), rel=1e-12)
+    assert torch.allclose(grad, base_grad + 0.3 * diff)
+    assert "kl_coeff" in _error("stable_reinforce", logprobs, inputs, sampled, kl_coeff=-0.1)
+
+
+def test_stable_reinforce_needs_provenance_and_advantages_on_sampled_tokens_only() -> None:
+    logprobs, inputs = random_datum("stable_reinforce", seed=9)
+    assert "provenance" in _error("stable_reinforce", logprobs, inputs, None)
+    sampled = torch.arange(9) >= 3  # positions 1 and 2 carry advantages but no sampled span covers them
+    message = _error("stable_reinforce", logprobs, inputs, sampled)
+    assert "position 1" in message and "SampledProvenanceSpan" in message
+    assert "cover" in _error("ppo", logprobs, inputs, torch.ones(4, dtype=torch.bool))
 
 
 # ---- cross-entropy specifics ----
@@ -313,9 +363,15 @@ def test_extreme_ratio_on_a_zero_advantage_position_is_harmless(loss: str) -> No
 # ---- errors a user gets instead of a crash or a silent wrong answer ----
 
 
-def _error(loss: str, logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], **config: object) -> str:
+def _error(
+    loss: str,
+    logprobs: torch.Tensor,
+    inputs: dict[str, torch.Tensor],
+    sampled: torch.Tensor | None = None,
+    **config: object,
+) -> str:
     with pytest.raises(InvalidRequestError) as info:
-        compute_loss(loss, LossInputs(logprobs, inputs, config))  # type: ignore[arg-type]
+        compute_loss(loss, LossInputs(logprobs, inputs, config, sampled))  # type: ignore[arg-type]
     return str(info.value)
 
 
@@ -330,9 +386,6 @@ def test_missing_required_inputs_are_named() -> None:
     logprobs, inputs = random_datum("ppo", 0)
     del inputs["advantages"]
     assert "advantages" in _error("ppo", logprobs, inputs)
-    logprobs, inputs = random_datum("gspo", 0)
-    del inputs["sequence_ratio_mask"]
-    assert "sequence_ratio_mask" in _error("gspo", logprobs, inputs)
 
 
 def test_shape_mismatches_are_rejected() -> None:
@@ -369,7 +422,7 @@ def test_config_is_checked_against_what_the_loss_accepts() -> None:
 def test_required_inputs_for_the_engine() -> None:
     assert required_inputs("cross_entropy") == ("target_tokens", "weights")
     assert required_inputs("ppo") == ("target_tokens", "logprobs", "advantages")
-    assert required_inputs("gspo") == ("target_tokens", "logprobs", "advantages", "sequence_ratio_mask")
+    assert required_inputs("gspo") == ("target_tokens", "logprobs", "advantages")
     assert set(LOSSES) == {"cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"}
 
 

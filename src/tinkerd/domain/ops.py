@@ -25,12 +25,33 @@ class ArrayData:
         return ArrayData(values=values, shape=(len(values),), dtype="float32")
 
 
+SpanKind = Literal["prompt", "sampled"]
+
+
+@dataclass(frozen=True)
+class ProvenanceSpan:
+    """A run of ``length`` consecutive datum positions that reproduce positions ``[offset, offset + length)`` of a
+    sampled sequence's prompt ("prompt") or of its sampled tokens ("sampled"); ``sequence_id`` names the sequence
+    as the sampler returned it."""
+
+    kind: SpanKind
+    sequence_id: str
+    offset: int
+    length: int
+
+
 @dataclass(frozen=True)
 class Datum:
-    """One training example: input tokens and the loss function's inputs (target_tokens, weights, advantages, ...)."""
+    """One training example: input tokens and the loss function's inputs (target_tokens, weights, advantages, ...).
+
+    Provenance comes as a pair or not at all: ``model_input_spans`` tile ``tokens`` and ``loss_fn_input_spans`` tile
+    the rows of ``loss_fn_inputs['target_tokens']`` (see ``domain.provenance``).
+    """
 
     tokens: list[int]
     loss_fn_inputs: dict[str, ArrayData]
+    model_input_spans: list[ProvenanceSpan] | None = None
+    loss_fn_input_spans: list[ProvenanceSpan] | None = None
 
 
 @dataclass(frozen=True)

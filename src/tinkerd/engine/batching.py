@@ -10,6 +10,7 @@ import torch
 
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import ArrayData, Datum
+from tinkerd.domain.provenance import check_provenance, sampled_positions
 from tinkerd.engine.lora import LoraRouting, LoraWeights, Segment
 
 
@@ -41,6 +42,7 @@ class Row:
     targets_2d: bool
     inputs: dict[str, torch.Tensor]
     adapter_key: str
+    sampled_T: torch.Tensor | None = None  # bool: target positions a sampled provenance span covers; None without
 
 
 def prepare_row(
@@ -80,6 +82,10 @@ def prepare_row(
             )
     targets_2d = targets.dim() == 2
     inputs["target_tokens"] = targets
+    sampled_T = None
+    if datum.loss_fn_input_spans is not None:
+        check_provenance(datum, where)
+        sampled_T = torch.tensor(sampled_positions(datum.loss_fn_input_spans), dtype=torch.bool, device=device)
     return Row(
         job=job,
         index=index,
@@ -88,6 +94,7 @@ def prepare_row(
         targets_2d=targets_2d,
         inputs=inputs,
         adapter_key=adapter_key,
+        sampled_T=sampled_T,
     )
 
 

@@ -145,7 +145,7 @@ class ServedModel:
         """
         for row in self._rows_of(0, job):
             stand_in = torch.zeros(row.targets_T_K.shape if row.targets_2d else row.targets_T_K.shape[:1])
-            compute_loss(job.loss_fn, LossInputs(logprobs=stand_in, inputs=row.inputs, config=job.loss_fn_config))
+            compute_loss(job.loss_fn, _loss_inputs(row, stand_in, job))
 
     def _rows_of(self, j: int, job: ForwardJob) -> list[Row]:
         if job.adapter_id is not None:
@@ -184,7 +184,7 @@ class ServedModel:
                 lp = logprobs_N_K[off : off + len(row.tokens), :k]
                 lp = lp if row.targets_2d else lp[:, 0]
                 job = jobs[row.job]
-                out = compute_loss(job.loss_fn, LossInputs(logprobs=lp, inputs=row.inputs, config=job.loss_fn_config))
+                out = compute_loss(job.loss_fn, _loss_inputs(row, lp, job))
                 total = out.loss if total is None else total + out.loss
                 outputs = {"logprobs": _array(lp.detach())}
                 outputs.update({name: _array(t.detach()) for name, t in out.outputs.items()})
@@ -203,3 +203,7 @@ class ServedModel:
 
 def _array(t: torch.Tensor) -> ArrayData:
     return ArrayData(values=t.float().flatten().tolist(), shape=tuple(t.shape), dtype="float32")
+
+
+def _loss_inputs(row: Row, logprobs: torch.Tensor, job: ForwardJob) -> LossInputs:
+    return LossInputs(logprobs=logprobs, inputs=row.inputs, config=job.loss_fn_config, sampled=row.sampled_T)

@@ -6,6 +6,7 @@ Every function is pure: the routes look rows up and pass them in, so the rules h
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,6 +21,7 @@ from tinkerd.domain import ops
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ids import sampler_id, training_run_id, validate_run_id, validate_session_id
 from tinkerd.domain.paths import TinkerPath, parse_tinker_path, validate_checkpoint_name
+from tinkerd.domain.provenance import check_provenance
 from tinkerd.domain.records import Sampler, Session, TrainingRun
 from tinkerd.domain.requests import (
     CreateModel,
@@ -172,6 +174,32 @@ def parse_forward_backward_proto(body: bytes) -> pb.ForwardBackwardRequest:
     return message
 
 
+def _spans_from_proto(spans: Sequence[pb.ProvenanceSpan], where: str) -> list[ops.ProvenanceSpan]:
+    converted: list[ops.ProvenanceSpan] = []
+    for i, span in enumerate(spans):
+        which = span.WhichOneof("span")
+        if which == "prompt_tokens":
+            run, kind = span.prompt_tokens, "prompt"
+        elif which == "sampled_tokens":
+            run, kind = span.sampled_tokens, "sampled"
+        else:
+            raise InvalidRequestError(f"{where}[{i}] is neither a prompt nor a sampled provenance span")
+        converted.append(
+            ops.ProvenanceSpan(kind=kind, sequence_id=run.sequence_id, offset=run.offset, length=run.length)
+        )
+    return converted
+
+
+def _provenance_from_proto(datum: pb.Datum, where: str) -> dict[str, list[ops.ProvenanceSpan] | None]:
+    """Proto3 cannot tell an empty repeated field from an absent one: a datum with no spans at all has none."""
+    if not datum.model_input_spans and not datum.loss_fn_input_spans:
+        return {"model_input_spans": None, "loss_fn_input_spans": None}
+    return {
+        "model_input_spans": _spans_from_proto(datum.model_input_spans, f"{where}.model_input_spans"),
+        "loss_fn_input_spans": _spans_from_proto(datum.loss_fn_input_spans, f"{where}.loss_fn_input_spans"),
+    }
+
+
 def forward_backward_from_proto(message: pb.ForwardBackwardRequest) -> ForwardBackwardCall:
     datums: list[ops.Datum] = []
     for i, datum in enumerate(message.data):
@@ -182,7 +210,9 @@ def forward_backward_from_proto(message: pb.ForwardBackwardRequest) -> ForwardBa
                 raise InvalidRequestError(f"data[{i}].model_input chunk {j} is {which!r}; tinkerd serves text only")
             tokens.extend(tokens_from_proto(chunk.encoded_text.tokens))
         inputs = {name: array_from_proto(name, tensor) for name, tensor in datum.loss_fn_inputs.items()}
-        datums.append(ops.Datum(tokens=tokens, loss_fn_inputs=inputs))
+        converted = ops.Datum(tokens=tokens, loss_fn_inputs=inputs, **_provenance_from_proto(datum, f"data[{i}]"))
+        check_provenance(converted, f"data[{i}]")
+        datums.append(converted)
     numbers = dict(message.loss_fn_config)
     texts: dict[str, str] = {}
     for key, value in message.loss_fn_config_v2.items():

@@ -122,3 +122,11 @@ def truncated_importance_reinforce(
     ratio_T = torch.exp(_log_ratio(const_logprobs_T, sampler_logprobs_T, advantages_T))
     weight_T = torch.clamp(ratio_T, max=truncation)
     return -weight_T * logprobs_T * advantages_T
+
+
+def sampled_log_ratio_penalty(
+    logprobs_T: torch.Tensor, sampler_logprobs_T: torch.Tensor, sampled_T: torch.Tensor, coeff: float
+) -> torch.Tensor:
+    """coeff/2 * (log p - log q)^2 on the sampled tokens, 0 elsewhere: a pull toward the sampler, as in DRO."""
+    diff_T = torch.where(sampled_T, logprobs_T - sampler_logprobs_T, torch.zeros_like(logprobs_T))
+    return 0.5 * coeff * diff_T**2

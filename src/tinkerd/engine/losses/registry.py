@@ -1,9 +1,11 @@
 """The built-in losses by name: which inputs and config each takes, validation, and the per-datum adapters.
 
 Sources (facts, not code): tinker-docs.thinkingmachines.ai/tinker/losses/{cross-entropy,ppo,cispo,dro,gspo,
-stable-reinforce}; the tinker-cookbook 0.6.1 tutorial 202 (clip thresholds default to 0.8 and 1.2) and
-recipes/rl_loop.py (gspo's ``sequence_ratio_mask``); the tinker SDK 0.38 ``Datum`` (which types
-``clip_low_threshold`` / ``clip_high_threshold`` as per-token loss_fn_inputs, so a datum may carry its own bounds).
+stable-reinforce} and tinker/datum ("Provenance"); the tinker-cookbook 0.6.1 tutorial 202 (clip thresholds default to
+0.8 and 1.2), recipes/rl_loop.py (gspo's ``sequence_ratio_mask``, stable_reinforce's provenance) and rl/train.py
+(stable_reinforce "only accepts nonzero advantages on sampled tokens"); the tinker SDK 0.38 ``Datum`` (which types
+``clip_low_threshold`` / ``clip_high_threshold`` as per-token loss_fn_inputs, so a datum may carry its own bounds) and
+its proto (stable_reinforce's ``loss_fn_config`` example ``{"kl_coeff": 0.01}``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ DRO_BETA_DEFAULT = 0.05
 # stable_reinforce's importance-weight cap. Tinker does not publish its objective; 2.0 is the usual cap for
 # truncated importance sampling in RL on LLMs.
 STABLE_REINFORCE_TRUNCATION = 2.0
+# Its one documented setting; off unless asked for (the docs show no default, only the example value 0.01).
+STABLE_REINFORCE_KL_COEFF_DEFAULT = 0.0
 
 _CLIP_CONFIG = {"clip_low_threshold": CLIP_LOW_DEFAULT, "clip_high_threshold": CLIP_HIGH_DEFAULT}
 _CLIP_INPUTS = ("clip_low_threshold", "clip_high_threshold")
@@ -37,6 +41,7 @@ class LossSpec:
     optional: tuple[str, ...] = ()  # loss_fn_inputs the loss reads when present
     config: Mapping[str, float] = field(default_factory=dict)  # the accepted loss_fn_config keys and defaults
     soft_targets: bool = False  # accepts (T, K) target_tokens
+    needs_provenance: bool = False  # every datum must carry provenance, with nonzero advantages on sampled tokens only
 
 
 SPECS: dict[str, LossSpec] = {
@@ -45,8 +50,10 @@ SPECS: dict[str, LossSpec] = {
     "ppo": LossSpec(required=_RL_INPUTS, optional=_CLIP_INPUTS, config=_CLIP_CONFIG),
     "cispo": LossSpec(required=_RL_INPUTS, optional=_CLIP_INPUTS, config=_CLIP_CONFIG),
     "dro": LossSpec(required=_RL_INPUTS, config={"beta": DRO_BETA_DEFAULT}),
-    "gspo": LossSpec(required=(*_RL_INPUTS, "sequence_ratio_mask"), optional=_CLIP_INPUTS, config=_CLIP_CONFIG),
-    "stable_reinforce": LossSpec(required=_RL_INPUTS),
+    "gspo": LossSpec(required=_RL_INPUTS, optional=(*_CLIP_INPUTS, "sequence_ratio_mask"), config=_CLIP_CONFIG),
+    "stable_reinforce": LossSpec(
+        required=_RL_INPUTS, config={"kl_coeff": STABLE_REINFORCE_KL_COEFF_DEFAULT}, needs_provenance=True
+    ),
 }
 
 
@@ -81,8 +88,9 @@ def resolve_config(name: str, config: Mapping[str, object]) -> dict[str, float]:
             f"loss_fn_config needs 0 <= clip_low_threshold <= clip_high_threshold, got {low} and {high} "
             "(they bound the ratio p/q itself, e.g. 0.8 and 1.2)"
         )
-    if resolved.get("beta", 0.0) < 0.0:
-        raise InvalidRequestError(f"loss_fn_config['beta'] must be >= 0, got {resolved['beta']}")
+    for key in ("beta", "kl_coeff"):
+        if resolved.get(key, 0.0) < 0.0:
+            raise InvalidRequestError(f"loss_fn_config[{key!r}] must be >= 0, got {resolved[key]}")
     return resolved
 
 
@@ -142,12 +150,37 @@ def _check_logprobs(name: str, x: LossInputs) -> None:
         )
 
 
+def check_provenance_use(name: str, x: LossInputs) -> None:
+    """A loss that needs provenance gets it on the datum, and advantages only where a sampler made the token."""
+    num_positions = x.inputs["target_tokens"].shape[0]
+    if x.sampled is not None and tuple(x.sampled.shape) != (num_positions,):
+        raise InvalidRequestError(
+            f"the datum's loss_fn_input_spans cover {tuple(x.sampled.shape)} positions; target_tokens has "
+            f"{num_positions}"
+        )
+    if not _spec(name).needs_provenance:
+        return
+    if x.sampled is None:
+        raise InvalidRequestError(
+            f"loss_fn {name!r} needs provenance on every datum: sample with record_stability_info=True and attach "
+            "each sampled sequence's sequence_id with Datum.with_provenance(...); this datum has no spans"
+        )
+    stray = (x.inputs["advantages"] != 0) & ~x.sampled
+    if bool(stray.any()):
+        first = int(torch.nonzero(stray)[0, 0])
+        raise InvalidRequestError(
+            f"loss_fn {name!r} takes nonzero advantages on sampled tokens only; position {first} has advantage "
+            f"{float(x.inputs['advantages'][first])} but no SampledProvenanceSpan covers it"
+        )
+
+
 def compute_loss(name: str, x: LossInputs) -> LossOutput:
     """Validate one datum's request for loss ``name`` and compute its loss; user mistakes raise InvalidRequestError."""
     config = resolve_config(name, x.config)
     check_inputs(name, x.inputs)
     _check_logprobs(name, x)
-    return LOSSES[name](LossInputs(logprobs=x.logprobs, inputs=x.inputs, config=config))
+    check_provenance_use(name, x)
+    return LOSSES[name](LossInputs(logprobs=x.logprobs, inputs=x.inputs, config=config, sampled=x.sampled))
 
 
 # ---- adapters: LossInputs -> kernel -> LossOutput. They assume validated inputs; compute_loss validates. ----
@@ -206,21 +239,42 @@ def _dro(x: LossInputs) -> LossOutput:
     return _output(x, kernels.dro(x.logprobs, q, adv, beta))
 
 
+def _sequence_ratio_mask(x: LossInputs) -> torch.Tensor:
+    """The tokens GSPO's sequence ratio averages over: ``sequence_ratio_mask`` when given; else the sampled tokens
+    (the docs define the ratio over "a sequence's sampled tokens"), known from the datum's provenance, or failing
+    that the tokens with a nonzero advantage (the cookbook's RL data gives advantages to sampled tokens only)."""
+    if "sequence_ratio_mask" in x.inputs:
+        return x.inputs["sequence_ratio_mask"]
+    if x.sampled is not None:
+        return x.sampled
+    return x.inputs["advantages"] != 0
+
+
 def _gspo(x: LossInputs) -> LossOutput:
     q, adv = _float_input(x, "logprobs"), _float_input(x, "advantages")
-    mask = x.inputs["sequence_ratio_mask"]
+    mask = _sequence_ratio_mask(x)
     return _output(x, kernels.gspo(x.logprobs, x.logprobs.detach(), q, adv, mask, *_clip_bounds(x)))
 
 
 def _stable_reinforce(x: LossInputs) -> LossOutput:
-    """Tinker's StableReinforce objective is not public; its docs say only that it is a REINFORCE variant kept
-    stable off-policy by information the sampler records (``record_stability_info=True``, then provenance spans
-    naming each datum's ``sequence_id``). The sampler's per-token logprobs already arrive in the datum, so we train
-    with truncated-importance-weighted REINFORCE on them, which stays bounded however stale the sample is."""
+    """Tinker's StableReinforce objective is not public. What is (docs, SDK, cookbook): a REINFORCE variant that
+    stays stable when the sampler differs from the learner (stale async samples, other numerics); samples are made
+    with ``record_stability_info=True`` and every datum names its sampled sequences in provenance spans; nonzero
+    advantages are accepted on sampled tokens only (``check_provenance_use`` enforces both); ``kl_coeff`` is its one
+    documented setting.
+
+    Assumed here: REINFORCE on the sampled tokens with a truncated, stop-gradient importance weight
+    ``min(p/q, STABLE_REINFORCE_TRUNCATION)``, which stays bounded however stale the sample, plus ``kl_coeff`` times
+    a squared log-ratio penalty ``(log p - log q)^2 / 2`` on the sampled tokens that pulls the learner toward the
+    sampler. The sampler's logprobs are the ones the datum carries; the server does not look the named sequences
+    up (it records nothing more at sampling time than it returns)."""
     q, adv = _float_input(x, "logprobs"), _float_input(x, "advantages")
     elementwise = kernels.truncated_importance_reinforce(
         x.logprobs, x.logprobs.detach(), q, adv, STABLE_REINFORCE_TRUNCATION
     )
+    kl_coeff = float(x.config.get("kl_coeff", STABLE_REINFORCE_KL_COEFF_DEFAULT))
+    if kl_coeff > 0.0 and x.sampled is not None:
+        elementwise = elementwise + kernels.sampled_log_ratio_penalty(x.logprobs, q, x.sampled, kl_coeff)
     return _output(x, elementwise)
 
 

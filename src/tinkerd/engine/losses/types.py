@@ -19,6 +19,9 @@ class LossInputs:
     logprobs: torch.Tensor  # [T] or [T, K], floating, carries the graph back to the adapter
     inputs: Mapping[str, torch.Tensor]  # loss_fn_inputs by name: target_tokens int64, weights, advantages, ...
     config: Mapping[str, float] = field(default_factory=dict)  # loss_fn_config; a missing key takes the default
+    # [T] bool from the datum's provenance: True where the target is a token a sampler produced; None when the datum
+    # carries no provenance spans.
+    sampled: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
