@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ VOCAB = 96
 
 def write_tiny_model_dir(dest: Path, family: str = "llama", tie: bool = True) -> Path:
     """A tiny random model saved as a Hugging Face directory, with a small word-level tokenizer beside it."""
-    tiny_model(family, tie=tie).save_pretrained(dest)
+    model: Any = tiny_model(family, tie=tie)
+    model.save_pretrained(dest)
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {f"w{i}": i for i in range(4, VOCAB)}
     tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = Whitespace()  # type: ignore[assignment]  # the tokenizers stubs type it read-only
@@ -81,7 +83,9 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("kind", ["weights", "sampler_weights"])
 def test_peft_export_loads_in_peft_with_the_served_logits(tmp_path: Path, base_dir: Path, kind: str) -> None:
     checkpoint = tmp_path / kind / "step-3"
-    expected = write_checkpoint(checkpoint, base_dir, LoraConfig(rank=4, alpha=8.0, seed=1), with_optimizer=kind == "weights")
+    expected = write_checkpoint(
+        checkpoint, base_dir, LoraConfig(rank=4, alpha=8.0, seed=1), with_optimizer=kind == "weights"
+    )
     out = tmp_path / "peft-out"
 
     files = export_peft(checkpoint, out)
@@ -98,7 +102,9 @@ def test_peft_export_loads_in_peft_with_the_served_logits(tmp_path: Path, base_d
     ("family", "tie", "kind"),
     [("llama", True, "weights"), ("llama", True, "sampler_weights"), ("qwen2", False, "weights")],
 )
-def test_merged_export_loads_with_from_pretrained_and_matches(tmp_path: Path, family: str, tie: bool, kind: str) -> None:
+def test_merged_export_loads_with_from_pretrained_and_matches(
+    tmp_path: Path, family: str, tie: bool, kind: str
+) -> None:
     base = write_tiny_model_dir(tmp_path / "base", family, tie)
     checkpoint = tmp_path / kind / "final"
     lora = LoraConfig(rank=4, alpha=8.0, seed=2)  # attention, MLP and the (possibly tied) head
@@ -170,7 +176,7 @@ def test_export_errors_name_the_problem_and_write_nothing(tmp_path: Path, base_d
     AutoModelForCausalLM.from_pretrained(wider, ignore_mismatched_sizes=True).save_pretrained(wider)
     with pytest.raises(InvalidRequestError, match="different base model"):
         export_merged(checkpoint, wider, tmp_path / "out")
-    with pytest.raises(InvalidRequestError, match="no config.json"):
+    with pytest.raises(InvalidRequestError, match=r"no config\.json"):
         export_merged(checkpoint, tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
