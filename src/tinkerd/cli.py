@@ -222,11 +222,14 @@ def runs_list(
     """List training runs, newest first."""
     runs: tuple[TrainingRun, ...] = ()
     total, counts = 0, {}
-    with _open_store(data_dir) as (directory, store):
-        if store is not None:
-            page = store.runs.list_for_owner(owner, limit=limit)
-            runs, total = page.items, page.total_count
-            counts = {r.id: store.checkpoints.list_for_run(r.id, owner, limit=1).total_count for r in runs}
+    try:
+        with _open_store(data_dir) as (directory, store):
+            if store is not None:
+                page = store.runs.list_for_owner(owner, limit=limit)
+                runs, total = page.items, page.total_count
+                counts = {r.id: store.checkpoints.list_for_run(r.id, owner, limit=1).total_count for r in runs}
+    except TinkerdError as error:  # a database of another schema version, or one locked for long
+        raise _fail(error) from error
     if json_output:
         items = [views.as_json(r) | {"checkpoint_count": counts[r.id]} for r in runs]
         typer.echo(views.to_json_text({"runs": items, "total_count": total}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -223,3 +224,12 @@ def test_export_merged_with_a_missing_base_model_says_what_to_do(data: DataDir, 
     path = f"tinker://{RUN}/weights/step-10"
     code, _, err = export(data, path, tmp_path / "x", "--format", "merged", "--base-model", str(tmp_path / "gone"))
     assert code == 1 and "unknown model" in err
+
+
+def test_a_database_of_another_schema_version_is_refused_with_a_message(tmp_path: Path) -> None:
+    Store.open(default_url(tmp_path)).close()
+    with sqlite3.connect(tmp_path / "tinkerd.db") as conn:
+        conn.execute("UPDATE schema_version SET version = version + 100")
+    for command in (["runs", "list"], ["checkpoints", "list"], ["runs", "show", RUN]):
+        code, _, err = invoke(*command, "--data-dir", str(tmp_path))
+        assert code == 1 and "schema version" in err, (command, err)
