@@ -103,7 +103,7 @@ def export_merged(
     return files
 
 
-def _load_base(base_model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
+def _load_base(base_model_dir: Path, dtype: torch.dtype) -> Any:  # a PreTrainedModel (transformers types it loosely)
     from transformers import AutoModelForCausalLM  # slow to import: only when merging
 
     if not (base_model_dir / "config.json").is_file():
