@@ -18,7 +18,7 @@ from tinkerd.domain.requests import CreateModel, PathResult
 from tinkerd.engine.config import EngineConfig
 from tinkerd.store import Store
 from tinkerd.worker.hosts import ModelHost
-from tinkerd.worker.loop import RESTART_MESSAGE, Worker
+from tinkerd.worker.loop import RESTART_MESSAGE, RESTART_TRAINING_MESSAGE, Worker
 
 
 def test_an_engine_exception_is_a_server_failure_and_the_loop_carries_on(
@@ -64,12 +64,18 @@ def test_a_failing_sampler_step_fails_its_requests_and_sampling_recovers(
 
 def test_requests_left_running_by_a_dead_worker_fail_at_start(api: Api, worker: Worker, store: Store) -> None:
     run = api.create_model()
+    base = api.sampler_for_path(0, None)
+    sample = api.sample(base, [1, 2, 3])
     claimed = store.futures.claim_ready(worker_id="local")  # a worker that died right after claiming
-    assert [f.model_id for f in claimed.futures] == [run]
+    assert {f.model_id for f in claimed.futures} >= {run}
     assert not worker.run_once()
-    record = api.record(claimed.futures[0].request_id)
-    assert record.state is FutureState.FAILED
-    assert (record.error_message, record.error_category) == (RESTART_MESSAGE, "server")
+    training = api.record(claimed.futures[0].request_id)
+    assert training.state is FutureState.FAILED
+    # A training request's run died with the worker: the message says how to resume.
+    assert (training.error_message, training.error_category) == (RESTART_TRAINING_MESSAGE, "server")
+    assert "create_training_client_from_state_with_optimizer" in RESTART_TRAINING_MESSAGE
+    failed_sample = api.record(sample)
+    assert (failed_sample.error_message, failed_sample.error_category) == (RESTART_MESSAGE, "server")
 
 
 def test_a_silent_session_times_out_and_its_memory_is_freed(api: Api, worker: Worker, host: ModelHost) -> None:

@@ -278,11 +278,12 @@ class FuturesLedger:
 
         return self._db.write(txn)
 
-    def fail_in_flight(self, message: str, *, worker_id: str | None = None) -> int:
+    def fail_in_flight(self, message: str, *, worker_id: str | None = None, ordered_message: str | None = None) -> int:
         """At startup: fail every request left running by a worker that died, so no client waits forever.
 
-        With `worker_id`, only that worker's requests (other workers sharing the database are alive). Returns
-        how many were failed.
+        With `worker_id`, only that worker's requests (other workers sharing the database are alive). Ordered
+        (training) requests get `ordered_message` when given: their run's in-memory state died with the worker, so
+        the advice differs. Returns how many were failed.
         """
 
         def txn(conn: Connection) -> int:
@@ -292,16 +293,18 @@ class FuturesLedger:
             if worker_id is not None:
                 query = query.where(futures.c.claimed_by == worker_id)
             rows = conn.execute(query).all()
-            ids = [row.request_id for row in rows]
-            for chunk in _chunks(ids):
-                conn.execute(
-                    update(futures)
-                    .where(futures.c.request_id.in_(chunk))
-                    .values(self._finished_values(FutureState.FAILED, error_message=message, error_category="server"))
-                )
+            for ordered in (False, True):
+                text = ordered_message if ordered and ordered_message is not None else message
+                ids = [row.request_id for row in rows if bool(row.ordered) is ordered]
+                for chunk in _chunks(ids):
+                    conn.execute(
+                        update(futures)
+                        .where(futures.c.request_id.in_(chunk))
+                        .values(self._finished_values(FutureState.FAILED, error_message=text, error_category="server"))
+                    )
             for model_id in {row.model_id for row in rows if row.ordered}:
                 advance_cursor(conn, model_id)
-            return len(ids)
+            return len(rows)
 
         return self._db.write(txn)
 

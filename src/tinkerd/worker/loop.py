@@ -37,6 +37,11 @@ from tinkerd.worker.storage import CheckpointFiles
 log = logging.getLogger(__name__)
 
 RESTART_MESSAGE = "the server restarted while this request was running; please retry"
+RESTART_TRAINING_MESSAGE = (
+    "the server restarted while this request was running, and the training run's in-memory state (LoRA weights and "
+    "optimizer) went with it; resume from the run's last save_state with "
+    "create_training_client_from_state_with_optimizer"
+)
 _HANDED_LIMIT = 4096
 Outcome = Result | Exception
 
@@ -153,7 +158,9 @@ class Worker:
         """Fail what an earlier incarnation of this worker left running (no client may wait forever). Idempotent."""
         if self._started:
             return
-        failed = self.store.futures.fail_in_flight(RESTART_MESSAGE, worker_id=self.config.worker_id)
+        failed = self.store.futures.fail_in_flight(
+            RESTART_MESSAGE, worker_id=self.config.worker_id, ordered_message=RESTART_TRAINING_MESSAGE
+        )
         if failed:
             log.warning("failed %d requests left running by a previous run of worker %s", failed, self.config.worker_id)
         self._started = True
