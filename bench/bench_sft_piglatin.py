@@ -6,10 +6,14 @@ held out of training scored by exact match against the rule. Every `--eval-every
 snapshotted and both the held-out words and as many training words are sampled, so the curve shows generalisation
 beside memorisation. The learning rate decays linearly to `--final-lr-fraction` of `--lr`.
 
+`--format spelled` (the default) writes prompt and answer one letter per token (``s t r i n g`` -> ``i n g - s t r a
+y``); `--format words` is the example's own format (``string`` -> ``ing-stray``), which needs the model to spell
+tokens it reads whole, and a 135M model cannot do that for words it has not trained on (see bench/RESULTS.md).
+
 Starts tinkerd in this process (`tinkerd.running()`, the default model) unless `--base-url` names a running server.
 Prints the loss per step and the exact match at each evaluation, writes the curve as JSON and a PNG plot.
 
-    .venv/bin/python -m bench.bench_sft_piglatin [--steps 300] [--lr 2e-3] [--rank 16] [--batch-size 32]
+    .venv/bin/python -m bench.bench_sft_piglatin [--format spelled|words] [--steps 60] [--lr 2e-3] [--rank 16]
 """
 
 from __future__ import annotations
@@ -108,18 +112,19 @@ def run(base_url: str, args: argparse.Namespace, curve: Curve) -> list[str]:
         )
 
     checkpoint(0)
-    start = time.perf_counter()
+    train_seconds = 0.0
     words_iter = batches(train_words, args.batch_size, args.seed)
     for step in range(args.steps):
         batch = [make_datum(tokenizer, to_example(w)) for w in next(words_iter)]
         lr = learning_rate(args, step)
+        start = time.perf_counter()
         curve.losses.append(train_step(training, batch, types.AdamParams(learning_rate=lr)))
+        train_seconds += time.perf_counter() - start
         if (step + 1) % args.log_every == 0:
             recent = curve.losses[-args.log_every :]
-            elapsed = time.perf_counter() - start
             print(
                 f"step {step + 1:4d}  loss per answer token {sum(recent) / len(recent):.3f}  lr {lr:.2e}  "
-                f"{elapsed / (step + 1):.2f} s/step",
+                f"{train_seconds / (step + 1):.2f} s/step",
                 flush=True,
             )
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:

@@ -7,7 +7,7 @@ with the rule before and after training. It needs only the `tinker` SDK and a se
 service with another --model).
 
     tinkerd serve &          # prints what to export: TINKER_BASE_URL, and HF_HOME so the tokenizer loads offline
-    python examples/pig_latin.py [--steps 40] [--lr 1e-3] [--rank 16] [--batch-size 16]
+    python examples/pig_latin.py [--steps 50] [--lr 2e-3] [--rank 16] [--batch-size 16]
 """
 
 from __future__ import annotations
@@ -125,8 +125,15 @@ class Report:
         return exact_match(self.shown, self.after)
 
 
+def right_ending(examples: Sequence[Example], answers: Sequence[str]) -> float:
+    """How often the part after the last hyphen (the moved consonants + "ay", or "way") is right, stem or not."""
+    endings = [(ex.answer.rsplit("-", 1)[-1], a.rsplit("-", 1)) for ex, a in zip(examples, answers, strict=True)]
+    return sum(len(got) == 2 and got[1] == want for want, got in endings) / max(1, len(examples))
+
+
 def print_samples(title: str, words: Sequence[str], examples: Sequence[Example], answers: Sequence[str]) -> None:
-    print(f"\n{title}  (exact match {exact_match(examples, answers):.0%})")
+    exact, ending = exact_match(examples, answers), right_ending(examples, answers)
+    print(f"\n{title}  (exact match {exact:.0%}, right ending {ending:.0%})")
     for word, ex, answer in zip(words, examples, answers, strict=True):
         mark = "ok" if answer == ex.answer else f"   want {ex.answer}"
         print(f"  {word:<10} -> {answer!r:<18} {mark}")
@@ -158,9 +165,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL"), help="default: $TINKER_BASE_URL")
     parser.add_argument("--api-key", default=os.environ.get("TINKER_API_KEY", "tml-local"))
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--held-out", type=int, default=100, help="words never trained on")
     parser.add_argument("--show", type=int, default=12, help="held-out words to sample before and after")

@@ -75,3 +75,10 @@ def test_example_runs_end_to_end(server: Server, capsys: pytest.CaptureFixture[s
     assert "step   2/2  loss per answer token" in out
     assert "After 2 steps, the same held-out words:" in out
     assert all(ex.answer in out for ex in report.shown)  # as "want ...", or as the answer itself
+
+
+def test_right_ending_scores_the_moved_consonants_alone() -> None:
+    examples = [pig_latin.example(w) for w in ("hello", "apple", "string")]
+    assert pig_latin.right_ending(examples, ["ollo-hay", "apple-way", "ing-tray"]) == pytest.approx(2 / 3)
+    assert pig_latin.right_ending(examples, ["hello", "appleway", "ing-stray"]) == pytest.approx(1 / 3)
+    assert pig_latin.exact_match(examples, ["ello-hay", "apple-way", "ing-tray"]) == pytest.approx(2 / 3)
