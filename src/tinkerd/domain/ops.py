@@ -33,6 +33,10 @@ class Datum:
     loss_fn_inputs: dict[str, ArrayData]
 
 
+# The largest LoRA rank a run may ask for (checked at the api and again by the engine).
+MAX_LORA_RANK = 1024
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     rank: int = 32

@@ -21,12 +21,11 @@ from tinkerd.api.context import ApiContext
 from tinkerd.api.convert import requests as convert
 from tinkerd.api.convert import results
 from tinkerd.api.routes.common import PROTOBUF, Context, Owner, future_response, in_thread, json_response, submit
-from tinkerd.domain import codec
 from tinkerd.domain.errors import CapacityError, InvalidRequestError, TinkerdError
 from tinkerd.domain.ids import validate_run_id
 from tinkerd.domain.records import FIRST_SEQ_ID, RequestKind, TrainingRun, utc_now
-from tinkerd.domain.requests import Empty, UnloadModel
 from tinkerd.domain.requests import Request as DomainRequest
+from tinkerd.domain.requests import UnloadModel
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -51,15 +50,12 @@ def _refusing_fills_the_seq(
         yield
     except TinkerdError as error:
         if seq_id is not None and not isinstance(error, CapacityError):
-            # Best effort: whatever goes wrong here, the client must see the original error.
+            # Best effort: whatever goes wrong here, the client must see the original error. The row is failed
+            # from the start (one transaction), so the worker never claims it.
             with suppress(TinkerdError):
-                record = ctx.store.futures.submit(
-                    owner=owner, model_id=run.id, seq_id=seq_id, kind=kind, payload=codec.encode(Empty())
+                ctx.store.admission.record_refused(
+                    owner=owner, model_id=run.id, seq_id=seq_id, kind=kind, message=f"refused at submit: {error}"
                 )
-                # Only our own placeholder (a repeat of an accepted request would have passed the same checks).
-                if record.kind is kind and not record.state.finished:
-                    # Should the worker claim it first, it fails it too: an Empty request never runs.
-                    ctx.store.futures.fail(record.request_id, f"refused at submit: {error}", "user")
         raise
 
 
