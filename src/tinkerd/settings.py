@@ -13,6 +13,9 @@ To add a setting: add a field, read it in `Settings.load`, and document its vari
 | device    | TINKERD_DEVICE      | cpu                                                         |
 | dtype     | TINKERD_DTYPE       | the engine's default training dtype (bfloat16)              |
 | keys_file | TINKERD_KEYS        | none: single-user mode, any API key is accepted             |
+| max_body_mb         | TINKERD_MAX_BODY_MB         | 256: larger request bodies get 413 (after zstd decompression) |
+| max_queued_per_user | TINKERD_MAX_QUEUED_PER_USER | 1024 unfinished requests per user; more get 429 (0: no cap)   |
+| max_runs_per_user   | TINKERD_MAX_RUNS_PER_USER   | 64 training runs in open sessions per user (0: no cap)        |
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import platformdirs
 ENV_PREFIX = "TINKERD_"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+DEFAULT_MAX_BODY_MB = 256
+DEFAULT_MAX_QUEUED_PER_USER = 1024
+DEFAULT_MAX_RUNS_PER_USER = 64
 
 
 def default_cache_dir() -> Path:
@@ -51,6 +57,10 @@ class Settings:
     device: str = "cpu"
     dtype: str | None = None  # compute dtype of the frozen base for training; None = the engine's default
     keys_file: Path | None = None
+    # Limits instead of crashes (see the README's "Limits"): request size, and per-user caps on queued work and runs.
+    max_body_mb: int = DEFAULT_MAX_BODY_MB
+    max_queued_per_user: int = DEFAULT_MAX_QUEUED_PER_USER  # 0: no cap
+    max_runs_per_user: int = DEFAULT_MAX_RUNS_PER_USER  # 0: no cap
 
     @property
     def resolved_data_dir(self) -> Path:
@@ -69,6 +79,9 @@ class Settings:
         device: str | None = None,
         dtype: str | None = None,
         keys_file: Path | None = None,
+        max_body_mb: int | None = None,
+        max_queued_per_user: int | None = None,
+        max_runs_per_user: int | None = None,
     ) -> Settings:
         """Build settings from explicit arguments (None = not given), else `environ` (default os.environ)."""
         env = os.environ if environ is None else environ
@@ -76,6 +89,18 @@ class Settings:
         def from_env(name: str) -> str | None:
             value = env.get(f"{ENV_PREFIX}{name}")
             return value if value else None
+
+        def count(name: str, given: int | None, default: int, minimum: int) -> int:
+            """A whole-number setting: the argument, else the variable, else the default; at least `minimum`."""
+            if given is None:
+                raw = from_env(name)
+                try:
+                    given = int(raw) if raw else default
+                except ValueError:
+                    raise SettingsError(f"{ENV_PREFIX}{name} must be a whole number, got {raw!r}") from None
+            if given < minimum:
+                raise SettingsError(f"{name.lower()} must be at least {minimum}, got {given}")
+            return given
 
         if cache_dir is None:
             cache_dir = Path(from_env("CACHE_DIR") or default_cache_dir())
@@ -104,4 +129,7 @@ class Settings:
             device=device or from_env("DEVICE") or "cpu",
             dtype=dtype or from_env("DTYPE"),
             keys_file=keys_file.expanduser().absolute() if keys_file is not None else None,
+            max_body_mb=count("MAX_BODY_MB", max_body_mb, DEFAULT_MAX_BODY_MB, 1),
+            max_queued_per_user=count("MAX_QUEUED_PER_USER", max_queued_per_user, DEFAULT_MAX_QUEUED_PER_USER, 0),
+            max_runs_per_user=count("MAX_RUNS_PER_USER", max_runs_per_user, DEFAULT_MAX_RUNS_PER_USER, 0),
         )

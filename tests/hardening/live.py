@@ -101,10 +101,18 @@ class Live:
         body.update({"model_path": model_path} if model_path else {"base_model": BASE})
         return self.ok("create_sampling_session", body, key=key)["sampling_session_id"]
 
-    def close(self) -> None:
+    def pause(self) -> None:
+        """Stop the worker thread (what it claimed goes back to pending); requests queue up until ``resume``."""
         self._stop.set()
         self.worker.wake()
         self._thread.join(30)
+        assert not self._thread.is_alive()
+
+    def resume(self) -> None:
+        self._stop, self._thread = _start_worker(self.worker)
+
+    def close(self) -> None:
+        self.pause()
         self.client.__exit__(None, None, None)
         self.store.close()
 
@@ -113,7 +121,9 @@ ALICE, BOB = "tml-alice", "tml-bob"
 USERS = {ALICE: "alice", BOB: "bob"}
 
 
-def start_live(data_dir: Path, *, api_keys: Mapping[str, str] | None = USERS, **settings: Any) -> Live:
+def start_live(
+    data_dir: Path, *, api_keys: Mapping[str, str] | None = USERS, start_worker: bool = True, **settings: Any
+) -> Live:
     """A running tinkerd; by default with two users, and the client speaking as the first key (alice)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     store = Store.open(default_url(data_dir))
@@ -124,7 +134,15 @@ def start_live(data_dir: Path, *, api_keys: Mapping[str, str] | None = USERS, **
     key = next(iter(api_keys)) if api_keys else "tml-hardening"
     client = TestClient(app, headers={"X-API-Key": key})
     client.__enter__()
+    stop, thread = _start_worker(worker)
+    live = Live(store, worker, client, data_dir, stop, thread)
+    if not start_worker:
+        live.pause()
+    return live
+
+
+def _start_worker(worker: Worker) -> tuple[threading.Event, threading.Thread]:
     stop = threading.Event()
     thread = threading.Thread(target=worker.run_forever, args=(stop,), name="live-worker", daemon=True)
     thread.start()
-    return Live(store, worker, client, data_dir, stop, thread)
+    return stop, thread

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from tinkerd.api import auth, schemas
 from tinkerd.api.context import ApiContext
 from tinkerd.domain import codec
+from tinkerd.domain.errors import CapacityError, LimitExceededError
 from tinkerd.domain.records import FutureRecord, RequestKind
 from tinkerd.domain.requests import Request as DomainRequest
 
@@ -46,6 +47,27 @@ async def in_thread(function: Callable[..., T], *args: object) -> T:
     return await anyio.to_thread.run_sync(partial(function, *args))
 
 
+def admit(ctx: ApiContext, owner: str, model_id: str, seq_id: int | None, kind: RequestKind) -> None:
+    """429 when the owner's queue is full (see store.admission for the requests that always pass)."""
+    cap = ctx.settings.max_queued_per_user
+    if not ctx.store.admission.admits(owner, model_id, seq_id, kind, cap):
+        raise CapacityError(
+            f"too much work queued: user {owner!r} has {cap} unfinished requests, the server's limit "
+            "(tinkerd serve --max-queued-per-user); retry once some have finished"
+        )
+
+
+def check_run_cap(ctx: ApiContext, owner: str) -> None:
+    """Before a new training run: the owner's runs in open sessions must be under the cap."""
+    cap = ctx.settings.max_runs_per_user
+    if cap > 0 and ctx.store.admission.open_runs(owner) >= cap:
+        raise LimitExceededError(
+            f"user {owner!r} has {cap} training runs in open sessions, the server's limit "
+            "(tinkerd serve --max-runs-per-user); end a session (ServiceClient) to free its runs, "
+            "or wait for idle ones to time out"
+        )
+
+
 def submit(
     ctx: ApiContext,
     owner: str,
@@ -55,7 +77,11 @@ def submit(
     kind: RequestKind,
     payload: DomainRequest,
     token_count: int = 0,
+    admitted: bool = False,
 ) -> FutureRecord:
+    """Record a request in the ledger (429 if the owner's queue is full, unless ``admitted`` already)."""
+    if not admitted:
+        admit(ctx, owner, model_id, seq_id, kind)
     record = ctx.store.futures.submit(
         owner=owner,
         model_id=model_id,
