@@ -64,7 +64,8 @@ class Background:
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
     out = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(out)
+    model: Any = tiny_model("llama")
+    model.save_pretrained(out)
     return out
 
 
@@ -91,7 +92,10 @@ def test_sdk_backs_off_from_a_full_queue_and_finishes(
         sampling = Background(lambda: sampler.sample(prompt, num_samples=2, sampling_params=params).result())
         datum = types.Datum(
             model_input=types.ModelInput.from_ints([4, 5, 6]),
-            loss_fn_inputs={"target_tokens": [5, 6, 7], "weights": [1.0, 1.0, 1.0]},
+            loss_fn_inputs={
+                "target_tokens": types.TensorData(data=[5, 6, 7], dtype="int64", shape=[3]),
+                "weights": types.TensorData(data=[1.0, 1.0, 1.0], dtype="float32", shape=[3]),
+            },
         )
         training = Background(lambda: trainer.forward_backward([datum], "cross_entropy").result())
 
