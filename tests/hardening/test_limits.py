@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from typer.testing import CliRunner
 
 from tests.hardening.live import ALICE, BOB, PROTOBUF, Live, start_live
 from tests.hardening.protos import fwdbwd_bytes
 from tests.worker.harness import BASE
+from tinkerd.cli import app
+from tinkerd.settings import Settings, SettingsError
 
 LIMIT = 4096
 
@@ -120,3 +123,18 @@ def test_open_runs_per_user_are_capped_and_freed_by_ending_the_session(tmp_path:
         assert live.post("get_info", {"model_id": runs[1]}, key=ALICE).status_code == 200
     finally:
         live.close()
+
+
+def test_limit_settings_come_from_flags_or_the_environment() -> None:
+    env = {"TINKERD_MAX_BODY_MB": "8", "TINKERD_MAX_QUEUED_PER_USER": "5", "TINKERD_MAX_RUNS_PER_USER": "0"}
+    settings = Settings.load(env)
+    assert (settings.max_body_mb, settings.max_queued_per_user, settings.max_runs_per_user) == (8, 5, 0)
+    assert Settings.load(env, max_queued_per_user=7).max_queued_per_user == 7  # a flag wins over the variable
+    defaults = Settings.load({})
+    assert (defaults.max_body_mb, defaults.max_queued_per_user, defaults.max_runs_per_user) == (256, 1024, 64)
+    with pytest.raises(SettingsError, match="TINKERD_MAX_QUEUED_PER_USER must be a whole number"):
+        Settings.load({"TINKERD_MAX_QUEUED_PER_USER": "lots"})
+    with pytest.raises(SettingsError, match="max_body_mb must be at least 1"):
+        Settings.load({}, max_body_mb=0)
+    help_text = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
+    assert all(flag in help_text for flag in ("--max-body-mb", "--max-queued-per-user", "--max-runs-per-user"))
