@@ -76,9 +76,9 @@ def test_sdk_backs_off_from_a_full_queue_and_finishes(
     data_dir = tmp_path / "data"
     with running(str(model_dir), data_dir, cache_dir=tmp_path / "cache", max_queued_per_user=3) as url:
         service = tinker.ServiceClient(base_url=url, api_key=KEY)
-        trainer = service.create_lora_training_client(base_model=str(model_dir), rank=2)
-        sampler = service.create_sampling_client(base_model=str(model_dir))
-        blocker = service.create_lora_training_client(base_model=str(model_dir), rank=2).model_id
+        trainer = service.create_lora_training_client(base_model=str(model_dir), rank=2).result()
+        sampler = service.create_sampling_client(base_model=str(model_dir)).result()
+        blocker = service.create_lora_training_client(base_model=str(model_dir), rank=2).result().model_id
 
         http = httpx.Client(base_url=f"{url}/api/v1", headers={"X-API-Key": KEY})
         proto = {"content-type": "application/x-protobuf"}
