@@ -10,19 +10,15 @@ process. Prints p50 / p99 over N calls of each and the difference.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import tinker
 
+from bench.common import serving
 from tests.engine.tiny_models import tiny_model
 from tinkerd.domain.ops import ArrayData, Datum, LoraConfig
 from tinkerd.engine.config import EngineConfig
@@ -41,12 +37,6 @@ def tiny_model_dir(root: Path) -> Path:
 def percentiles(seconds: list[float]) -> tuple[float, float]:
     ms = sorted(s * 1000 for s in seconds)
     return statistics.median(ms), ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def time_sdk(url: str, model: str, calls: int) -> list[float]:
@@ -90,30 +80,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = tiny_model_dir(Path(tmp))
-        port = free_port()
-        env = dict(os.environ, TINKER_TELEMETRY="0", HF_HUB_OFFLINE="1")
-        tinkerd_cli = str(Path(sys.executable).with_name("tinkerd"))
-        cmd = [tinkerd_cli, "serve", "--port", str(port), "--model", str(model_dir)]
-        cmd += ["--data-dir", str(Path(tmp) / "data")]
-        log = open(Path(tmp) / "serve.log", "w")  # noqa: SIM115 - closed with the process
-        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{url}/api/v1/healthz", timeout=1.0).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("tinkerd serve did not start:\n" + (Path(tmp) / "serve.log").read_text())
-                time.sleep(0.2)
+        with serving(model_dir, Path(tmp)) as (url, _server):
             sdk = percentiles(time_sdk(url, str(model_dir), args.calls))
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-            log.close()
         engine = percentiles(time_engine(model_dir, args.calls))
     print(f"1-datum forward (8 tokens, tiny Llama), {args.calls} calls each after 10 warm-up calls\n")
     print("| path | p50 ms | p99 ms |")
