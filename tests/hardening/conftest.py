@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from tests.hardening.fixtures import World, make_world
 from tests.hardening.live import Live, start_live
 from tinkerd.store.tables import futures
 
@@ -58,9 +58,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         running.close()
 
 
-@pytest.fixture
-def live_dir(tmp_path: Path) -> Path:
-    return tmp_path / "live"
+@pytest.fixture(scope="module")
+def world(live: Live) -> World:
+    """Alice's and bob's sessions, runs, checkpoints and samplers in the module's live tinkerd."""
+    return make_world(live)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -1,4 +1,4 @@
-"""Protobuf /forward_backward bodies: exactly what SDK 0.38 sends (its own encoder), and hostile ones.
+"""Protobuf /forward_backward bodies: exactly what SDK 0.38 sends (its own encoder, via tests/api), and hostile ones.
 
 The hostile ones are built field by field on our copy of the schema (tinkerd.api.proto), which matches the SDK's on
 the wire, so they can hold what the SDK's own validation would never let through.
@@ -11,9 +11,8 @@ from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
-from tinker import types
-from tinker.proto.request_conv import forward_backward_request_to_proto
 
+from tests.api.conftest import fwdbwd_proto
 from tests.hardening.strategies import EDGE_INTS, hostile_text
 from tests.worker.harness import VOCAB
 from tinkerd.api.proto import tinker_public_pb2 as pb
@@ -25,26 +24,9 @@ INPUT_NAMES = [
 ]  # fmt: skip
 
 
-def sdk_datum(tokens: list[int]) -> types.Datum:
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens),
-        loss_fn_inputs={
-            "target_tokens": types.TensorData(data=[*tokens[1:], 0], dtype="int64", shape=[len(tokens)]),
-            "weights": types.TensorData(data=[1.0] * len(tokens), dtype="float32", shape=[len(tokens)]),
-        },
-    )
-
-
-def fwdbwd_bytes(model_id: str, seq_id: int, tokens: list[int], *, forward_only: bool = False) -> bytes:
-    """A valid cross-entropy forward_backward, encoded by the SDK."""
-    request = types.ForwardBackwardRequest(
-        forward_backward_input=types.ForwardBackwardInput(data=[sdk_datum(tokens)], loss_fn="cross_entropy"),
-        model_id=model_id,
-        seq_id=seq_id,
-    )
-    message = forward_backward_request_to_proto(request)
-    message.forward_only = forward_only
-    return message.SerializeToString()
+def fwdbwd_bytes(model_id: str, seq_id: int, tokens: list[int]) -> bytes:
+    """A valid cross-entropy forward_backward, encoded by the SDK's own encoder."""
+    return fwdbwd_proto(model_id, seq_id, tokens)
 
 
 # -- hostile pieces ------------------------------------------------------------------------------------------------

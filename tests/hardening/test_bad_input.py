@@ -7,28 +7,15 @@ The fuzz tests send thousands of such requests; these pin down what a user reads
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.hardening.fixtures import World, make_world
-from tests.hardening.live import PROTOBUF, Live, start_live
+from tests.hardening.fixtures import World
+from tests.hardening.live import PROTOBUF, Live
 from tests.hardening.protos import fwdbwd_bytes, valid_inputs
 from tests.worker.harness import BASE, VOCAB
 from tinkerd.api.proto import tinker_public_pb2 as pb
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    running = start_live(tmp_path_factory.mktemp("bad-input"))
-    yield running
-    running.close()
-
-
-@pytest.fixture(scope="module")
-def world(live: Live) -> World:
-    return make_world(live)
 
 
 def _fb(run_id: str, tokens: list[int], **inputs: pb.Tensor) -> bytes:

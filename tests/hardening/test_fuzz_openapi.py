@@ -10,7 +10,6 @@ failed with an internal error, that nothing was logged at ERROR level, and that 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -20,7 +19,7 @@ from hypothesis import strategies as st
 
 from tests.hardening.checks import check_answer
 from tests.hardening.conftest import tally
-from tests.hardening.fixtures import World, make_world
+from tests.hardening.fixtures import World
 from tests.hardening.live import SERVED, Live
 from tests.hardening.strategies import Resolver, encode, garbage_bodies, hostile_text, mutated, schema_values
 from tinkerd.api import create_app
@@ -46,11 +45,6 @@ OPERATIONS = [
     for method in operations
     if path not in _RAW_BODY
 ]
-
-
-@pytest.fixture(scope="module")
-def world(live: Live) -> Iterator[World]:
-    yield make_world(live)
 
 
 def _requests(method: str, path: str, pools: dict[str, list[str]]) -> st.SearchStrategy[dict[str, Any]]:

@@ -11,17 +11,16 @@ message (a "server" failure means the engine hit a bug the API let through).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
 from tests.hardening.checks import check_answer, check_future
 from tests.hardening.conftest import tally
-from tests.hardening.fixtures import World, make_world
+from tests.hardening.fixtures import World
 from tests.hardening.live import BOB, PROTOBUF, Live
 from tests.hardening.protos import corrupted, fwdbwd_bytes, fwdbwd_messages, token_lists
 from tests.hardening.strategies import EDGE_INTS, edge_floats, edge_ints, hostile_text, json_values, mostly
@@ -35,11 +34,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
 )
-
-
-@pytest.fixture(scope="module")
-def world(live: Live) -> Iterator[World]:
-    yield make_world(live)
 
 
 def _has_seq(live: Live, model_id: str, seq_id: int) -> bool:

@@ -7,7 +7,7 @@ nothing is queued or changed for bob. Downloads and deletion are covered where t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,18 +16,6 @@ from tests.hardening.fixtures import World, make_world
 from tests.hardening.live import ALICE, BOB, PROTOBUF, Live, start_live
 from tests.hardening.protos import fwdbwd_bytes
 from tests.worker.harness import BASE
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    running = start_live(tmp_path_factory.mktemp("isolation"))
-    yield running
-    running.close()
-
-
-@pytest.fixture(scope="module")
-def world(live: Live) -> World:
-    return make_world(live)
 
 
 def _bob_state(live: Live, world: World) -> Any:
