@@ -233,3 +233,15 @@ def test_inputs_whose_length_disagrees_with_the_tokens_fail_their_future(live: L
         headers={"content-type": PROTOBUF},
     )
     assert "loss_fn_outputs" in live.result(ok.json()["request_id"])
+
+
+@pytest.mark.parametrize("seq_id", [-1, -(2**63) - 1, 2**63])
+def test_seq_ids_outside_int64_are_refused_by_name(live: Live, world: World, seq_id: int) -> None:
+    """Found by the schema fuzz: seq_id -2**63-1 overflowed SQLite's integer (a 500) before it was bounded."""
+    for endpoint, body in [
+        ("optim_step", {"model_id": world.alice.run_id, "seq_id": seq_id}),
+        ("asample", _sample(world.alice.sampler_id, seq_id=seq_id)),
+        ("save_weights", {"model_id": world.alice.run_id, "seq_id": seq_id, "path": "x"}),
+    ]:
+        response = live.post(endpoint, body)
+        assert response.status_code == 400 and "seq_id" in response.json()["error"], (endpoint, response.text)

@@ -12,10 +12,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# Counters the ledger stores as signed 64-bit integers: a larger value is refused here with a message naming the
-# field, rather than overflowing the database.
+# Counters the ledger stores as signed 64-bit integers: a negative or larger value is refused here with a message
+# naming the field, rather than overflowing the database.
 MAX_INT64 = 2**63 - 1
-SeqId = Annotated[int, Field(le=MAX_INT64)]
+SeqId = Annotated[int, Field(ge=0, le=MAX_INT64)]
 
 
 class WireModel(BaseModel):
