@@ -245,3 +245,18 @@ def test_seq_ids_outside_int64_are_refused_by_name(live: Live, world: World, seq
     ]:
         response = live.post(endpoint, body)
         assert response.status_code == 400 and "seq_id" in response.json()["error"], (endpoint, response.text)
+
+
+def test_a_float_past_float32_is_named_not_called_infinite(live: Live, world: World) -> None:
+    """Found by the JSON fuzz: 1e308 in a float32 input became infinity silently, and was refused as "NaN or
+    infinite", which the user never sent."""
+    datum = {
+        "model_input": {"chunks": [{"tokens": [1, 2]}]},
+        "loss_fn_inputs": {
+            "target_tokens": {"data": [2, 3], "dtype": "int64", "shape": [2]},
+            "weights": {"data": [1.0, 1e308], "dtype": "float32", "shape": [2]},
+        },
+    }
+    body = {"forward_input": {"data": [datum], "loss_fn": "cross_entropy"}, "model_id": world.alice.run_id}
+    response = live.post("forward", body)
+    assert response.status_code == 400 and "do not fit float32" in response.json()["error"], response.text

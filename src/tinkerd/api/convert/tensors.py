@@ -67,8 +67,9 @@ def _densify(
 def array_from_json(name: str, tensor: schemas.TensorData) -> ArrayData:
     dtype = _NUMPY_DTYPES[tensor.dtype]
     try:
-        flat = np.asarray(tensor.data, dtype=dtype)
-    except (OverflowError, ValueError):
+        with np.errstate(over="raise"):  # 1e308 as float32 would quietly become infinity
+            flat = np.asarray(tensor.data, dtype=dtype)
+    except (OverflowError, ValueError, FloatingPointError):
         raise InvalidRequestError(f"loss_fn_inputs[{name!r}] has values that do not fit {tensor.dtype}") from None
     if tensor.sparse_crow_indices is not None or tensor.sparse_col_indices is not None:
         try:
