@@ -122,11 +122,16 @@ USERS = {ALICE: "alice", BOB: "bob"}
 
 
 def start_live(
-    data_dir: Path, *, api_keys: Mapping[str, str] | None = USERS, start_worker: bool = True, **settings: Any
+    data_dir: Path,
+    *,
+    api_keys: Mapping[str, str] | None = USERS,
+    start_worker: bool = True,
+    busy_timeout_ms: int = 5000,
+    **settings: Any,
 ) -> Live:
     """A running tinkerd; by default with two users, and the client speaking as the first key (alice)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store.open(default_url(data_dir))
+    store = Store.open(default_url(data_dir), busy_timeout_ms=busy_timeout_ms)
     notifier = FutureNotifier()
     worker = Worker(store, {BASE: make_host()}, data_dir, notifier.notify, config=WorkerConfig(poll_interval_s=0.02))
     options: dict[str, Any] = {"long_poll_s": 1.0, "poll_interval_s": 0.1, "api_keys": api_keys, **settings}

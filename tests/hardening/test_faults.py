@@ -236,7 +236,7 @@ def test_a_locked_database_is_waited_out(tmp_path: Path) -> None:
 
 
 def test_a_database_locked_too_long_is_a_429_not_a_crash(tmp_path: Path) -> None:
-    live = start_live(tmp_path / "live")
+    live = start_live(tmp_path / "live", busy_timeout_ms=50)
     try:
         live.store.db.retry = RetryPolicy(deadline_s=0.5)
         holder = sqlite3.connect(tmp_path / "live" / "tinkerd.db", isolation_level=None)
