@@ -15,15 +15,25 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import tinker
 
-from bench.served import serving, tiny_model_dir
+from bench.common import serving
+from tests.engine.tiny_models import tiny_model
 from tinkerd.domain.ops import ArrayData, Datum, LoraConfig
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.served_model import ForwardJob, ServedModel
 
 TOKENS = [1, 5, 9, 33, 4, 7, 8, 9]
+
+
+def tiny_model_dir(root: Path) -> Path:
+    """A tiny random Llama (2 layers, hidden 64, vocabulary 256) saved as a Hugging Face directory."""
+    path = root / "tiny-llama"
+    model: Any = tiny_model("llama", vocab_size=256)  # a PreTrainedModel, typed as a plain Module
+    model.save_pretrained(path)
+    return path
 
 
 def percentiles(seconds: list[float]) -> tuple[float, float]:
@@ -81,8 +91,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = tiny_model_dir(Path(tmp))
         # One engine thread on both sides: what is compared is the path around the engine, not thread counts.
-        with serving(model_dir, Path(tmp) / "data", ["--threads", "1"]) as served:
-            sdk_times, round_trips = time_sdk(served.url, str(model_dir), args.calls)
+        with serving(model_dir, Path(tmp), "--threads", "1") as (url, _server):
+            sdk_times, round_trips = time_sdk(url, str(model_dir), args.calls)
         sdk, round_trip = percentiles(sdk_times), percentiles(round_trips)
         engine = percentiles(time_engine(model_dir, args.calls))
     print(f"1-datum forward (8 tokens, tiny Llama), {args.calls} calls each after 10 warm-up calls\n")

@@ -1,13 +1,19 @@
-"""Helpers shared by the benchmark scripts: model location, timing, memory."""
+"""Helpers shared by the benchmark scripts: model location, timing, memory, a `tinkerd serve` subprocess."""
 
 from __future__ import annotations
 
 import os
 import resource
+import socket
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -44,3 +50,34 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def serving(model_dir: Path, root: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`tinkerd serve` as a subprocess on a free 127.0.0.1 port, its log in root/serve.log; yields (url, process)
+    once it answers, and stops it (SIGTERM) afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, TINKER_TELEMETRY="0", HF_HUB_OFFLINE="1")
+    tinkerd_cli = str(Path(sys.executable).with_name("tinkerd"))
+    cmd = [tinkerd_cli, "serve", "--port", str(port), "--model", str(model_dir), "--data-dir", str(root / "data")]
+    log_path = root / "serve.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen([*cmd, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(f"{url}/api/v1/healthz", timeout=1.0).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("tinkerd serve did not start:\n" + log_path.read_text())
+                time.sleep(0.2)
+            yield url, server
+        finally:
+            server.terminate()
+            server.wait(timeout=30)

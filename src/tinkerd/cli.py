@@ -160,6 +160,22 @@ def serve(
     threads: Annotated[
         int | None, typer.Option("--threads", help="Torch threads of the engine. \\[default: one per core]", min=1)
     ] = None,
+    max_body_mb: Annotated[
+        int | None, typer.Option("--max-body-mb", help="Largest request body in MiB; larger get 413. \\[default: 256]")
+    ] = None,
+    max_queued_per_user: Annotated[
+        int | None,
+        typer.Option(
+            "--max-queued-per-user",
+            help="Unfinished requests per user; more get 429 and the SDK retries later (0: no cap). \\[default: 1024]",
+        ),
+    ] = None,
+    max_runs_per_user: Annotated[
+        int | None,
+        typer.Option(
+            "--max-runs-per-user", help="Training runs in open sessions per user (0: no cap). \\[default: 64]"
+        ),
+    ] = None,
     cache_dir: CacheDirOption = None,
 ) -> None:
     """Serve the Tinker API (api + worker in one process) until Ctrl-C. Every option also reads TINKERD_<NAME>."""
@@ -176,6 +192,9 @@ def serve(
             dtype=dtype,
             keys_file=keys,
             threads=threads,
+            max_body_mb=max_body_mb,
+            max_queued_per_user=max_queued_per_user,
+            max_runs_per_user=max_runs_per_user,
         )
         run_server(settings, announce=lambda line: typer.echo(line))
     except (TinkerdError, SettingsError) as error:

@@ -152,7 +152,13 @@ def build(
             hosts[model.name] = ModelHost.from_directory(model.name, model.path, engine)
         notifier = FutureNotifier()
         worker = Worker(store, hosts, data_dir, notify=notifier.notify)
-        api = dataclasses.replace(api_settings or ApiSettings(), data_dir=data_dir)
+        api = dataclasses.replace(
+            api_settings or ApiSettings(),
+            data_dir=data_dir,
+            max_body_bytes=settings.max_body_mb * 1024 * 1024,
+            max_queued_per_user=settings.max_queued_per_user,
+            max_runs_per_user=settings.max_runs_per_user,
+        )
         if keys is not None:
             api = dataclasses.replace(api, api_keys=keys)
         app = create_app(store, [model_info(m) for m in models], notifier, api, on_submit=worker.accept)

@@ -14,6 +14,9 @@ To add a setting: add a field, read it in `Settings.load`, and document its vari
 | dtype     | TINKERD_DTYPE       | the engine's default training dtype (bfloat16)              |
 | keys_file | TINKERD_KEYS        | none: single-user mode, any API key is accepted             |
 | threads   | TINKERD_THREADS     | torch's default (one per core)                              |
+| max_body_mb         | TINKERD_MAX_BODY_MB         | 256: larger request bodies get 413 (after zstd decompression) |
+| max_queued_per_user | TINKERD_MAX_QUEUED_PER_USER | 1024 unfinished requests per user; more get 429 (0: no cap)   |
+| max_runs_per_user   | TINKERD_MAX_RUNS_PER_USER   | 64 training runs in open sessions per user (0: no cap)        |
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ import platformdirs
 ENV_PREFIX = "TINKERD_"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+DEFAULT_MAX_BODY_MB = 256
+DEFAULT_MAX_QUEUED_PER_USER = 1024
+DEFAULT_MAX_RUNS_PER_USER = 64
 
 
 def default_cache_dir() -> Path:
@@ -53,6 +59,10 @@ class Settings:
     dtype: str | None = None  # compute dtype of the frozen base for training; None = the engine's default
     keys_file: Path | None = None
     threads: int | None = None  # torch intra-op threads of the engine; None = torch's default
+    # Limits instead of crashes (see the README's "Limits"): request size, and per-user caps on queued work and runs.
+    max_body_mb: int = DEFAULT_MAX_BODY_MB
+    max_queued_per_user: int = DEFAULT_MAX_QUEUED_PER_USER  # 0: no cap
+    max_runs_per_user: int = DEFAULT_MAX_RUNS_PER_USER  # 0: no cap
 
     @property
     def resolved_data_dir(self) -> Path:
@@ -72,6 +82,9 @@ class Settings:
         dtype: str | None = None,
         keys_file: Path | None = None,
         threads: int | None = None,
+        max_body_mb: int | None = None,
+        max_queued_per_user: int | None = None,
+        max_runs_per_user: int | None = None,
     ) -> Settings:
         """Build settings from explicit arguments (None = not given), else `environ` (default os.environ)."""
         env = os.environ if environ is None else environ
@@ -80,17 +93,26 @@ class Settings:
             value = env.get(f"{ENV_PREFIX}{name}")
             return value if value else None
 
-        if cache_dir is None:
-            cache_dir = Path(from_env("CACHE_DIR") or default_cache_dir())
-        if data_dir is None:
-            data_dir = Path(from_env("DATA_DIR") or default_data_dir())
-
         def int_from_env(name: str) -> int | None:
             raw = from_env(name)
             try:
                 return int(raw) if raw else None
             except ValueError:
-                raise SettingsError(f"{ENV_PREFIX}{name} must be a number, got {raw!r}") from None
+                raise SettingsError(f"{ENV_PREFIX}{name} must be a whole number, got {raw!r}") from None
+
+        def count(name: str, given: int | None, default: int, minimum: int) -> int:
+            """A whole-number setting: the argument, else the variable, else the default; at least `minimum`."""
+            if given is None:
+                from_variable = int_from_env(name)
+                given = default if from_variable is None else from_variable
+            if given < minimum:
+                raise SettingsError(f"{name.lower()} must be at least {minimum}, got {given}")
+            return given
+
+        if cache_dir is None:
+            cache_dir = Path(from_env("CACHE_DIR") or default_cache_dir())
+        if data_dir is None:
+            data_dir = Path(from_env("DATA_DIR") or default_data_dir())
 
         if port is None:
             from_port = int_from_env("PORT")
@@ -117,4 +139,7 @@ class Settings:
             dtype=dtype or from_env("DTYPE"),
             keys_file=keys_file.expanduser().absolute() if keys_file is not None else None,
             threads=threads,
+            max_body_mb=count("MAX_BODY_MB", max_body_mb, DEFAULT_MAX_BODY_MB, 1),
+            max_queued_per_user=count("MAX_QUEUED_PER_USER", max_queued_per_user, DEFAULT_MAX_QUEUED_PER_USER, 0),
+            max_runs_per_user=count("MAX_RUNS_PER_USER", max_runs_per_user, DEFAULT_MAX_RUNS_PER_USER, 0),
         )

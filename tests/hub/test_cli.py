@@ -72,9 +72,9 @@ def test_numeric_settings_from_the_environment_are_checked() -> None:
     assert Settings.load({"TINKERD_THREADS": "3"}).threads == 3
     assert Settings.load({}).threads is None
     assert Settings.load({"TINKERD_THREADS": "3"}, threads=1).threads == 1
-    with pytest.raises(SettingsError, match="TINKERD_THREADS must be a number"):
+    with pytest.raises(SettingsError, match="TINKERD_THREADS must be a whole number"):
         Settings.load({"TINKERD_THREADS": "many"})
     with pytest.raises(SettingsError, match="at least 1"):
         Settings.load({"TINKERD_THREADS": "0"})
-    with pytest.raises(SettingsError, match="TINKERD_PORT must be a number"):
+    with pytest.raises(SettingsError, match="TINKERD_PORT must be a whole number"):
         Settings.load({"TINKERD_PORT": "http"})

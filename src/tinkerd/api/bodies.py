@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import zstandard
+from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinkerd.api.errors import error_body
@@ -45,6 +46,29 @@ class BodyMiddleware:
         self.app = app
         self.max_body_bytes = max_body_bytes
 
+    def _too_large(self) -> str:
+        return (
+            f"request body exceeds the server's limit of {self.max_body_bytes} bytes "
+            "(tinkerd serve --max-body-mb); send smaller batches"
+        )
+
+    def _counting(self, receive: Receive) -> Receive:
+        """``receive`` that refuses a body growing past the limit as it streams in (a chunked body declares no
+        length); the route reading it fails with 413 before the whole body is in memory."""
+        size = 0
+
+        async def counted() -> Message:
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.max_body_bytes:
+                    # FastAPI's HTTPException: its body parsing re-raises that type as it is (others become 400).
+                    raise HTTPException(413, self._too_large())
+            return message
+
+        return counted
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -54,9 +78,9 @@ class BodyMiddleware:
         if encoding in ("", "identity"):
             declared = headers.get(b"content-length", b"")
             if declared.isdigit() and int(declared) > self.max_body_bytes:
-                await _send_error(send, 413, f"request body exceeds {self.max_body_bytes} bytes")
+                await _send_error(send, 413, self._too_large())
                 return
-            await self.app(scope, receive, send)
+            await self.app(scope, self._counting(receive), send)
             return
         if encoding != "zstd":
             await _send_error(send, 415, f"unsupported Content-Encoding {encoding!r}; use zstd or none")
@@ -70,7 +94,7 @@ class BodyMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                await _send_error(send, 413, f"request body exceeds {self.max_body_bytes} bytes")
+                await _send_error(send, 413, self._too_large())
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

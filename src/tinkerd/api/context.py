@@ -45,6 +45,10 @@ class ApiSettings:
     api_keys: Mapping[str, str] | None = None
     # Largest request body accepted after zstd decompression (a zip bomb must not exhaust memory).
     max_body_bytes: int = 256 * 1024 * 1024
+    # Per user: unfinished requests in the ledger (more get 429, which the SDK backs off from and retries), and
+    # training runs in open sessions (more get a 429 the SDK does not retry). 0: no cap.
+    max_queued_per_user: int = 1024
+    max_runs_per_user: int = 64
     # Flags merged into the /client/config answer (e.g. {"use_pyqwest_transport": False}).
     client_config_overrides: Mapping[str, object] = field(default_factory=dict)
     # The data directory the worker writes checkpoint files into: downloads read it, deletes remove from it, and the

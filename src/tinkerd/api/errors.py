@@ -20,6 +20,7 @@ from tinkerd.domain.errors import (
     CapacityError,
     ConflictError,
     InvalidRequestError,
+    LimitExceededError,
     NotFoundError,
     PermissionDeniedError,
     TinkerdError,
@@ -76,7 +77,12 @@ async def _on_tinkerd_error(_request: Request, exc: Exception) -> JSONResponse:
     status = status_of(exc)
     if status >= 500:
         log.error("internal error: %s", exc, exc_info=exc)
-    return error_response(status, str(exc) or type(exc).__name__)
+    response = error_response(status, str(exc) or type(exc).__name__)
+    if isinstance(exc, LimitExceededError):
+        # The SDK retries a 429 (for minutes, on some calls); a cap on open runs does not lift that fast.
+        del response.headers["retry-after"]
+        response.headers["x-should-retry"] = "false"
+    return response
 
 
 async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:

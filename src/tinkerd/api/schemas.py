@@ -8,9 +8,14 @@ Conversion to and from domain types lives in ``convert``, nowhere else.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# Counters the ledger stores as signed 64-bit integers: a negative or larger value is refused here with a message
+# naming the field, rather than overflowing the database.
+MAX_INT64 = 2**63 - 1
+SeqId = Annotated[int, Field(ge=0, le=MAX_INT64)]
 
 
 class WireModel(BaseModel):
@@ -104,7 +109,7 @@ class FinishSessionRequest(WireModel):
 
 class CreateModelRequest(WireModel):
     session_id: str
-    model_seq_id: int
+    model_seq_id: SeqId
     base_model: str
     user_metadata: dict[str, Any] | None = None
     lora_config: LoraConfig | None = None
@@ -142,7 +147,7 @@ class ForwardBackwardJsonRequest(WireModel):
 
     forward_backward_input: ForwardBackwardInput
     model_id: str
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
 
 
 class ForwardJsonRequest(WireModel):
@@ -150,12 +155,12 @@ class ForwardJsonRequest(WireModel):
 
     forward_input: ForwardBackwardInput
     model_id: str
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
 
 
 class OptimStepRequest(WireModel):
     model_id: str
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     adam_params: AdamParams | None = None
     optim_params: dict[str, Any] | None = None
     optimizer_params: dict[str, Any] | None = None
@@ -164,7 +169,7 @@ class OptimStepRequest(WireModel):
 class SaveWeightsRequest(WireModel):
     model_id: str
     path: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     ttl_seconds: int | None = None
     overwrite: bool | None = False
     user_metadata: dict[str, Any] | None = None
@@ -173,9 +178,9 @@ class SaveWeightsRequest(WireModel):
 class SaveWeightsForSamplerRequest(WireModel):
     model_id: str
     path: str | None = None
-    sampling_session_seq_id: int | None = None
+    sampling_session_seq_id: SeqId | None = None
     kind: str | None = "snapshot"
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     ttl_seconds: int | None = None
     user_metadata: dict[str, Any] | None = None
 
@@ -190,9 +195,9 @@ class SaveWeightsExternalRequest(WireModel):
 
 class LoadWeightsRequest(WireModel):
     model_id: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     session_id: str | None = None
-    model_seq_id: int | None = None
+    model_seq_id: SeqId | None = None
     base_model: str | None = None
     user_metadata: dict[str, Any] | None = None
     path: str
@@ -209,7 +214,7 @@ class UnloadModelRequest(WireModel):
 
 class CreateSamplingSessionRequest(WireModel):
     session_id: str
-    sampling_session_seq_id: int
+    sampling_session_seq_id: SeqId
     base_model: str | None = None
     model_path: str | None = None
 
@@ -241,7 +246,7 @@ class SampleRequest(WireModel):
     base_model: str | None = None
     model_path: str | None = None
     sampling_session_id: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     prompt_logprobs: bool | None = None
     topk_prompt_logprobs: int | None = 0
     topk_sample_logprobs: int | None = 0

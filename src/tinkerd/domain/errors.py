@@ -25,5 +25,9 @@ class CapacityError(TinkerdError):
     """Too much work is queued; the client should back off (maps to 429)."""
 
 
+class LimitExceededError(CapacityError):
+    """A per-user cap that waiting a few seconds will not lift (e.g. open training runs): 429, marked not retryable."""
+
+
 class ModelFetchError(TinkerdError):
     """A model could not be fetched or converted."""

@@ -54,6 +54,10 @@ class Datum:
     loss_fn_input_spans: list[ProvenanceSpan] | None = None
 
 
+# The largest LoRA rank a run may ask for (checked at the api and again by the engine).
+MAX_LORA_RANK = 1024
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     rank: int = 32

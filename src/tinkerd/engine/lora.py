@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from tinkerd.domain.errors import InvalidRequestError
-from tinkerd.domain.ops import LoraConfig
+from tinkerd.domain.ops import MAX_LORA_RANK, LoraConfig
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 UNEMBED_MODULE = "lm_head"
-MAX_RANK = 1024
+MAX_RANK = MAX_LORA_RANK
 
 
 def target_module_names(model: nn.Module, config: LoraConfig) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tinkerd.domain.records import Clock, utc_now
+from tinkerd.store.admission import Admission
 from tinkerd.store.checkpoints import CheckpointRepository
 from tinkerd.store.db import Database, RetryPolicy
 from tinkerd.store.futures import FuturesLedger
@@ -21,6 +22,7 @@ class Store:
     sessions: SessionRepository
     checkpoints: CheckpointRepository
     samplers: SamplerRepository
+    admission: Admission
 
     @classmethod
     def open(
@@ -43,6 +45,7 @@ class Store:
             sessions=SessionRepository(db, clock),
             checkpoints=CheckpointRepository(db, clock),
             samplers=SamplerRepository(db),
+            admission=Admission(db, clock),
         )
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ from tinkerd.domain.requests import (
 )
 
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600  # the Tinker docs' upper bound
+MAX_SEED = 2**63 - 1  # seeds are stored as signed 64-bit integers
 
 
 def _metadata(value: dict[str, Any] | None) -> dict[str, object]:
@@ -66,8 +67,10 @@ def _check_optimizer(config: schemas.OptimizerConfig | None) -> dict[str, object
 def lora_from_wire(config: schemas.LoraConfig | None) -> ops.LoraConfig:
     if config is None:
         return ops.LoraConfig()
-    if config.rank < 1:
-        raise InvalidRequestError(f"lora_config.rank must be >= 1, got {config.rank}")
+    if not 1 <= config.rank <= ops.MAX_LORA_RANK:
+        raise InvalidRequestError(f"lora_config.rank must be between 1 and {ops.MAX_LORA_RANK}, got {config.rank}")
+    if config.seed is not None and not 0 <= config.seed <= MAX_SEED:
+        raise InvalidRequestError(f"lora_config.seed must be between 0 and {MAX_SEED}, got {config.seed}")
     lora = ops.LoraConfig(
         rank=config.rank,
         seed=config.seed,

@@ -67,12 +67,16 @@ def _densify(
 def array_from_json(name: str, tensor: schemas.TensorData) -> ArrayData:
     dtype = _NUMPY_DTYPES[tensor.dtype]
     try:
-        flat = np.asarray(tensor.data, dtype=dtype)
-    except (OverflowError, ValueError):
+        with np.errstate(over="raise"):  # 1e308 as float32 would quietly become infinity
+            flat = np.asarray(tensor.data, dtype=dtype)
+    except (OverflowError, ValueError, FloatingPointError):
         raise InvalidRequestError(f"loss_fn_inputs[{name!r}] has values that do not fit {tensor.dtype}") from None
     if tensor.sparse_crow_indices is not None or tensor.sparse_col_indices is not None:
-        crow = np.asarray(tensor.sparse_crow_indices or [], dtype=np.int64)
-        col = np.asarray(tensor.sparse_col_indices or [], dtype=np.int64)
+        try:
+            crow = np.asarray(tensor.sparse_crow_indices or [], dtype=np.int64)
+            col = np.asarray(tensor.sparse_col_indices or [], dtype=np.int64)
+        except (OverflowError, ValueError):
+            raise InvalidRequestError(f"loss_fn_inputs[{name!r}] has sparse indices that do not fit int64") from None
         flat = _densify(name, flat, crow, col, tensor.shape)
     return _array_data(name, flat, _shape(name, tensor.shape, flat.size), tensor.dtype)
 

@@ -14,9 +14,8 @@ from pydantic import BaseModel
 from tinkerd.api import auth, schemas
 from tinkerd.api.context import ApiContext
 from tinkerd.domain import codec
-from tinkerd.domain.errors import TinkerdError
+from tinkerd.domain.errors import CapacityError, LimitExceededError, TinkerdError
 from tinkerd.domain.records import FutureRecord, RequestKind
-from tinkerd.domain.requests import Empty
 from tinkerd.domain.requests import Request as DomainRequest
 
 T = TypeVar("T")
@@ -49,6 +48,27 @@ async def in_thread(function: Callable[..., T], *args: object) -> T:
     return await anyio.to_thread.run_sync(partial(function, *args))
 
 
+def admit(ctx: ApiContext, owner: str, model_id: str, seq_id: int | None, kind: RequestKind) -> None:
+    """429 when the owner's queue is full (see store.admission for the requests that always pass)."""
+    cap = ctx.settings.max_queued_per_user
+    if not ctx.store.admission.admits(owner, model_id, seq_id, kind, cap):
+        raise CapacityError(
+            f"too much work queued: user {owner!r} has {cap} unfinished requests, the server's limit "
+            "(tinkerd serve --max-queued-per-user); retry once some have finished"
+        )
+
+
+def check_run_cap(ctx: ApiContext, owner: str) -> None:
+    """Before a new training run: the owner's runs in open sessions must be under the cap."""
+    cap = ctx.settings.max_runs_per_user
+    if cap > 0 and ctx.store.admission.open_runs(owner) >= cap:
+        raise LimitExceededError(
+            f"user {owner!r} has {cap} training runs in open sessions, the server's limit "
+            "(tinkerd serve --max-runs-per-user); end a session (ServiceClient) to free its runs, "
+            "or wait for idle ones to time out"
+        )
+
+
 def submit(
     ctx: ApiContext,
     owner: str,
@@ -58,7 +78,11 @@ def submit(
     kind: RequestKind,
     payload: DomainRequest,
     token_count: int = 0,
+    admitted: bool = False,
 ) -> FutureRecord:
+    """Record a request in the ledger (429 if the owner's queue is full, unless ``admitted`` already)."""
+    if not admitted:
+        admit(ctx, owner, model_id, seq_id, kind)
     record = ctx.store.futures.submit(
         owner=owner,
         model_id=model_id,
@@ -82,13 +106,10 @@ def fill_refused_seq(ctx: ApiContext, owner: str, run_id: str, seq_id: int, kind
     Best effort: whatever goes wrong here, the caller reports the original refusal.
     """
     with contextlib.suppress(TinkerdError):
-        record = ctx.store.futures.submit(
-            owner=owner, model_id=run_id, seq_id=seq_id, kind=kind, payload=codec.encode(Empty())
+        # Failed from the start, in one transaction, so the worker never claims it.
+        ctx.store.admission.record_refused(
+            owner=owner, model_id=run_id, seq_id=seq_id, kind=kind, message=f"refused at submit: {reason}"
         )
-        # Only our own placeholder (a repeat of an accepted request would have passed the same checks).
-        if record.kind is kind and not record.state.finished:
-            # Should the worker claim it first, it fails it too: an Empty request never runs.
-            ctx.store.futures.fail(record.request_id, f"refused at submit: {reason}", "user")
 
 
 def future_response(future: schemas.UntypedAPIFuture) -> Response:

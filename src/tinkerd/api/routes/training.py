@@ -24,13 +24,15 @@ from tinkerd.api.routes.common import (
     PROTOBUF,
     Context,
     Owner,
+    admit,
+    check_run_cap,
     fill_refused_seq,
     future_response,
     in_thread,
     json_response,
     submit,
 )
-from tinkerd.domain.errors import CapacityError, InvalidRequestError, TinkerdError
+from tinkerd.domain.errors import CapacityError, InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.domain.ids import validate_run_id
 from tinkerd.domain.records import FIRST_SEQ_ID, RequestKind, TrainingRun, utc_now
 from tinkerd.domain.requests import Request as DomainRequest
@@ -93,12 +95,26 @@ def _submit_to_run(
     return future_response(schemas.UntypedAPIFuture(request_id=record.request_id, model_id=run.id))
 
 
+def _admit_new_run(ctx: ApiContext, owner: str, run_id: str, kind: RequestKind) -> None:
+    """The caps, checked before a new run's row exists (a refused run leaves nothing behind). A retry of a run
+    already created passes the run cap, and the queue cap as a repeat of its seq 0."""
+    try:
+        ctx.store.runs.get(run_id, owner)
+    except NotFoundError:
+        check_run_cap(ctx, owner)
+    admit(ctx, owner, run_id, FIRST_SEQ_ID, kind)
+
+
 @router.post("/create_model")
 def create_model(body: schemas.CreateModelRequest, ctx: Context, owner: Owner) -> Response:
     run, request = convert.create_model(body, owner, utc_now(), ctx.model(body.base_model))
+    _admit_new_run(ctx, owner, run.id, RequestKind.CREATE_MODEL)
     # The row exists from submit on, so get_info and the REST views see the run before the worker has built it.
     run = ctx.store.runs.create(run, exist_ok=True)
-    record = submit(ctx, owner, model_id=run.id, seq_id=FIRST_SEQ_ID, kind=RequestKind.CREATE_MODEL, payload=request)
+    record = submit(
+        ctx, owner, model_id=run.id, seq_id=FIRST_SEQ_ID, kind=RequestKind.CREATE_MODEL, payload=request,
+        admitted=True,
+    )  # fmt: skip
     return future_response(schemas.UntypedAPIFuture(request_id=record.request_id, model_id=run.id))
 
 
@@ -235,8 +251,9 @@ def load_weights(body: schemas.LoadWeightsRequest, ctx: Context, owner: Owner) -
     source = _checkpoint_run(ctx, owner, body.path)
     ctx.model(source.base_model)  # the checkpoint's base model must be served here
     new_run, request = convert.create_via_load(body, source, owner, utc_now())
+    _admit_new_run(ctx, owner, new_run.id, kind)
     new_run = ctx.store.runs.create(new_run, exist_ok=True)
-    record = submit(ctx, owner, model_id=new_run.id, seq_id=FIRST_SEQ_ID, kind=kind, payload=request)
+    record = submit(ctx, owner, model_id=new_run.id, seq_id=FIRST_SEQ_ID, kind=kind, payload=request, admitted=True)
     return future_response(schemas.UntypedAPIFuture(request_id=record.request_id, model_id=new_run.id))
 
 

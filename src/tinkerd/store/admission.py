@@ -1,0 +1,109 @@
+"""What may enter the futures ledger: per-user caps on queued work and open runs, and refused requests' seq_ids.
+
+Kept apart from the ledger itself (store.futures), which knows nothing of users' limits.
+
+Queue cap. A user's pending and running requests are counted before a new one is accepted; past the cap the api
+answers 429 and the SDK retries the same seq_id later. Two kinds of request always pass, or the cap could stall a
+user for good: a repeat of a request already in the ledger (the SDK's retry), and an ordered request that fills a
+gap before one of its run's queued requests (those cannot run until it does; the SDK sends a call's chunks in
+parallel, so a later chunk can be queued before an earlier one).
+
+Refusals. The SDK numbers a training request before sending it, and the ledger runs a run's requests strictly in
+seq_id order, so a refused request's seq_id must still be filled or the run would wait forever. It is filled with
+a row that is failed from the start, in one transaction, so no worker ever sees it pending.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, and_, func, insert, select
+
+from tinkerd.domain.ids import new_request_id
+from tinkerd.domain.records import FIRST_SEQ_ID, Clock, FutureRecord, FutureState, RequestKind, is_ordered, utc_now
+from tinkerd.store.codec import future_to_row
+from tinkerd.store.db import Database
+from tinkerd.store.sequencing import advance_cursor, ensure_cursor
+from tinkerd.store.tables import futures, sessions, training_runs
+
+_QUEUED = (FutureState.PENDING.value, FutureState.RUNNING.value)
+
+
+class Admission:
+    def __init__(self, db: Database, clock: Clock = utc_now) -> None:
+        self._db = db
+        self._clock = clock
+
+    def queued(self, owner: str) -> int:
+        """The owner's requests not finished yet (pending or running)."""
+        query = select(func.count()).select_from(futures).where(futures.c.state.in_(_QUEUED), futures.c.owner == owner)
+        return int(self._db.read(lambda conn: conn.execute(query).scalar_one()))
+
+    def admits(self, owner: str, model_id: str, seq_id: int | None, kind: RequestKind, max_queued: int) -> bool:
+        """Whether a new request fits under the owner's cap of ``max_queued`` unfinished requests (0: no cap)."""
+        if max_queued <= 0:
+            return True
+
+        def txn(conn: Connection) -> bool:
+            if seq_id is not None:
+                repeat = select(futures.c.request_id).where(futures.c.model_id == model_id, futures.c.seq_id == seq_id)
+                if conn.execute(repeat).first() is not None:
+                    return True
+            count = conn.execute(
+                select(func.count()).select_from(futures).where(futures.c.state.in_(_QUEUED), futures.c.owner == owner)
+            ).scalar_one()
+            if count < max_queued:
+                return True
+            if not is_ordered(kind, seq_id):
+                return False
+            waiting_behind = select(futures.c.request_id).where(
+                futures.c.model_id == model_id,
+                futures.c.state == FutureState.PENDING.value,
+                futures.c.ordered.is_(True),
+                futures.c.seq_id > seq_id,
+            )
+            return conn.execute(waiting_behind.limit(1)).first() is not None
+
+        return self._db.read(txn)
+
+    def open_runs(self, owner: str) -> int:
+        """The owner's training runs whose session is still open (closed and timed-out sessions free theirs)."""
+        query = (
+            select(func.count())
+            .select_from(training_runs.join(sessions, training_runs.c.session_id == sessions.c.id))
+            .where(and_(training_runs.c.owner == owner, sessions.c.status == "active"))
+        )
+        return int(self._db.read(lambda conn: conn.execute(query).scalar_one()))
+
+    def record_refused(self, *, owner: str, model_id: str, seq_id: int, kind: RequestKind, message: str) -> bool:
+        """Fill a refused ordered request's seq_id with an already failed row. False if there was nothing to fill
+        (the seq_id is taken, or already behind the run's cursor)."""
+
+        def txn(conn: Connection) -> bool:
+            taken = select(futures.c.request_id).where(futures.c.model_id == model_id, futures.c.seq_id == seq_id)
+            if conn.execute(taken).first() is not None:
+                return False
+            if seq_id < ensure_cursor(conn, model_id, FIRST_SEQ_ID):
+                return False
+            now = self._clock()
+            record = FutureRecord(
+                request_id=new_request_id(),
+                owner=owner,
+                model_id=model_id,
+                seq_id=seq_id,
+                kind=kind,
+                ordered=True,
+                state=FutureState.FAILED,
+                payload=None,
+                result=None,
+                error_message=message,
+                error_category="user",
+                token_count=0,
+                created_at=now,
+                finished_at=now,
+            )
+            conn.execute(insert(futures).values(future_to_row(record)))
+            advance_cursor(conn, model_id)
+            return True
+
+        if not is_ordered(kind, seq_id):
+            return False
+        return self._db.write(txn)
