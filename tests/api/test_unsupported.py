@@ -43,3 +43,14 @@ def test_unknown_endpoints_fill_only_the_callers_own_runs(make_api: MakeApi) -> 
     assert api.client.post("/api/v1/brand_new_training_call", json=[model_id, 1]).status_code == 404
     # None of those took Alice's seq 1.
     assert api.result(api.forward_backward(model_id, 1).json()["request_id"])["metrics"] == {"loss:sum": 3.0}
+
+
+def test_an_unknown_endpoint_survives_any_body(api: Api) -> None:
+    model_id = api.model()
+    for body in (
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"model_id": "%s", "seq_id": 99999999999999999999}' % model_id.encode(),
+    ):
+        response = api.client.post("/api/v1/brand_new_training_call", content=body)
+        assert response.status_code == 404 and "brand_new_training_call" in response.json()["error"]
+    assert api.result(api.forward_backward(model_id, 1).json()["request_id"])["metrics"] == {"loss:sum": 3.0}

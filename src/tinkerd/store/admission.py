@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, and_, func, insert, select
 
-from tinkerd.domain.ids import new_request_id
-from tinkerd.domain.records import FIRST_SEQ_ID, Clock, FutureRecord, FutureState, RequestKind, is_ordered, utc_now
+from tinkerd.domain.records import FIRST_SEQ_ID, Clock, FutureState, RequestKind, is_ordered, utc_now
 from tinkerd.store.codec import future_to_row
 from tinkerd.store.db import Database
+from tinkerd.store.futures import failed_placeholder
 from tinkerd.store.sequencing import advance_cursor, ensure_cursor
 from tinkerd.store.tables import futures, sessions, training_runs
 
@@ -83,22 +83,8 @@ class Admission:
                 return False
             if seq_id < ensure_cursor(conn, model_id, FIRST_SEQ_ID):
                 return False
-            now = self._clock()
-            record = FutureRecord(
-                request_id=new_request_id(),
-                owner=owner,
-                model_id=model_id,
-                seq_id=seq_id,
-                kind=kind,
-                ordered=True,
-                state=FutureState.FAILED,
-                payload=None,
-                result=None,
-                error_message=message,
-                error_category="user",
-                token_count=0,
-                created_at=now,
-                finished_at=now,
+            record = failed_placeholder(
+                owner=owner, model_id=model_id, seq_id=seq_id, kind=kind, message=message, now=self._clock()
             )
             conn.execute(insert(futures).values(future_to_row(record)))
             advance_cursor(conn, model_id)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, RowMapping, and_, bindparam, delete, func, insert, or_, select, update
@@ -86,6 +86,29 @@ class Claim:
 
     futures: tuple[FutureRecord, ...]  # ordered chains (each in seq_id order), then unordered work oldest first
     next_seq: Mapping[str, int]  # for each ordered model in the claim, the seq_id its chain starts at
+
+
+def failed_placeholder(
+    *, owner: str, model_id: str, seq_id: int, kind: RequestKind, message: str, now: datetime
+) -> FutureRecord:
+    """A request recorded as failed from the start: it holds an ordered seq_id that will never run (a refused
+    request, or one that never arrived), so the model's later requests are not held up by a gap."""
+    return FutureRecord(
+        request_id=new_request_id(),
+        owner=owner,
+        model_id=model_id,
+        seq_id=seq_id,
+        kind=kind,
+        ordered=True,
+        state=FutureState.FAILED,
+        payload=None,
+        result=None,
+        error_message=message,
+        error_category="user",
+        token_count=0,
+        created_at=now,
+        finished_at=now,
+    )
 
 
 def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -366,21 +389,13 @@ class FuturesLedger:
                     select(futures.c.owner).where(futures.c.model_id == model_id, futures.c.seq_id == first_waiting)
                 ).scalar_one()
                 for seq in missing:
-                    placeholder = FutureRecord(
-                        request_id=new_request_id(),
+                    placeholder = failed_placeholder(
                         owner=owner,
                         model_id=model_id,
                         seq_id=seq,
                         kind=RequestKind.MISSING,
-                        ordered=True,
-                        state=FutureState.FAILED,
-                        payload=None,
-                        result=None,
-                        error_message=message.format(seq=seq),
-                        error_category="user",
-                        token_count=0,
-                        created_at=now,
-                        finished_at=now,
+                        message=message.format(seq=seq),
+                        now=now,
                     )
                     conn.execute(_INSERT, future_to_row(placeholder))
                 advance_cursor(conn, model_id)

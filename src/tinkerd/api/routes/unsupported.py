@@ -30,12 +30,14 @@ def _sequenced_run_request(body: bytes) -> tuple[str, int] | None:
     """(model_id, seq_id) if the body is a JSON object naming both, else None."""
     try:
         parsed: Any = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         return None
     if not isinstance(parsed, dict):
         return None
     model_id, seq_id = parsed.get("model_id"), parsed.get("seq_id")
     if not isinstance(model_id, str) or not isinstance(seq_id, int) or isinstance(seq_id, bool):
+        return None
+    if not 0 <= seq_id < 2**63:  # no run has such a seq_id (and the database could not hold it)
         return None
     return model_id, seq_id
 
