@@ -150,13 +150,12 @@ def test_a_published_checkpoint_can_be_loaded_and_sampled_until_unpublished(tmp_
         sample = {"sampling_session_id": sampler, "seq_id": 0, "num_samples": 2,
                   "prompt": {"chunks": [{"tokens": [1, 2, 3]}]}, "sampling_params": {"max_tokens": 3}}  # fmt: skip
         assert len(live.result(live.ok("asample", sample)["request_id"])["sequences"]) == 2
-        # ...but still not change it, nor touch his run.
-        assert live.post(f"training_runs/{bob.run_id}/checkpoints/weights/c1/publish").status_code == 404
+        # ...but still not change it (visible to her now, so a 403 naming the owner rule), nor touch his run.
+        refused = live.post(f"training_runs/{bob.run_id}/checkpoints/weights/c1/publish")
+        assert refused.status_code == 403 and "owner" in refused.json()["error"]
         ttl = {"ttl_seconds": 5}
-        assert (
-            live.client.put(f"/api/v1/training_runs/{bob.run_id}/checkpoints/weights/c1/ttl", json=ttl).status_code
-            == 404
-        )
+        refused = live.client.put(f"/api/v1/training_runs/{bob.run_id}/checkpoints/weights/c1/ttl", json=ttl)
+        assert refused.status_code == 403 and "owner" in refused.json()["error"]
         assert live.post("optim_step", {"model_id": bob.run_id, "seq_id": 99}).status_code == 404
         listed = live.get(f"training_runs/{bob.run_id}/checkpoints").json()["checkpoints"]
         assert sorted(c["checkpoint_id"] for c in listed) == ["sampler_weights/s1", "weights/c1"]  # not "private"
