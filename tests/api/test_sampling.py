@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -108,3 +109,14 @@ def test_nan_prompt_logprobs_are_what_the_sdk_decodes_as_none(api: Api) -> None:
     message = pb.SampleResponse.FromString(content)
     raw = np.frombuffer(message.prompt_logprobs, dtype="<f4")
     assert math.isnan(raw[0]) and raw[1:].tolist() == [-6.0, -7.0]
+
+
+def test_non_finite_numbers_are_refused_at_submit(api: Api) -> None:
+    sampler = _sampler(api, base_model=MODEL)
+    body = json.dumps(
+        {"sampling_session_id": sampler, "seq_id": 0, "num_samples": 1, "prompt": {"chunks": [{"tokens": [1, 2]}]},
+         "sampling_params": {"max_tokens": 2, "temperature": float("nan")}}
+    )  # fmt: skip
+    assert "NaN" in body  # what Python's json writes, and what the fuzz sent
+    response = api.client.post("/api/v1/asample", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "NaN" in response.json()["error"]

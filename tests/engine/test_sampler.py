@@ -401,3 +401,10 @@ def test_stop_strings_need_a_decoder_and_a_full_context_is_accepted() -> None:
         Sampler(engine()).submit(job([1], stop_strings=("ab",)))
     (result,) = Sampler(engine()).run([job([1] * 250, max_tokens=6, temperature=0.0)])  # 250 + 6 = the 256 context
     assert len(result.sequences[0].tokens) == 6
+
+
+def test_a_vanishing_temperature_picks_the_argmax_with_finite_logprobs() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 20
+    tokens, logprobs = sampling_ops.sample_tokens(logits, [1e-320, 1e-7, 1e-300], [-1] * 3, [1.0] * 3, [0.3] * 3)
+    assert tokens.tolist() == logits.argmax(dim=-1).tolist()
+    assert torch.isfinite(logprobs).all()

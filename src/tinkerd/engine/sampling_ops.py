@@ -83,6 +83,9 @@ def _greedy(logits_R_V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens_R, chosen_R - torch.logsumexp(logits_R_V, dim=-1)
 
 
+MIN_TEMPERATURE = 1e-6
+
+
 def _random(
     logits_R_V: torch.Tensor,
     temperature: Sequence[float],
@@ -95,7 +98,10 @@ def _random(
     if all(t == 1.0 for t in temperature):
         scaled_R_V = logits_R_V
     else:
-        scaled_R_V = logits_R_V / torch.tensor(temperature, dtype=torch.float32, device=device)[:, None]
+        # A positive temperature far below any useful one (1e-320 was sent) would overflow the scaled logits to
+        # infinity; from MIN_TEMPERATURE down the choice is the argmax anyway.
+        temps = [max(t, MIN_TEMPERATURE) for t in temperature]
+        scaled_R_V = logits_R_V / torch.tensor(temps, dtype=torch.float32, device=device)[:, None]
     max_R_1 = scaled_R_V.amax(dim=-1, keepdim=True)
     weights_R_V = (scaled_R_V - max_R_1).exp_()
     total_R = weights_R_V.sum(dim=-1)  # normaliser of the full (untruncated) tempered distribution

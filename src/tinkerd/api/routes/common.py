@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from tinkerd.api import auth, schemas
 from tinkerd.api.context import ApiContext
 from tinkerd.domain import codec
-from tinkerd.domain.errors import CapacityError, LimitExceededError, TinkerdError
+from tinkerd.domain.errors import CapacityError, InvalidRequestError, LimitExceededError, TinkerdError
 from tinkerd.domain.records import FutureRecord, RequestKind
 from tinkerd.domain.requests import Request as DomainRequest
 
@@ -83,13 +83,15 @@ def submit(
     """Record a request in the ledger (429 if the owner's queue is full, unless ``admitted`` already)."""
     if not admitted:
         admit(ctx, owner, model_id, seq_id, kind)
+    try:
+        encoded = codec.encode(payload)
+    except ValueError:  # NaN or infinity somewhere in the request (the ledger stores JSON, which has no spelling)
+        message = "the request holds a NaN or infinite number; every number must be finite"
+        if seq_id is not None and kind.sequenced:
+            fill_refused_seq(ctx, owner, model_id, seq_id, kind, message)
+        raise InvalidRequestError(message) from None
     record = ctx.store.futures.submit(
-        owner=owner,
-        model_id=model_id,
-        seq_id=seq_id,
-        kind=kind,
-        payload=codec.encode(payload),
-        token_count=token_count,
+        owner=owner, model_id=model_id, seq_id=seq_id, kind=kind, payload=encoded, token_count=token_count
     )
     if ctx.on_submit is not None:
         # Handed over here rather than after the response is sent: the worker starts sooner, and the SDK sends its
