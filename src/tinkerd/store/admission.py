@@ -15,7 +15,7 @@ a row that is failed from the start, in one transaction, so no worker ever sees 
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, and_, func, insert, select
+from sqlalchemy import Connection, and_, bindparam, func, insert, select
 
 from tinkerd.domain.records import FIRST_SEQ_ID, Clock, FutureState, RequestKind, is_ordered, utc_now
 from tinkerd.store.codec import future_to_row
@@ -26,6 +26,24 @@ from tinkerd.store.tables import futures, sessions, training_runs
 
 _QUEUED = (FutureState.PENDING.value, FutureState.RUNNING.value)
 
+# Run for every submit: built once (building a statement costs more than SQLite takes to run it).
+_QUEUED_COUNT = (
+    select(func.count()).select_from(futures).where(futures.c.state.in_(_QUEUED), futures.c.owner == bindparam("owner"))
+)
+_AT_SEQ = select(futures.c.request_id).where(
+    futures.c.model_id == bindparam("model_id"), futures.c.seq_id == bindparam("seq_id")
+)
+_WAITING_BEHIND = (
+    select(futures.c.request_id)
+    .where(
+        futures.c.model_id == bindparam("model_id"),
+        futures.c.state == FutureState.PENDING.value,
+        futures.c.ordered.is_(True),
+        futures.c.seq_id > bindparam("seq_id"),
+    )
+    .limit(1)
+)
+
 
 class Admission:
     def __init__(self, db: Database, clock: Clock = utc_now) -> None:
@@ -34,33 +52,23 @@ class Admission:
 
     def queued(self, owner: str) -> int:
         """The owner's requests not finished yet (pending or running)."""
-        query = select(func.count()).select_from(futures).where(futures.c.state.in_(_QUEUED), futures.c.owner == owner)
-        return int(self._db.read(lambda conn: conn.execute(query).scalar_one()))
+        return int(self._db.read(lambda conn: conn.execute(_QUEUED_COUNT, {"owner": owner}).scalar_one()))
 
     def admits(self, owner: str, model_id: str, seq_id: int | None, kind: RequestKind, max_queued: int) -> bool:
         """Whether a new request fits under the owner's cap of ``max_queued`` unfinished requests (0: no cap)."""
         if max_queued <= 0:
             return True
 
+        at_seq = {"model_id": model_id, "seq_id": seq_id}
+
         def txn(conn: Connection) -> bool:
-            if seq_id is not None:
-                repeat = select(futures.c.request_id).where(futures.c.model_id == model_id, futures.c.seq_id == seq_id)
-                if conn.execute(repeat).first() is not None:
-                    return True
-            count = conn.execute(
-                select(func.count()).select_from(futures).where(futures.c.state.in_(_QUEUED), futures.c.owner == owner)
-            ).scalar_one()
-            if count < max_queued:
+            if seq_id is not None and conn.execute(_AT_SEQ, at_seq).first() is not None:
+                return True  # a repeat
+            if conn.execute(_QUEUED_COUNT, {"owner": owner}).scalar_one() < max_queued:
                 return True
             if not is_ordered(kind, seq_id):
                 return False
-            waiting_behind = select(futures.c.request_id).where(
-                futures.c.model_id == model_id,
-                futures.c.state == FutureState.PENDING.value,
-                futures.c.ordered.is_(True),
-                futures.c.seq_id > seq_id,
-            )
-            return conn.execute(waiting_behind.limit(1)).first() is not None
+            return conn.execute(_WAITING_BEHIND, at_seq).first() is not None
 
         return self._db.read(txn)
 
@@ -78,8 +86,7 @@ class Admission:
         (the seq_id is taken, or already behind the run's cursor)."""
 
         def txn(conn: Connection) -> bool:
-            taken = select(futures.c.request_id).where(futures.c.model_id == model_id, futures.c.seq_id == seq_id)
-            if conn.execute(taken).first() is not None:
+            if conn.execute(_AT_SEQ, {"model_id": model_id, "seq_id": seq_id}).first() is not None:
                 return False
             if seq_id < ensure_cursor(conn, model_id, FIRST_SEQ_ID):
                 return False
