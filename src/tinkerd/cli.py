@@ -352,7 +352,7 @@ def checkpoints_export(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tinkerd.engine.export import MERGED_DTYPES, export_merged, export_peft  # torch: only for this command
-    from tinkerd.worker.storage import CheckpointFiles
+    from tinkerd.store.files import CheckpointFiles
 
     try:
         tinker_path = parse_tinker_path(path)

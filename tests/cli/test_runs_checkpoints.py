@@ -22,7 +22,7 @@ from tinkerd.domain.paths import TinkerPath
 from tinkerd.domain.records import Checkpoint, Session, TrainingRun
 from tinkerd.engine.checkpoint import checkpoint_size_bytes
 from tinkerd.store import Store, default_url
-from tinkerd.worker.storage import CheckpointFiles
+from tinkerd.store.files import CheckpointFiles
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -35,9 +35,9 @@ from tinkerd.domain.requests import (
 from tinkerd.engine.checkpoint import check_compatible, checkpoint_size_bytes, load_checkpoint, save_checkpoint
 from tinkerd.engine.lora import validate_lora_config
 from tinkerd.engine.optim import AdamState
+from tinkerd.store.files import CheckpointFiles
 from tinkerd.store.store import Store
 from tinkerd.worker.runtime import LoadedRun, Runtime, SamplerSource, not_loaded_message
-from tinkerd.worker.storage import CheckpointFiles
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from datetime import timedelta
 from typing import TypeVar
 
 from tinkerd.domain.errors import NotFoundError
+from tinkerd.store.files import CheckpointFiles
 from tinkerd.store.store import Store
 from tinkerd.worker.runtime import Runtime
-from tinkerd.worker.storage import CheckpointFiles
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

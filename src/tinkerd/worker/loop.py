@@ -24,6 +24,7 @@ from tinkerd.domain import codec
 from tinkerd.domain.errors import TinkerdError
 from tinkerd.domain.records import Clock, ErrorCategory, FutureRecord, FutureState, utc_now
 from tinkerd.domain.requests import CreateModel, Finished, ForwardBackward, LoadWeights, Request, Result, Sample
+from tinkerd.store.files import CheckpointFiles
 from tinkerd.store.store import Store
 from tinkerd.worker.forward_batch import ForwardItem, run_forward_batch
 from tinkerd.worker.handlers import Handlers
@@ -32,7 +33,6 @@ from tinkerd.worker.housekeeping import Housekeeper, HousekeepingConfig
 from tinkerd.worker.planner import Job, JobKind, ModelCursorState, PendingWork, PlanLimits, plan
 from tinkerd.worker.runtime import Runtime
 from tinkerd.worker.sampling import SamplingService
-from tinkerd.worker.storage import CheckpointFiles
 
 log = logging.getLogger(__name__)
 

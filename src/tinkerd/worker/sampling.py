@@ -19,10 +19,10 @@ from tinkerd.domain.requests import Sample
 from tinkerd.engine.checkpoint import check_compatible, load_checkpoint
 from tinkerd.engine.lora import LoraWeights
 from tinkerd.engine.sampler import SampleJob
+from tinkerd.store.files import CheckpointFiles
 from tinkerd.store.store import Store
 from tinkerd.worker.hosts import ModelHost
 from tinkerd.worker.runtime import Runtime, SamplerSource
-from tinkerd.worker.storage import CheckpointFiles
 
 log = logging.getLogger(__name__)
 
