@@ -112,6 +112,9 @@ class Components:
     thread: threading.Thread | None = None
 
     def start_worker(self) -> None:
+        # Before anything is served: the requests a previous run left running are failed before the api records
+        # new ones as claimed by this worker.
+        self.worker.start()
         self.thread = threading.Thread(target=self.worker.run_forever, args=(self.stop,), name="tinkerd-worker")
         self.thread.daemon = True  # a stuck engine call must not keep the process alive after shutdown
         self.thread.start()
@@ -161,7 +164,14 @@ def build(
         )
         if keys is not None:
             api = dataclasses.replace(api, api_keys=keys)
-        app = create_app(store, [model_info(m) for m in models], notifier, api, on_submit=worker.accept)
+        app = create_app(
+            store,
+            [model_info(m) for m in models],
+            notifier,
+            api,
+            on_submit=worker.accept,
+            claim_for=worker.config.worker_id,
+        )
     except BaseException:
         store.close()
         raise

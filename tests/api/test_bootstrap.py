@@ -17,6 +17,7 @@ def test_client_config_answers_flags_the_sdk_reads(api: Api) -> None:
     assert config["pjwt_auth_enabled"] is False
     assert config["parallel_fwdbwd_chunks"] is True
     assert config["proto_compress_fwdbwd"] is False
+    assert config["use_pyqwest_transport"] is False  # the SDK's httpx transport: faster on loopback (bench/RESULTS.md)
     assert api.ok("client/dynamic_config", {"sdk_version": "0.38.0"})["refresh_interval_sec"] > 0
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+
+import pytest
 
 from tests.api.conftest import Api
+from tinkerd.api import notify
 from tinkerd.api.notify import RECENT_LIMIT, FutureNotifier
 from tinkerd.domain.ops import ForwardResult
 from tinkerd.domain.records import FutureState
@@ -39,4 +43,33 @@ def test_the_hand_off_is_owner_scoped_and_bounded(api: Api) -> None:
         notifier.notify(f"req-{i}", Finished(dataclasses.replace(record, request_id=f"req-{i}")))
     assert notifier.finished(request_id, "local") is None  # the oldest went first
     assert notifier.finished(f"req-{RECENT_LIMIT - 1}", "local") is not None
+    api.worker.resume()
+
+
+def test_requests_handed_to_the_worker_are_expected_until_notified(monkeypatch: pytest.MonkeyPatch) -> None:
+    notifier = FutureNotifier()
+    notifier.expect("a")
+    assert notifier.expected("a") and not notifier.expected("b")
+    notifier.notify("a")
+    assert not notifier.expected("a")
+    monkeypatch.setattr(notify, "EXPECTED_LIMIT", 2)
+    for name in ("x", "y", "z"):
+        notifier.expect(name)
+    assert [notifier.expected(name) for name in ("x", "y", "z")] == [False, True, True]  # the oldest is forgotten
+
+
+def test_an_expected_request_finished_only_in_the_ledger_is_still_answered(api: Api) -> None:
+    """The first look at the ledger is skipped for a request running here; the poll interval still reads it."""
+    model_id = api.model()
+    api.worker.pause()
+    request_id = api.forward_backward(model_id, 1).json()["request_id"]
+    notifier: FutureNotifier = api.client.app.state.ctx.notifier  # type: ignore[attr-defined]
+    assert notifier.expected(request_id)
+    claimed = api.store.futures.claim_ready(look_first=False)
+    assert [f.request_id for f in claimed.futures] == [request_id]
+    api.store.futures.fail(request_id, "failed without a notification", "server")
+    started = time.monotonic()
+    body = api.retrieve(request_id).json()
+    assert body["error"] == "failed without a notification"
+    assert time.monotonic() - started < 1.5  # one poll interval (0.5 s here), well inside the 2 s long poll
     api.worker.resume()

@@ -339,3 +339,69 @@ def test_no_gap_is_filled_while_the_next_seq_id_is_present(store: Store, clock: 
     store.futures.claim_ready()  # seq 0 runs; seq 2 waits for 1, but 0 is running, not missing
     clock.advance(hours=1)
     assert store.futures.fill_stale_gaps(timedelta(minutes=10)) == {}
+
+
+# -- claiming at submit (a worker in the api's process) ------------------------------------------------------------
+
+
+def submit_claiming(store: Store, seq_id: int, kind: RequestKind = FB) -> tuple[FutureRecord, bool]:
+    return store.futures.submit_or_find(
+        owner=DEFAULT_OWNER, model_id=M, seq_id=seq_id, kind=kind, payload=b"batch", claim_for="local"
+    )
+
+
+def test_a_request_at_its_models_cursor_is_recorded_claimed_by_the_given_worker(store: Store) -> None:
+    first, created = submit_claiming(store, 0, RequestKind.CREATE_MODEL)
+    assert created and first.state is FutureState.RUNNING and first.claimed_by == "local"
+    assert first.started_at is not None
+    assert store.futures.get(first.request_id, DEFAULT_OWNER).state is FutureState.RUNNING
+    # seq 1 arrives while seq 0 runs: it waits, pending, and no claim hands it out before seq 0 finishes.
+    second, _ = submit_claiming(store, 1)
+    assert second.state is FutureState.PENDING and second.claimed_by is None
+    assert claim_seqs(store) == []
+    store.futures.complete(first.request_id, b"ok")
+    assert claim_seqs(store) == [(M, 1)]
+    # Once the model has caught up, the next request is claimed at submit again.
+    store.futures.complete(second.request_id, b"ok")
+    third, _ = submit_claiming(store, 2)
+    assert third.state is FutureState.RUNNING
+
+
+def test_a_repeat_submit_is_not_new_and_is_not_claimed_twice(store: Store) -> None:
+    first, created = submit_claiming(store, 0, RequestKind.CREATE_MODEL)
+    again, created_again = submit_claiming(store, 0, RequestKind.CREATE_MODEL)
+    assert created and not created_again
+    assert again.request_id == first.request_id
+
+
+def test_claimed_at_submit_is_failed_like_any_running_request_after_a_crash(store: Store) -> None:
+    record, _ = submit_claiming(store, 0, RequestKind.CREATE_MODEL)
+    assert store.futures.fail_in_flight("restarted", worker_id="local") == 1
+    assert store.futures.get(record.request_id, DEFAULT_OWNER).state is FutureState.FAILED
+
+
+def test_unordered_requests_are_never_claimed_at_submit(store: Store) -> None:
+    record, _ = store.futures.submit_or_find(
+        owner=DEFAULT_OWNER, model_id="s:sample:0", seq_id=3, kind=RequestKind.SAMPLE, payload=b"x", claim_for="local"
+    )
+    assert record.state is FutureState.PENDING
+
+
+def test_the_admit_check_runs_in_the_submit_for_new_requests_only(store: Store) -> None:
+    calls: list[int] = []
+
+    def refuse(_conn: object) -> None:
+        calls.append(1)
+        raise InvalidRequestError("full")
+
+    submit(store, 0, RequestKind.CREATE_MODEL)
+    # A repeat passes without the check (the SDK's retry of a request already in the ledger).
+    store.futures.submit_or_find(
+        owner=DEFAULT_OWNER, model_id=M, seq_id=0, kind=RequestKind.CREATE_MODEL, payload=b"batch", admit=refuse
+    )
+    assert calls == []
+    with pytest.raises(InvalidRequestError, match="full"):
+        store.futures.submit_or_find(owner=DEFAULT_OWNER, model_id=M, seq_id=1, kind=FB, payload=b"batch", admit=refuse)
+    assert calls == [1]
+    assert run_all(store) == [(M, 0)]
+    assert run_all(store) == []  # nothing of seq 1 was written

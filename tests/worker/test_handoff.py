@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.worker.harness import Api, FakeClock, datums, drain
 from tinkerd.domain import codec
-from tinkerd.domain.records import FutureState, RequestKind
-from tinkerd.domain.requests import Finished, ForwardBackward
+from tinkerd.domain.ops import AdamParams
+from tinkerd.domain.records import FutureRecord, FutureState, RequestKind
+from tinkerd.domain.requests import Finished, ForwardBackward, OptimStep
 from tinkerd.store import Store
 from tinkerd.worker.hosts import ModelHost
 from tinkerd.worker.loop import Worker, WorkerConfig
@@ -61,3 +64,80 @@ def test_a_request_handed_over_at_submit_runs_without_its_stored_payload(
     drain(worker)
     failed = store.futures.get(broken.request_id, api.owner)
     assert failed.state is FutureState.FAILED and "could not decode" in (failed.error_message or "")
+
+
+def _submit_claimed(store: Store, owner: str, run: str, seq_id: int, request: ForwardBackward) -> FutureRecord:
+    record, created = store.futures.submit_or_find(
+        owner=owner,
+        model_id=run,
+        seq_id=seq_id,
+        kind=RequestKind.FORWARD_BACKWARD,
+        payload=codec.encode(request),
+        claim_for="local",
+    )
+    assert created and record.state is FutureState.RUNNING
+    return record
+
+
+def test_a_request_claimed_at_submit_runs_from_the_hand_over_without_a_claim(
+    api: Api, store: Store, host: ModelHost, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = Worker(store, {host.name: host}, tmp_path / "data", clock=clock)
+    run = api.create_model()
+    drain(worker)
+    record = _submit_claimed(store, api.owner, run, 1, ForwardBackward(run, datums(0), "cross_entropy"))
+
+    def no_claims(**_kwargs: object) -> None:
+        raise AssertionError("the ledger was asked for work although the request was handed over claimed")
+
+    monkeypatch.setattr(store.futures, "claim_ready", no_claims)
+    worker.accept(record, ForwardBackward(run, datums(0), "cross_entropy"))
+    assert worker.run_once()
+    monkeypatch.undo()
+    done = store.futures.get(record.request_id, api.owner)
+    assert done.state is FutureState.COMPLETED
+    assert store.futures.next_seq(run) == 2
+    # The same request handed over twice (the api never does; a repeat submit is not new) would run twice: the
+    # hand-over carries the claim, so only the api's first, creating submit may make it.
+    assert drain(worker) == 0
+
+
+def test_the_order_of_a_run_holds_across_claimed_and_pending_requests(
+    api: Api, store: Store, host: ModelHost, tmp_path: Path, clock: FakeClock
+) -> None:
+    """seq 1 is claimed at submit; seq 2 arrives while it waits and is recorded pending; both run, in order."""
+    order: list[int | None] = []
+    worker = Worker(store, {host.name: host}, tmp_path / "data", lambda _rid, f: order.append(f.record.seq_id))
+    run = api.create_model()
+    drain(worker)
+    order.clear()
+    request = ForwardBackward(run, datums(0), "cross_entropy")
+    first = _submit_claimed(store, api.owner, run, 1, request)
+    second, _ = store.futures.submit_or_find(
+        owner=api.owner,
+        model_id=run,
+        seq_id=2,
+        kind=RequestKind.OPTIM_STEP,
+        payload=codec.encode(OptimStep(run, AdamParams(learning_rate=0.01))),
+        claim_for="local",
+    )
+    assert second.state is FutureState.PENDING
+    worker.accept(second, OptimStep(run, AdamParams(learning_rate=0.01)))
+    worker.accept(first, request)
+    drain(worker)
+    assert order == [1, 2]
+    assert store.futures.get(second.request_id, api.owner).state is FutureState.COMPLETED
+
+
+def test_claimed_requests_not_yet_taken_are_released_at_shutdown(
+    api: Api, store: Store, host: ModelHost, tmp_path: Path, clock: FakeClock
+) -> None:
+    worker = Worker(store, {host.name: host}, tmp_path / "data", clock=clock)
+    run = api.create_model()
+    drain(worker)
+    record = _submit_claimed(store, api.owner, run, 1, ForwardBackward(run, datums(0), "cross_entropy"))
+    worker.accept(record, ForwardBackward(run, datums(0), "cross_entropy"))
+    assert worker.release_claimed() == 1
+    assert store.futures.get(record.request_id, api.owner).state is FutureState.PENDING
+    drain(worker)  # a later claim runs it from the ledger
+    assert store.futures.get(record.request_id, api.owner).state is FutureState.COMPLETED

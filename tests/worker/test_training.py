@@ -126,6 +126,49 @@ def test_a_bad_request_fails_alone_and_its_neighbour_succeeds(
     assert api.loss(after) > 0
 
 
+@pytest.mark.parametrize("problem", ["loss", "token", "inputs"])
+def test_a_bad_request_alone_fails_as_it_would_in_company(
+    api: Api, worker: Worker, host: ModelHost, monkeypatch: pytest.MonkeyPatch, problem: str
+) -> None:
+    """A request alone in its pass is not validated apart first; its error must be the same user error."""
+    run = api.create_model()
+    drain(worker)
+    validated = spy_validate(monkeypatch, host.served)
+    if problem == "loss":
+        request = api.forward_backward(run, datums(0), loss_fn="no_such_loss")
+        expected = "no_such_loss"
+    elif problem == "token":
+        datum = Datum([5, 1000], {"target_tokens": ArrayData.of_ints([6, 7]), "weights": ArrayData.of_floats([1, 1])})
+        request = api.forward_backward(run, [datum])
+        expected = "1000"
+    else:
+        datum = Datum([5, 6], {"weights": ArrayData.of_floats([1, 1])})
+        request = api.forward_backward(run, [datum])
+        expected = "target_tokens"
+    drain(worker)
+    with pytest.raises(RequestFailed) as error:
+        api.result(request)
+    assert error.value.category == "user" and expected in error.value.message
+    assert validated == []
+    # Nothing was accumulated: the next request and an optim_step work as on a fresh run.
+    assert all(p.grad is None for p in host.served.adapter(run).weights.parameters())
+    after = api.forward_backward(run, datums(0))
+    drain(worker)
+    assert api.loss(after) > 0
+
+
+def spy_validate(monkeypatch: pytest.MonkeyPatch, served: ServedModel) -> list[ForwardJob]:
+    calls: list[ForwardJob] = []
+    real = served.validate
+
+    def validate(job: ForwardJob) -> None:
+        calls.append(job)
+        real(job)
+
+    monkeypatch.setattr(served, "validate", validate)
+    return calls
+
+
 def test_a_restarted_server_asks_to_reload_runs_from_a_checkpoint(api: Api, worker: Worker, store: Store) -> None:
     run = api.create_model()
     drain(worker)

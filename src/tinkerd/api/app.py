@@ -34,10 +34,14 @@ def create_app(
     settings: ApiSettings | None = None,
     *,
     on_submit: OnSubmit | None = None,
+    claim_for: str | None = None,
 ) -> FastAPI:
     """Build the app. `notifier` wakes long-polls when the worker finishes a request (give the worker its
     ``notify``); `on_submit`, if given, is called with every accepted future and its request (e.g. to hand it to
-    an idle worker)."""
+    an idle worker); with `claim_for` too (that worker's id), requests that may run at once are recorded as
+    claimed by it (see ``FuturesLedger.submit``)."""
+    if claim_for is not None and on_submit is None:
+        raise ValueError("claim_for needs on_submit: a claimed request must be handed to its worker")
     notifier = notifier or FutureNotifier()
     settings = settings or ApiSettings()
     names = [model.name for model in models]
@@ -71,6 +75,7 @@ def create_app(
         settings=settings,
         deliveries=deliveries,
         on_submit=on_submit,
+        claim_for=claim_for,
         files=CheckpointFiles(data_dir) if data_dir is not None else None,
         signer=UrlSigner(load_or_create_secret(data_dir)) if data_dir is not None else None,
     )

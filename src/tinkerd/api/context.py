@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tinkerd.api.deliveries import DeliveryLog
 from tinkerd.api.notify import FutureNotifier
+from tinkerd.api.run_cache import RunCache
 from tinkerd.api.signing import UrlSigner
 from tinkerd.domain.errors import NotFoundError
 from tinkerd.domain.records import FutureRecord
@@ -69,7 +70,11 @@ class ApiContext:
     deliveries: DeliveryLog
     # Called with every accepted future and its request (e.g. to hand it to a worker in this process and wake it).
     on_submit: OnSubmit | None = None
+    # The id of the worker ``on_submit`` hands requests to: an ordered request that may run at once is recorded as
+    # claimed by it, sparing that worker a claim transaction. None: every request is recorded pending.
+    claim_for: str | None = None
     files: CheckpointFiles | None = None  # set when settings.data_dir is
+    runs: RunCache = field(default_factory=RunCache)  # the runs requests were submitted to
     signer: UrlSigner | None = None  # likewise
 
     def model(self, name: str) -> ServedModelInfo:

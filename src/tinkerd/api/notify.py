@@ -8,6 +8,11 @@ A notification can arrive before the waiter exists (the worker may finish betwee
 and its wait). Waiters therefore register *before* they read the ledger, and re-read it after every wake-up or
 poll interval: a lost notification costs at most one poll interval, never a missed result.
 
+Expected results. The api notes each request it hands to a worker in this process (``expect``) until that
+worker's notification, so that a poll arriving before the result skips its first ledger read: the request is known
+to be running here. A request the ledger finishes by itself (failed at shutdown, say) is found at the next read,
+one poll interval later.
+
 Hand-off. A worker in this process passes the finished record (and its result as an object) with the notification;
 the notifier keeps the latest ones, so the long-poll answers from memory: no ledger read, no decoding, and no
 wait for the worker's own ledger write, which it makes right after notifying. The ledger stays the truth: a
@@ -28,6 +33,8 @@ from tinkerd.domain.requests import Finished
 # later polls (retries, slow clients) read the ledger.
 RECENT_LIMIT = 1024
 RECENT_BYTES_LIMIT = 64 * 1024 * 1024
+# Requests handed to the worker and not notified yet that are remembered (the oldest are forgotten past this).
+EXPECTED_LIMIT = 65536
 
 
 class FutureNotifier:
@@ -40,6 +47,7 @@ class FutureNotifier:
         self._lock = threading.Lock()  # guards _loop and _recent, which notify() touches from other threads
         self._recent: OrderedDict[str, Finished] = OrderedDict()
         self._recent_bytes = 0
+        self._expected: dict[str, None] = {}  # an insertion-ordered set, guarded by _lock
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop that serves requests (called at app startup)."""
@@ -53,6 +61,7 @@ class FutureNotifier:
         With `finished`, waiters may answer from it (see ``finished``) instead of reading the ledger."""
         with self._lock:
             loop = self._loop
+            self._expected.pop(request_id, None)
             if finished is not None:
                 self._remember(request_id, finished)
         if loop is None or loop.is_closed():
@@ -68,6 +77,18 @@ class FutureNotifier:
             return
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._close_on_loop)
+
+    def expect(self, request_id: str) -> None:
+        """`request_id` was handed to a worker in this process, whose ``notify`` will follow. Thread-safe."""
+        with self._lock:
+            self._expected[request_id] = None
+            if len(self._expected) > EXPECTED_LIMIT:
+                del self._expected[next(iter(self._expected))]
+
+    def expected(self, request_id: str) -> bool:
+        """Whether `request_id` is running in this process, its notification still to come."""
+        with self._lock:
+            return request_id in self._expected
 
     def finished(self, request_id: str, owner: str) -> Finished | None:
         """The hand-off for `request_id` if the worker gave one and `owner` owns the request."""

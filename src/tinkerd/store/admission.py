@@ -15,6 +15,8 @@ a row that is failed from the start, in one transaction, so no worker ever sees 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import Connection, and_, bindparam, func, insert, select
 
 from tinkerd.domain.records import FIRST_SEQ_ID, Clock, FutureState, RequestKind, is_ordered, utc_now
@@ -45,6 +47,17 @@ _WAITING_BEHIND = (
 )
 
 
+def _admits_new(
+    conn: Connection, owner: str, model_id: str, seq_id: int | None, kind: RequestKind, max_queued: int
+) -> bool:
+    """Whether a request that is not a repeat fits under the owner's cap."""
+    if conn.execute(_QUEUED_COUNT, {"owner": owner}).scalar_one() < max_queued:
+        return True
+    if not is_ordered(kind, seq_id):
+        return False
+    return conn.execute(_WAITING_BEHIND, {"model_id": model_id, "seq_id": seq_id}).first() is not None
+
+
 class Admission:
     def __init__(self, db: Database, clock: Clock = utc_now) -> None:
         self._db = db
@@ -59,18 +72,32 @@ class Admission:
         if max_queued <= 0:
             return True
 
-        at_seq = {"model_id": model_id, "seq_id": seq_id}
-
         def txn(conn: Connection) -> bool:
-            if seq_id is not None and conn.execute(_AT_SEQ, at_seq).first() is not None:
+            if seq_id is not None and conn.execute(_AT_SEQ, {"model_id": model_id, "seq_id": seq_id}).first():
                 return True  # a repeat
-            if conn.execute(_QUEUED_COUNT, {"owner": owner}).scalar_one() < max_queued:
-                return True
-            if not is_ordered(kind, seq_id):
-                return False
-            return conn.execute(_WAITING_BEHIND, at_seq).first() is not None
+            return _admits_new(conn, owner, model_id, seq_id, kind, max_queued)
 
         return self._db.read(txn)
+
+    def queue_check(
+        self,
+        owner: str,
+        model_id: str,
+        seq_id: int | None,
+        kind: RequestKind,
+        max_queued: int,
+        refusal: Callable[[], Exception],
+    ) -> Callable[[Connection], None] | None:
+        """``admits`` as a check the ledger runs inside its submit transaction for a new request (a repeat is known
+        there already): it raises ``refusal()`` when the request does not fit. None when there is no cap."""
+        if max_queued <= 0:
+            return None
+
+        def check(conn: Connection) -> None:
+            if not _admits_new(conn, owner, model_id, seq_id, kind, max_queued):
+                raise refusal()
+
+        return check
 
     def open_runs(self, owner: str) -> int:
         """The owner's training runs whose session is still open (closed and timed-out sessions free theirs)."""

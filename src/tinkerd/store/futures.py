@@ -13,7 +13,7 @@ request that already exists, never a second one.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -133,10 +133,34 @@ class FuturesLedger:
         payload: bytes,
         token_count: int = 0,
     ) -> FutureRecord:
-        """Record a request. With a seq_id, a repeat of the same (model_id, seq_id) returns the existing request.
+        """Record a request (see ``submit_or_find``), or return the existing one for a repeated (model_id, seq_id)."""
+        record, _created = self.submit_or_find(
+            owner=owner, model_id=model_id, seq_id=seq_id, kind=kind, payload=payload, token_count=token_count
+        )
+        return record
+
+    def submit_or_find(
+        self,
+        *,
+        owner: str,
+        model_id: str,
+        seq_id: int | None,
+        kind: RequestKind,
+        payload: bytes,
+        token_count: int = 0,
+        admit: Callable[[Connection], None] | None = None,
+        claim_for: str | None = None,
+    ) -> tuple[FutureRecord, bool]:
+        """Record a request, and say whether it is new. With a seq_id, a repeat of the same (model_id, seq_id)
+        returns the request that exists (and False).
 
         Raises InvalidRequestError for a seq_id its model has already executed past (a retry of a request whose
         row was purged, or a client bug): accepting it would leave it waiting forever.
+
+        ``admit`` runs inside the same transaction for a new request (not for a repeat), and raises to refuse it.
+        With ``claim_for`` (a worker id), an ordered request that may run at once (its seq_id is its model's next,
+        so nothing of the model runs) is recorded already running under that worker: a worker in this process,
+        handed the request, then needs no claim of its own. Anything else is recorded pending.
         """
         validate_owner(owner)
         if seq_id is not None and seq_id < 0:
@@ -145,11 +169,14 @@ class FuturesLedger:
             raise InvalidRequestError(f"token_count must be >= 0, got {token_count}")
         ordered = is_ordered(kind, seq_id)
 
-        def txn(conn: Connection) -> FutureRecord:
+        def txn(conn: Connection) -> tuple[FutureRecord, bool]:
             if seq_id is not None:
                 existing = self._find(conn, model_id, seq_id)
                 if existing is not None:
-                    return self._check_repeat(existing, owner, kind)
+                    return self._check_repeat(existing, owner, kind), False
+            if admit is not None:
+                admit(conn)
+            runnable = False
             if ordered:
                 assert seq_id is not None
                 next_seq = ensure_cursor(conn, model_id, FIRST_SEQ_ID)
@@ -157,6 +184,9 @@ class FuturesLedger:
                     raise InvalidRequestError(
                         f"seq_id {seq_id} of model {model_id!r} was already executed; the next one is {next_seq}"
                     )
+                runnable = seq_id == next_seq
+            now = self._clock()
+            claimed = runnable and claim_for is not None
             record = FutureRecord(
                 request_id=new_request_id(),
                 owner=owner,
@@ -164,16 +194,18 @@ class FuturesLedger:
                 seq_id=seq_id,
                 kind=kind,
                 ordered=ordered,
-                state=FutureState.PENDING,
+                state=FutureState.RUNNING if claimed else FutureState.PENDING,
                 payload=payload,
                 result=None,
                 error_message=None,
                 error_category=None,
                 token_count=token_count,
-                created_at=self._clock(),
+                created_at=now,
+                started_at=now if claimed else None,
+                claimed_by=claim_for if claimed else None,
             )
             conn.execute(_INSERT, future_to_row(record))
-            return record
+            return record, True
 
         # On PostgreSQL two concurrent submits can both miss the row and race to insert; the loser's unique
         # violation means the winner's row now exists, so run again and return it. (SQLite serialises writers.)

@@ -1,7 +1,8 @@
 """Forward and forward_backward requests of many runs on one base model, run as one ``ServedModel.forward`` call.
 
-Each request is validated on its own first, so a bad one (unknown loss, token outside the vocabulary, a run that is
-not loaded) fails alone and its neighbours run. Should the shared pass itself raise, every involved adapter's
+When requests share a pass, each is validated on its own first, so a bad one (unknown loss, token outside the
+vocabulary, a run that is not loaded) fails alone and its neighbours run; a request alone skips that step, since its
+pass fails only itself. Should the shared pass itself raise, every involved adapter's
 gradients are put back as they were and the requests are retried one by one, so a request that breaks the engine
 fails alone too, and a failed request never leaves half a gradient behind.
 """
@@ -45,17 +46,20 @@ class _Prepared:
 def run_forward_batch(runtime: Runtime, items: Sequence[ForwardItem]) -> list[tuple[ForwardItem, Outcome]]:
     """Every item's result or exception, in the order given."""
     outcomes: dict[str, Outcome] = {}
-    prepared: list[_Prepared] = []
+    by_host: dict[str, list[_Prepared]] = {}
     for item in items:
         try:
-            prepared.append(_prepare(runtime, item))
+            p = _prepare(runtime, item)
         except Exception as exc:
             outcomes[item.future.request_id] = exc
-    by_host: dict[str, list[_Prepared]] = {}
-    for p in prepared:
-        by_host.setdefault(p.host.name, []).append(p)
+        else:
+            by_host.setdefault(p.host.name, []).append(p)
     for group in by_host.values():
         served = group[0].host.served
+        if len(group) > 1:  # alone, a bad request fails only itself anyway: no need to check it apart first
+            group = _validated(group, outcomes)
+        if not group:
+            continue
         for p, outcome in zip(group, _run_group(served, [p.job for p in group]), strict=True):
             outcomes[p.item.future.request_id] = _check_finite(served, p.job, outcome)
     return [(item, outcomes[item.future.request_id]) for item in items]
@@ -65,8 +69,20 @@ def _prepare(runtime: Runtime, item: ForwardItem) -> _Prepared:
     req = item.request
     run, host, _ = runtime.training(req.run_id, item.future.owner)
     job = ForwardJob(run.run_id, req.datums, req.loss_fn, dict(req.loss_fn_config), backward=req.backward)
-    host.served.validate(job)
     return _Prepared(item, host, job)
+
+
+def _validated(group: list[_Prepared], outcomes: dict[str, Outcome]) -> list[_Prepared]:
+    """The requests of a shared pass that pass ``ServedModel.validate``; the others' errors go to ``outcomes``."""
+    valid: list[_Prepared] = []
+    for p in group:
+        try:
+            p.host.served.validate(p.job)
+        except Exception as exc:
+            outcomes[p.item.future.request_id] = exc
+        else:
+            valid.append(p)
+    return valid
 
 
 def _run_group(served: ServedModel, jobs: list[ForwardJob]) -> list[Outcome]:

@@ -94,6 +94,8 @@ class Worker:
         # Requests the api of this process handed over at submit, by request id: claimed without decoding the stored
         # payload. Written by api threads, read here; single dict operations are atomic under the GIL.
         self._handed: dict[str, Request] = {}
+        # Requests the api recorded as already claimed by this worker (they may run at once), in arrival order.
+        self._preclaimed: deque[_Claimed] = deque()
         self._submitted = False  # something was handed over since the last claim: claim without looking first
         self._started = False
         self._next_housekeeping = 0.0
@@ -107,7 +109,13 @@ class Worker:
     def accept(self, future: FutureRecord, request: Request) -> None:
         """The api recorded `future` in the ledger: keep its request at hand, and wake. Safe from any thread.
 
-        Only an optimisation: the ledger is what the worker runs; a request not found here is decoded from it."""
+        Only an optimisation for a pending request: the ledger is what the worker runs, and a request not found
+        here is decoded from it. A request recorded as running under this worker's name (``FuturesLedger.submit``
+        with ``claim_for``) is the exception: it reaches this worker only this way."""
+        if future.state is FutureState.RUNNING and future.claimed_by == self.config.worker_id:
+            self._preclaimed.append(_Claimed(future, request))
+            self._wakeup.set()
+            return
         if future.state is FutureState.PENDING:
             if len(self._handed) >= _HANDED_LIMIT:  # requests claimed by no one (e.g. refused later): start over
                 self._handed.clear()
@@ -167,6 +175,7 @@ class Worker:
 
     def release_claimed(self) -> int:
         """Put every claimed but unfinished request back to pending (shutting down); returns how many."""
+        self._take_preclaimed()
         ids = list(self._pool) + [future.request_id for future in self.sampling.abandon_all()]
         self._pool.clear()
         self._round.clear()
@@ -174,7 +183,19 @@ class Worker:
 
     # -- claiming and planning -----------------------------------------------------------------------------------
 
+    def _take_preclaimed(self) -> bool:
+        """Move the requests the api claimed for this worker into the pool; True if there were any."""
+        took = False
+        while self._preclaimed:
+            claimed = self._preclaimed.popleft()
+            self._pool[claimed.future.request_id] = claimed
+            took = True
+        return took
+
     def _claim(self) -> bool:
+        if self._take_preclaimed() and not self._submitted:
+            # The api's claim is this iteration's: run it now, look in the ledger next time (after the job).
+            return True
         room = max(0, self.config.max_samples_in_flight - self.sampling.in_flight_count())
         look_first, self._submitted = not self._submitted, False
         claim = self.store.futures.claim_ready(

@@ -50,12 +50,15 @@ async def in_thread(function: Callable[..., T], *args: object) -> T:
 
 def admit(ctx: ApiContext, owner: str, model_id: str, seq_id: int | None, kind: RequestKind) -> None:
     """429 when the owner's queue is full (see store.admission for the requests that always pass)."""
-    cap = ctx.settings.max_queued_per_user
-    if not ctx.store.admission.admits(owner, model_id, seq_id, kind, cap):
-        raise CapacityError(
-            f"too much work queued: user {owner!r} has {cap} unfinished requests, the server's limit "
-            "(tinkerd serve --max-queued-per-user); retry once some have finished"
-        )
+    if not ctx.store.admission.admits(owner, model_id, seq_id, kind, ctx.settings.max_queued_per_user):
+        raise _queue_full(ctx, owner)
+
+
+def _queue_full(ctx: ApiContext, owner: str) -> CapacityError:
+    return CapacityError(
+        f"too much work queued: user {owner!r} has {ctx.settings.max_queued_per_user} unfinished requests, the "
+        "server's limit (tinkerd serve --max-queued-per-user); retry once some have finished"
+    )
 
 
 def check_run_cap(ctx: ApiContext, owner: str) -> None:
@@ -81,8 +84,6 @@ def submit(
     admitted: bool = False,
 ) -> FutureRecord:
     """Record a request in the ledger (429 if the owner's queue is full, unless ``admitted`` already)."""
-    if not admitted:
-        admit(ctx, owner, model_id, seq_id, kind)
     try:
         encoded = codec.encode(payload)
     except ValueError:  # NaN or infinity somewhere in the request (the ledger stores JSON, which has no spelling)
@@ -90,12 +91,26 @@ def submit(
         if seq_id is not None and kind.sequenced:
             fill_refused_seq(ctx, owner, model_id, seq_id, kind, message)
         raise InvalidRequestError(message) from None
-    record = ctx.store.futures.submit(
-        owner=owner, model_id=model_id, seq_id=seq_id, kind=kind, payload=encoded, token_count=token_count
+    record, created = ctx.store.futures.submit_or_find(
+        owner=owner,
+        model_id=model_id,
+        seq_id=seq_id,
+        kind=kind,
+        payload=encoded,
+        token_count=token_count,
+        # The queue cap is checked inside the ledger's transaction: one transaction per submit.
+        admit=None
+        if admitted
+        else ctx.store.admission.queue_check(
+            owner, model_id, seq_id, kind, ctx.settings.max_queued_per_user, lambda: _queue_full(ctx, owner)
+        ),
+        claim_for=ctx.claim_for,
     )
-    if ctx.on_submit is not None:
+    if created and ctx.on_submit is not None:
         # Handed over here rather than after the response is sent: the worker starts sooner, and the SDK sends its
         # next request (often the optim_step behind a forward_backward) without waiting for this one's result.
+        # (A repeat is not handed again: it is in the ledger, or running, already.)
+        ctx.notifier.expect(record.request_id)  # before the hand-over, so that its notification comes after
         ctx.on_submit(record, payload)
     return record
 

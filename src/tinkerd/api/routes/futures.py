@@ -65,15 +65,19 @@ async def retrieve_future(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ctx.settings.long_poll_s
     # Register before looking: a notification that lands between the look and the wait is not lost.
+    # A request still running in this process needs no ledger read before the first wait (see FutureNotifier).
+    look = not ctx.notifier.expected(body.request_id)
     with ctx.notifier.waiter(body.request_id) as woken:
         while True:
             woken.clear()
             handed = ctx.notifier.finished(body.request_id, owner)
             if handed is not None:
                 return await _answer(ctx, handed.record, handed.value, want_proto)
-            record = await in_thread(ctx.store.futures.get, body.request_id, owner)
-            if record.state.finished:
-                return await _answer(ctx, record, None, want_proto)
+            if look:
+                record = await in_thread(ctx.store.futures.get, body.request_id, owner)
+                if record.state.finished:
+                    return await _answer(ctx, record, None, want_proto)
+            look = True
             remaining = deadline - loop.time()
             if remaining <= 0 or ctx.notifier.closed:
                 return json_response(schemas.TryAgainResponse(request_id=body.request_id))

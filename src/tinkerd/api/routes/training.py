@@ -72,7 +72,7 @@ _TOUCH_EVERY = timedelta(seconds=5)
 
 def _accepted(ctx: ApiContext, run: TrainingRun) -> None:
     now = utc_now()
-    if now - run.last_request_at >= _TOUCH_EVERY:
+    if ctx.runs.touch_due(run.id, run.last_request_at, now, _TOUCH_EVERY):
         ctx.store.runs.touch(run.id, run.owner, now)
 
 
@@ -87,7 +87,7 @@ def _submit_to_run(
     """Check and convert a request to an existing run (``build`` returns it and its token count), then submit it.
 
     A refusal inside ``build`` still fills the run's seq_id (see _refusing_fills_the_seq)."""
-    run = _run(ctx, owner, model_id)
+    run = ctx.runs.get(validate_run_id(model_id), owner, ctx.store.runs.get)
     with _refusing_fills_the_seq(ctx, owner, run, seq_id, kind):
         request, token_count = build(run)
     record = submit(ctx, owner, model_id=run.id, seq_id=seq_id, kind=kind, payload=request, token_count=token_count)
