@@ -2,9 +2,10 @@
 
 Starts `tinkerd serve` as a subprocess on 127.0.0.1 with a tiny random Llama (so the model's own time is small and
 the overhead shows), drives it with the official tinker SDK, and times the same forward on a `ServedModel` in this
-process. Prints p50 / p99 over N calls of each and the difference.
+process. The two are timed side by side, in alternating blocks, so that a machine that speeds up or slows down
+during the run affects both alike. Prints p50 / p99 over N calls of each and the difference.
 
-    .venv/bin/python -m bench.bench_api_overhead [--calls 200]
+    .venv/bin/python -m bench.bench_api_overhead [--calls 200] [--block 20]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,8 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
     return statistics.median(ms), ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
 
 
-def time_sdk(url: str, model: str, calls: int) -> tuple[list[float], list[float]]:
-    """Forward calls, and for scale get_server_capabilities calls (one HTTP round trip through the SDK, no work)."""
+def sdk_forward(url: str, model: str) -> tuple[Callable[[], object], Callable[[], object]]:
+    """A 1-datum forward through the SDK, and for scale get_server_capabilities (one HTTP round trip, no work)."""
     service = tinker.ServiceClient(base_url=url, api_key="tml-bench")
     trainer = service.create_lora_training_client(base_model=model, rank=8, seed=0)
     datum = tinker.Datum(
@@ -52,34 +54,32 @@ def time_sdk(url: str, model: str, calls: int) -> tuple[list[float], list[float]
             "weights": tinker.TensorData(data=[1.0] * len(TOKENS), dtype="float32", shape=[len(TOKENS)]),
         },
     )
-    times: list[float] = []
-    for i in range(calls + 10):
-        start = time.perf_counter()
-        trainer.forward([datum], "cross_entropy").result()
-        if i >= 10:  # warm-up
-            times.append(time.perf_counter() - start)
-    round_trips: list[float] = []
-    for i in range(calls + 10):
-        start = time.perf_counter()
-        service.get_server_capabilities()
-        if i >= 10:
-            round_trips.append(time.perf_counter() - start)
-    return times, round_trips
+    return lambda: trainer.forward([datum], "cross_entropy").result(), service.get_server_capabilities
 
 
-def time_engine(model_dir: Path, calls: int) -> list[float]:
+def engine_forward(model_dir: Path) -> Callable[[], object]:
+    """The same forward on a ServedModel in this process, one engine thread (as the server is started with)."""
     served = ServedModel.from_directory("tiny", model_dir, EngineConfig(num_threads=1))
     served.create_adapter("run", LoraConfig(rank=8, seed=0))
     datum = Datum(
         TOKENS,
         {"target_tokens": ArrayData.of_ints([*TOKENS[1:], 2]), "weights": ArrayData.of_floats([1.0] * len(TOKENS))},
     )
-    times: list[float] = []
-    for i in range(calls + 10):
-        start = time.perf_counter()
-        served.forward([ForwardJob("run", [datum], "cross_entropy")])
-        if i >= 10:
-            times.append(time.perf_counter() - start)
+    return lambda: served.forward([ForwardJob("run", [datum], "cross_entropy")])
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], calls: int, block: int) -> dict[str, list[float]]:
+    """`calls` timed calls of each function after 10 untimed ones, in alternating blocks of `block` calls."""
+    for fn in fns.values():
+        for _ in range(10):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    while any(len(ts) < calls for ts in times.values()):
+        for name, fn in fns.items():
+            for _ in range(min(block, calls - len(times[name]))):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -87,21 +87,25 @@ def main() -> None:
     warnings.simplefilter("ignore", FutureWarning)  # the SDK's deprecation notices, printed once per call site
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--block", type=int, default=20, help="calls of one kind before switching to the next")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = tiny_model_dir(Path(tmp))
         # One engine thread on both sides: what is compared is the path around the engine, not thread counts.
         with serving(model_dir, Path(tmp), "--threads", "1") as (url, _server):
-            sdk_times, round_trips = time_sdk(url, str(model_dir), args.calls)
-        sdk, round_trip = percentiles(sdk_times), percentiles(round_trips)
-        engine = percentiles(time_engine(model_dir, args.calls))
-    print(f"1-datum forward (8 tokens, tiny Llama), {args.calls} calls each after 10 warm-up calls\n")
+            sdk, round_trip = sdk_forward(url, str(model_dir))
+            fns = {"sdk": sdk, "engine": engine_forward(model_dir), "round_trip": round_trip}
+            times = time_interleaved(fns, args.calls, args.block)
+    p = {name: percentiles(ts) for name, ts in times.items()}
+    print(f"1-datum forward (8 tokens, tiny Llama), {args.calls} calls each after 10 warm-up calls, alternating in")
+    print(f"blocks of {args.block}\n")
     print("| path | p50 ms | p99 ms |")
     print("|---|---|---|")
-    print(f"| SDK -> tinkerd serve -> result | {sdk[0]:.1f} | {sdk[1]:.1f} |")
-    print(f"| engine call alone (ServedModel.forward) | {engine[0]:.1f} | {engine[1]:.1f} |")
-    print(f"| overhead (difference) | {sdk[0] - engine[0]:.1f} | {sdk[1] - engine[1]:.1f} |")
-    print(f"| for scale: SDK get_server_capabilities (1 round trip) | {round_trip[0]:.1f} | {round_trip[1]:.1f} |")
+    print(f"| SDK -> tinkerd serve -> result | {p['sdk'][0]:.1f} | {p['sdk'][1]:.1f} |")
+    print(f"| engine call alone (ServedModel.forward) | {p['engine'][0]:.1f} | {p['engine'][1]:.1f} |")
+    print(f"| overhead (difference) | {p['sdk'][0] - p['engine'][0]:.1f} | {p['sdk'][1] - p['engine'][1]:.1f} |")
+    trip = p["round_trip"]
+    print(f"| for scale: SDK get_server_capabilities (1 round trip) | {trip[0]:.1f} | {trip[1]:.1f} |")
 
 
 if __name__ == "__main__":

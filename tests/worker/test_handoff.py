@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +13,7 @@ from tinkerd.domain.ops import AdamParams
 from tinkerd.domain.records import FutureRecord, FutureState, RequestKind
 from tinkerd.domain.requests import Finished, ForwardBackward, OptimStep
 from tinkerd.store import Store
+from tinkerd.store.futures import Claim
 from tinkerd.worker.hosts import ModelHost
 from tinkerd.worker.loop import Worker, WorkerConfig
 
@@ -141,3 +143,45 @@ def test_claimed_requests_not_yet_taken_are_released_at_shutdown(
     assert store.futures.get(record.request_id, api.owner).state is FutureState.PENDING
     drain(worker)  # a later claim runs it from the ledger
     assert store.futures.get(record.request_id, api.owner).state is FutureState.COMPLETED
+
+
+def test_after_a_job_claimed_at_submit_the_ledger_is_read_again_only_when_needed(
+    api: Api, store: Store, host: ModelHost, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = Worker(store, {host.name: host}, tmp_path / "data", clock=clock)
+    run = api.create_model()
+    drain(worker)
+    reads: list[bool] = []
+    real_claim = store.futures.claim_ready
+
+    def counting_claim(**kwargs: Any) -> Claim:
+        reads.append(kwargs["look_first"])
+        return real_claim(**kwargs)
+
+    monkeypatch.setattr(store.futures, "claim_ready", counting_claim)
+    request = ForwardBackward(run, datums(0), "cross_entropy")
+    worker.accept(_submit_claimed(store, api.owner, run, 1, request), request)
+    assert worker.run_once()  # runs it
+    assert not worker.run_once()  # the iteration after its job: no ledger read
+    assert reads == []
+    # A request that reached the ledger without a hand-over (another process, say) is found at the next look.
+    other = api.forward_backward(run, datums(1), seq_id=2)
+    drain(worker)
+    assert reads and store.futures.get(other, api.owner).state is FutureState.COMPLETED
+    # A request handed over pending (it arrived while its predecessor was claimed) is claimed without a look first.
+    reads.clear()
+    request = ForwardBackward(run, datums(2), "cross_entropy")
+    worker.accept(_submit_claimed(store, api.owner, run, 3, request), request)
+    follower, _ = store.futures.submit_or_find(
+        owner=api.owner,
+        model_id=run,
+        seq_id=4,
+        kind=RequestKind.FORWARD_BACKWARD,
+        payload=codec.encode(request),
+        claim_for="local",
+    )
+    assert follower.state is FutureState.PENDING
+    worker.accept(follower, request)
+    drain(worker)
+    assert store.futures.get(follower.request_id, api.owner).state is FutureState.COMPLETED
+    assert False in reads  # claimed as known work, without looking first

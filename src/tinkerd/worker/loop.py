@@ -99,6 +99,8 @@ class Worker:
         self._submitted = False  # something was handed over since the last claim: claim without looking first
         self._started = False
         self._next_housekeeping = 0.0
+        # Set when a request claimed at submit is taken: the ledger read after its job is skipped (see _claim).
+        self._skip_look = False
 
     # -- driving -------------------------------------------------------------------------------------------------
 
@@ -193,9 +195,20 @@ class Worker:
         return took
 
     def _claim(self) -> bool:
-        if self._take_preclaimed() and not self._submitted:
-            # The api's claim is this iteration's: run it now, look in the ledger next time (after the job).
-            return True
+        """Take what the api claimed for this worker, then claim what the ledger has ready.
+
+        After the job of a request claimed at submit, the ledger is not read unless something was handed over
+        since (or still waits there): the read would compete with the job's answer going out, and anything that
+        reached the ledger another way is found at the next idle poll, as when idle."""
+        took = self._take_preclaimed()
+        if took:
+            self._skip_look = True
+            if not self._submitted:
+                return True  # the api's claim is this iteration's: run it now
+        elif self._skip_look:
+            self._skip_look = False
+            if not (self._submitted or self._handed):
+                return False
         room = max(0, self.config.max_samples_in_flight - self.sampling.in_flight_count())
         look_first, self._submitted = not self._submitted, False
         claim = self.store.futures.claim_ready(
@@ -205,7 +218,7 @@ class Worker:
             look_first=look_first,
         )
         if not claim.futures:
-            return False
+            return took
         for future in claim.futures:
             request = self._handed.pop(future.request_id, None)
             try:
