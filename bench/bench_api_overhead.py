@@ -57,9 +57,9 @@ def sdk_forward(url: str, model: str) -> tuple[Callable[[], object], Callable[[]
     return lambda: trainer.forward([datum], "cross_entropy").result(), service.get_server_capabilities
 
 
-def engine_forward(model_dir: Path) -> Callable[[], object]:
+def engine_forward(model_dir: Path, dtype: str) -> Callable[[], object]:
     """The same forward on a ServedModel in this process, one engine thread (as the server is started with)."""
-    served = ServedModel.from_directory("tiny", model_dir, EngineConfig(num_threads=1))
+    served = ServedModel.from_directory("tiny", model_dir, EngineConfig(num_threads=1, train_dtype=dtype))
     served.create_adapter("run", LoraConfig(rank=8, seed=0))
     datum = Datum(
         TOKENS,
@@ -88,17 +88,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--block", type=int, default=20, help="calls of one kind before switching to the next")
+    parser.add_argument("--dtype", default="bfloat16", help="the engine's training dtype, on both sides")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = tiny_model_dir(Path(tmp))
         # One engine thread on both sides: what is compared is the path around the engine, not thread counts.
-        with serving(model_dir, Path(tmp), "--threads", "1") as (url, _server):
+        with serving(model_dir, Path(tmp), "--threads", "1", "--dtype", args.dtype) as (url, _server):
             sdk, round_trip = sdk_forward(url, str(model_dir))
-            fns = {"sdk": sdk, "engine": engine_forward(model_dir), "round_trip": round_trip}
+            fns = {"sdk": sdk, "engine": engine_forward(model_dir, args.dtype), "round_trip": round_trip}
             times = time_interleaved(fns, args.calls, args.block)
     p = {name: percentiles(ts) for name, ts in times.items()}
-    print(f"1-datum forward (8 tokens, tiny Llama), {args.calls} calls each after 10 warm-up calls, alternating in")
-    print(f"blocks of {args.block}\n")
+    print(f"1-datum forward (8 tokens, tiny Llama, {args.dtype}), {args.calls} calls each after 10 warm-up calls,")
+    print(f"alternating in blocks of {args.block}\n")
     print("| path | p50 ms | p99 ms |")
     print("|---|---|---|")
     print(f"| SDK -> tinkerd serve -> result | {p['sdk'][0]:.1f} | {p['sdk'][1]:.1f} |")

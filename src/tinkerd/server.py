@@ -154,7 +154,7 @@ def build(
                 announce(f"Loading {model.name} from {model.path}")
             hosts[model.name] = ModelHost.from_directory(model.name, model.path, engine)
         notifier = FutureNotifier()
-        worker = Worker(store, hosts, data_dir, notify=notifier.notify)
+        worker = Worker(store, hosts, data_dir, notify=notifier.notify, await_answer=notifier.await_answer)
         api = dataclasses.replace(
             api_settings or ApiSettings(),
             data_dir=data_dir,

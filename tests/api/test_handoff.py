@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -72,4 +73,37 @@ def test_an_expected_request_finished_only_in_the_ledger_is_still_answered(api: 
     body = api.retrieve(request_id).json()
     assert body["error"] == "failed without a notification"
     assert time.monotonic() - started < 1.5  # one poll interval (0.5 s here), well inside the 2 s long poll
+    api.worker.resume()
+
+
+def test_await_answer_returns_at_once_when_no_poll_waits() -> None:
+    notifier = FutureNotifier()
+    notifier.notify("nobody-waits")
+    started = time.monotonic()
+    assert not notifier.await_answer("nobody-waits", 5.0)
+    assert time.monotonic() - started < 1.0
+
+
+def test_await_answer_holds_the_worker_until_the_waiting_poll_has_answered(api: Api) -> None:
+    """The worker's side of the hand-off: notify, then wait for the poll's answer to be sent before going on."""
+    model_id = api.model()
+    api.worker.pause()
+    request_id = api.forward_backward(model_id, 1).json()["request_id"]
+    notifier: FutureNotifier = api.client.app.state.ctx.notifier  # type: ignore[attr-defined]
+    pending = api.store.futures.get(request_id, "local")
+    done = dataclasses.replace(pending, state=FutureState.COMPLETED, result=b"{}")
+    value = ForwardResult(loss_fn_outputs=[], metrics={"loss:sum": 7.0})
+    answers: list[dict[str, object]] = []
+    poll = threading.Thread(target=lambda: answers.append(api.retrieve(request_id).json()))
+    poll.start()
+    deadline = time.monotonic() + 10
+    while request_id not in notifier._waiters:  # pyright: ignore[reportPrivateUsage]
+        assert time.monotonic() < deadline, "the poll never started waiting"
+        time.sleep(0.01)
+    notifier.notify(request_id, Finished(done, value))
+    started = time.monotonic()
+    assert notifier.await_answer(request_id, 10.0)  # released by the answer (False: nobody waited, or timed out)
+    assert time.monotonic() - started < 5.0
+    poll.join(10)
+    assert [answer["metrics"] for answer in answers] == [{"loss:sum": 7.0}]
     api.worker.resume()

@@ -185,3 +185,32 @@ def test_after_a_job_claimed_at_submit_the_ledger_is_read_again_only_when_needed
     drain(worker)
     assert store.futures.get(follower.request_id, api.owner).state is FutureState.COMPLETED
     assert False in reads  # claimed as known work, without looking first
+
+
+def test_the_worker_steps_aside_for_an_answer_only_after_a_jobs_last_request_and_when_idle(
+    api: Api, store: Store, host: ModelHost, tmp_path: Path, clock: FakeClock
+) -> None:
+    awaited: list[str] = []
+    worker = Worker(
+        store,
+        {host.name: host},
+        tmp_path / "data",
+        lambda _rid, _f: None,
+        clock=clock,
+        await_answer=lambda rid, _timeout: awaited.append(rid),
+    )
+    runs = [api.create_model(i) for i in range(2)]
+    drain(worker)
+    awaited.clear()
+    # Two runs' forward_backwards share one job: only its last request is awaited.
+    first, second = (api.forward_backward(run, datums(0)) for run in runs)
+    drain(worker)
+    assert awaited == [second] and first != second
+    # Work waiting behind the job (here the optim_step after it): the worker does not wait for the answer.
+    awaited.clear()
+    api.forward_backward(runs[0], datums(1))
+    step = api.optim_step(runs[0])
+    assert worker.run_once()
+    assert awaited == []
+    drain(worker)
+    assert awaited == [step]

@@ -13,6 +13,10 @@ worker's notification, so that a poll arriving before the result skips its first
 to be running here. A request the ledger finishes by itself (failed at shutdown, say) is found at the next read,
 one poll interval later.
 
+Answer first. A worker that notifies a request a poll is waiting for may then ``await_answer`` it: hold its next
+step (typically its ledger write) until that poll has sent the answer, or a short timeout. Both run on the same
+interpreter lock, so the answer goes out sooner when the worker steps aside for it.
+
 Hand-off. A worker in this process passes the finished record (and its result as an object) with the notification;
 the notifier keeps the latest ones, so the long-poll answers from memory: no ledger read, no decoding, and no
 wait for the worker's own ledger write, which it makes right after notifying. The ledger stays the truth: a
@@ -48,6 +52,7 @@ class FutureNotifier:
         self._recent: OrderedDict[str, Finished] = OrderedDict()
         self._recent_bytes = 0
         self._expected: dict[str, None] = {}  # an insertion-ordered set, guarded by _lock
+        self._answering: dict[str, threading.Event] = {}  # notified requests a poll was waiting for, guarded by _lock
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop that serves requests (called at app startup)."""
@@ -64,6 +69,11 @@ class FutureNotifier:
             self._expected.pop(request_id, None)
             if finished is not None:
                 self._remember(request_id, finished)
+            if request_id in self._waiters:  # read across threads: a dict lookup is atomic
+                # Registered before the wake is scheduled, so that ``answered`` (after the wake) always finds it.
+                self._answering.setdefault(request_id, threading.Event())
+                while len(self._answering) > RECENT_LIMIT:  # never awaited, never answered (a poll gone)
+                    del self._answering[next(iter(self._answering))]
         if loop is None or loop.is_closed():
             return
         with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
@@ -77,6 +87,27 @@ class FutureNotifier:
             return
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._close_on_loop)
+
+    def await_answer(self, request_id: str, timeout_s: float) -> bool:
+        """After ``notify``: wait until a poll that was waiting for `request_id` has sent its answer (True), or
+        `timeout_s` has passed (False). Returns False at once when no poll was waiting. Call from the notifying
+        thread."""
+        with self._lock:
+            answering = self._answering.get(request_id)
+        if answering is None:
+            return False
+        try:
+            return answering.wait(timeout_s)
+        finally:
+            with self._lock:
+                self._answering.pop(request_id, None)
+
+    def answered(self, request_id: str) -> None:
+        """A poll has sent the answer for `request_id` (releases ``await_answer``). Thread-safe."""
+        with self._lock:
+            answering = self._answering.pop(request_id, None)
+        if answering is not None:
+            answering.set()
 
     def expect(self, request_id: str) -> None:
         """`request_id` was handed to a worker in this process, whose ``notify`` will follow. Thread-safe."""

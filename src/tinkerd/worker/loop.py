@@ -54,6 +54,9 @@ class WorkerConfig:
     # Idle wait between claims: the latency of a request when nobody calls ``wake`` (api and worker in two processes).
     poll_interval_s: float = 0.1
     sample_slice_s: float = 0.02  # decode time between claims when only sampling is busy
+    # With nothing else to do, how long the worker waits, after notifying a result a poll is waiting for, for that
+    # answer to go out before it writes the ledger (see FutureNotifier.await_answer).
+    answer_wait_s: float = 0.002
     housekeeping_interval_s: float = 30.0
     per_model_limit: int = 64  # a run's requests claimed at once
     max_samples_in_flight: int = 256  # sampling requests queued or decoding; more wait in the ledger
@@ -78,10 +81,12 @@ class Worker:
         *,
         config: WorkerConfig | None = None,
         clock: Clock = utc_now,
+        await_answer: Callable[[str, float], object] | None = None,
     ) -> None:
         self.store = store
         self.config = config or WorkerConfig()
         self.notify = notify
+        self.await_answer = await_answer
         self._clock = clock
         self.runtime = Runtime(hosts, self.config.weights_cache_size)
         self.files = CheckpointFiles(data_dir)
@@ -288,15 +293,16 @@ class Worker:
             for c in items:
                 if not isinstance(c.request, ForwardBackward):
                     self._finish(c.future, RuntimeError(f"{type(c.request).__name__} planned as a forward pass"))
-            for item, outcome in run_forward_batch(self.runtime, forward):
-                self._finish(item.future, outcome)
+            results = run_forward_batch(self.runtime, forward)
+            for i, (item, outcome) in enumerate(results):
+                self._finish(item.future, outcome, last=i == len(results) - 1)
             return
-        for c in items:  # SINGLE jobs hold one request; anything else would run in order too
+        for i, c in enumerate(items):  # SINGLE jobs hold one request; anything else would run in order too
             try:
                 outcome: Outcome = self.handlers.execute(c.future, c.request)
             except Exception as exc:
                 outcome = exc
-            self._finish(c.future, outcome)
+            self._finish(c.future, outcome, last=i == len(items) - 1)
 
     def _sample_for(self, budget_s: float) -> None:
         """Decode steps until ``budget_s`` of wall time is used or nothing is left (at least one step)."""
@@ -307,18 +313,24 @@ class Worker:
             if time.perf_counter() >= deadline:
                 break
 
-    def _finish(self, future: FutureRecord, outcome: Outcome) -> None:
+    def _finish(self, future: FutureRecord, outcome: Outcome, *, last: bool = False) -> None:
         """Hand the outcome to the api (which may answer its client at once), then record it in the ledger.
 
         The ledger write follows the hand-off, on this thread and before anything else runs, so the next request
         of the same run is claimed only once this one is recorded (seq order holds). Should the process die in
         between, the client may have its answer while the ledger fails the request as left running: never a lost
         result, at worst an error for an answer already given.
+
+        ``last``: the job's last request. If nothing else waits for this thread then, it lets a waiting poll send
+        the answer before it writes the ledger (``WorkerConfig.answer_wait_s``).
         """
         finished, value = self._finished_record(future, outcome)
         if self.notify is not None:
             try:
                 self.notify(future.request_id, Finished(finished, value))
+                if last and self.await_answer is not None and self._idle():
+                    # Nothing else waits for this thread: let the answer out first (the write competes for the GIL).
+                    self.await_answer(future.request_id, self.config.answer_wait_s)
             except Exception:
                 log.exception("notify(%s) failed", future.request_id)
         try:
@@ -330,6 +342,10 @@ class Worker:
                 )
         except TinkerdError as exc:  # already finished elsewhere (failed as in flight, purged): nothing to record
             log.warning("could not record the outcome of %s: %s", future.request_id, exc)
+
+    def _idle(self) -> bool:
+        """Whether no other claimed, handed-over or sampling work waits for this thread."""
+        return not (self._pool or self._round or self._preclaimed or self._submitted or self.sampling.has_work())
 
     def _finished_record(self, future: FutureRecord, outcome: Outcome) -> tuple[FutureRecord, Result | None]:
         """The record as the ledger will hold it once finished, and the result object if it completed."""

@@ -53,7 +53,9 @@ async def _answer(ctx: ApiContext, record: FutureRecord, value: Result | None, w
 
 
 async def _note_delivered(ctx: ApiContext, request_id: str) -> None:
-    ctx.deliveries.note(request_id)  # async: Starlette would run a plain function in a thread, off the loop
+    # async: Starlette would run a plain function in a thread, off the loop
+    ctx.notifier.answered(request_id)  # the worker may go on (see FutureNotifier.await_answer)
+    ctx.deliveries.note(request_id)
 
 
 @router.post("/retrieve_future")
@@ -81,5 +83,7 @@ async def retrieve_future(
             remaining = deadline - loop.time()
             if remaining <= 0 or ctx.notifier.closed:
                 return json_response(schemas.TryAgainResponse(request_id=body.request_id))
-            with contextlib.suppress(TimeoutError):  # a timeout only means: read the ledger again
-                await asyncio.wait_for(woken.wait(), timeout=min(remaining, ctx.settings.poll_interval_s))
+            # A timeout only means: read the ledger again. (asyncio.timeout, unlike wait_for, starts no extra task.)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, ctx.settings.poll_interval_s)):
+                    await woken.wait()
