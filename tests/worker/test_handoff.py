@@ -68,6 +68,14 @@ def test_a_request_handed_over_at_submit_runs_without_its_stored_payload(
     assert failed.state is FutureState.FAILED and "could not decode" in (failed.error_message or "")
 
 
+@pytest.fixture
+def run(api: Api, worker: Worker) -> str:
+    """A created training run, its create_model already run by `worker`."""
+    run_id = api.create_model()
+    drain(worker)
+    return run_id
+
+
 def _submit_claimed(store: Store, owner: str, run: str, seq_id: int, request: ForwardBackward) -> FutureRecord:
     record, created = store.futures.submit_or_find(
         owner=owner,
@@ -82,11 +90,8 @@ def _submit_claimed(store: Store, owner: str, run: str, seq_id: int, request: Fo
 
 
 def test_a_request_claimed_at_submit_runs_from_the_hand_over_without_a_claim(
-    api: Api, store: Store, host: ModelHost, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    api: Api, store: Store, worker: Worker, run: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    worker = Worker(store, {host.name: host}, tmp_path / "data", clock=clock)
-    run = api.create_model()
-    drain(worker)
     record = _submit_claimed(store, api.owner, run, 1, ForwardBackward(run, datums(0), "cross_entropy"))
 
     def no_claims(**_kwargs: object) -> None:
@@ -132,11 +137,8 @@ def test_the_order_of_a_run_holds_across_claimed_and_pending_requests(
 
 
 def test_claimed_requests_not_yet_taken_are_released_at_shutdown(
-    api: Api, store: Store, host: ModelHost, tmp_path: Path, clock: FakeClock
+    api: Api, store: Store, worker: Worker, run: str
 ) -> None:
-    worker = Worker(store, {host.name: host}, tmp_path / "data", clock=clock)
-    run = api.create_model()
-    drain(worker)
     record = _submit_claimed(store, api.owner, run, 1, ForwardBackward(run, datums(0), "cross_entropy"))
     worker.accept(record, ForwardBackward(run, datums(0), "cross_entropy"))
     assert worker.release_claimed() == 1
@@ -146,11 +148,8 @@ def test_claimed_requests_not_yet_taken_are_released_at_shutdown(
 
 
 def test_after_a_job_claimed_at_submit_the_ledger_is_read_again_only_when_needed(
-    api: Api, store: Store, host: ModelHost, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    api: Api, store: Store, worker: Worker, run: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    worker = Worker(store, {host.name: host}, tmp_path / "data", clock=clock)
-    run = api.create_model()
-    drain(worker)
     reads: list[bool] = []
     real_claim = store.futures.claim_ready
 
