@@ -242,6 +242,8 @@ def test_seq_ids_outside_int64_are_refused_by_name(live: Live, world: World, seq
         ("optim_step", {"model_id": world.alice.run_id, "seq_id": seq_id}),
         ("asample", _sample(world.alice.sampler_id, seq_id=seq_id)),
         ("save_weights", {"model_id": world.alice.run_id, "seq_id": seq_id, "path": "x"}),
+        # Found by the random fuzz in session 3: save_weights_external's seq_id had no bound.
+        ("save_weights_external", {"model_id": world.alice.run_id, "seq_id": seq_id, "path": "x"}),
     ]:
         response = live.post(endpoint, body)
         assert response.status_code == 400 and "seq_id" in response.json()["error"], (endpoint, response.text)

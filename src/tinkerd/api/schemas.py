@@ -188,7 +188,7 @@ class SaveWeightsForSamplerRequest(WireModel):
 class SaveWeightsExternalRequest(WireModel):
     model_id: str
     path: str  # the name of the export
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     ttl_seconds: int | None = None
     age_encryption_recipients: list[str] | None = None
 
