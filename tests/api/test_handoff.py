@@ -7,13 +7,16 @@ import threading
 import time
 
 import pytest
+from fastapi.testclient import TestClient
 
-from tests.api.conftest import Api
-from tinkerd.api import notify
+from tests.api.conftest import MODEL, SERVED, Api
+from tests.api.fake_worker import FakeWorker
+from tinkerd.api import ApiSettings, create_app, notify
 from tinkerd.api.notify import RECENT_LIMIT, FutureNotifier
 from tinkerd.domain.ops import ForwardResult
-from tinkerd.domain.records import FutureState
-from tinkerd.domain.requests import Finished
+from tinkerd.domain.records import FutureRecord, FutureState
+from tinkerd.domain.requests import Finished, Request
+from tinkerd.store import Store
 
 
 def test_a_handed_over_result_is_answered_before_the_ledger_has_it(api: Api) -> None:
@@ -107,3 +110,36 @@ def test_await_answer_holds_the_worker_until_the_waiting_poll_has_answered(api: 
     poll.join(10)
     assert [answer["metrics"] for answer in answers] == [{"loss:sum": 7.0}]
     api.worker.resume()
+
+
+def test_a_repeated_submit_is_not_handed_to_the_worker_again(store: Store) -> None:
+    """The SDK resends a request with the same seq_id after a lost answer; a worker handed it twice would run it
+    twice (a request claimed at submit reaches the worker only through the hand-over)."""
+    handed: list[str] = []
+    worker = FakeWorker(store, lambda _rid: None)
+
+    def on_submit(future: FutureRecord, _request: Request) -> None:
+        handed.append(future.request_id)
+        worker.wake()
+
+    app = create_app(
+        store,
+        SERVED,
+        FutureNotifier(),
+        ApiSettings(long_poll_s=2.0, poll_interval_s=0.5),
+        on_submit=on_submit,
+        claim_for="local",
+    )
+    with TestClient(app, headers={"X-API-Key": "tml-test"}) as client:
+        api = Api(client, worker, store)
+        worker.start()
+        try:
+            session = api.session()
+            body = {"session_id": session, "model_seq_id": 0, "base_model": MODEL, "lora_config": {"rank": 4}}
+            first = api.ok("create_model", body)["request_id"]
+            again = api.ok("create_model", body)["request_id"]
+        finally:
+            worker.stop()
+    assert first == again
+    assert handed == [first]
+    assert store.futures.get(first, "local").claimed_by == "local"  # it was claimed at submit, for the worker

@@ -39,7 +39,7 @@ def create_app(
     """Build the app. `notifier` wakes long-polls when the worker finishes a request (give the worker its
     ``notify``); `on_submit`, if given, is called with every accepted future and its request (e.g. to hand it to
     an idle worker); with `claim_for` too (that worker's id), requests that may run at once are recorded as
-    claimed by it (see ``FuturesLedger.submit``)."""
+    claimed by it (see ``FuturesLedger.submit_or_find``)."""
     if claim_for is not None and on_submit is None:
         raise ValueError("claim_for needs on_submit: a claimed request must be handed to its worker")
     notifier = notifier or FutureNotifier()

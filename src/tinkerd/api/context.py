@@ -74,8 +74,8 @@ class ApiContext:
     # claimed by it, sparing that worker a claim transaction. None: every request is recorded pending.
     claim_for: str | None = None
     files: CheckpointFiles | None = None  # set when settings.data_dir is
-    runs: RunCache = field(default_factory=RunCache)  # the runs requests were submitted to
     signer: UrlSigner | None = None  # likewise
+    runs: RunCache = field(default_factory=RunCache)  # the runs requests were submitted to
 
     def model(self, name: str) -> ServedModelInfo:
         try:

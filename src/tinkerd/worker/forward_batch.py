@@ -2,9 +2,9 @@
 
 When requests share a pass, each is validated on its own first, so a bad one (unknown loss, token outside the
 vocabulary, a run that is not loaded) fails alone and its neighbours run; a request alone skips that step, since its
-pass fails only itself. Should the shared pass itself raise, every involved adapter's
-gradients are put back as they were and the requests are retried one by one, so a request that breaks the engine
-fails alone too, and a failed request never leaves half a gradient behind.
+pass fails only itself. Should the shared pass itself raise, every involved adapter's gradients are put back as they
+were and the requests are retried one by one, so a request that breaks the engine fails alone too, and a failed
+request never leaves half a gradient behind.
 """
 
 from __future__ import annotations

@@ -117,8 +117,8 @@ class Worker:
         """The api recorded `future` in the ledger: keep its request at hand, and wake. Safe from any thread.
 
         Only an optimisation for a pending request: the ledger is what the worker runs, and a request not found
-        here is decoded from it. A request recorded as running under this worker's name (``FuturesLedger.submit``
-        with ``claim_for``) is the exception: it reaches this worker only this way."""
+        here is decoded from it. A request recorded as running under this worker's name
+        (``FuturesLedger.submit_or_find`` with ``claim_for``) is the exception: it reaches this worker only this way."""
         if future.state is FutureState.RUNNING and future.claimed_by == self.config.worker_id:
             self._preclaimed.append(_Claimed(future, request))
             self._wakeup.set()
