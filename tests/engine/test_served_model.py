@@ -104,6 +104,7 @@ def test_mixed_adapter_batch_equals_separate_runs_outputs_and_gradients() -> Non
             torch.testing.assert_close(m, s, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.heavy
 def test_training_one_adapter_never_moves_another() -> None:
     model = served()
     model.create_adapter("a", LoraConfig(rank=8, seed=1))
@@ -147,6 +148,7 @@ def test_micro_batches_give_the_same_gradients_as_one_pass() -> None:
         torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.heavy
 def test_training_lowers_the_loss_of_what_it_trains_on() -> None:
     model = served()
     model.create_adapter("a", LoraConfig(rank=8, seed=1))

@@ -17,6 +17,8 @@ from tinkerd.store.futures import Claim
 from tinkerd.worker.hosts import ModelHost
 from tinkerd.worker.loop import Worker, WorkerConfig
 
+pytestmark = pytest.mark.integration
+
 
 def test_handed_over_records_match_the_ledger(
     api: Api, store: Store, host: ModelHost, tmp_path: Path, clock: FakeClock
