@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tinkerd import __version__, hub
+from tinkerd import __version__, cli_metrics, hub
 from tinkerd import cli_views as views
 from tinkerd.domain.errors import NotFoundError, TinkerdError
 from tinkerd.domain.ids import DEFAULT_OWNER
@@ -397,6 +397,9 @@ def checkpoints_export(
         f"Exported {tinker_path} as {export_format.value} to {out} ({len(files)} files, {views.human_size(size)})"
     )
     typer.echo(f"Load it with {loader}" + (".from_pretrained(base_model, DIR)" if loader == "PeftModel" else ""))
+
+
+runs_app.command("metrics")(cli_metrics.runs_metrics)
 
 
 def main() -> None:

@@ -30,11 +30,13 @@ from tinkerd.domain.records import (
     FutureRecord,
     FutureState,
     RequestKind,
+    StepMetrics,
     is_ordered,
     utc_now,
 )
 from tinkerd.store.codec import future_from_row, future_to_row
 from tinkerd.store.db import Database, RetryableConflict
+from tinkerd.store.metrics import record as record_metrics
 from tinkerd.store.sequencing import (
     FINISHED_STATES,
     advance_cursor,
@@ -306,8 +308,9 @@ class FuturesLedger:
             return Claim(futures=(), next_seq={})
         return self._db.write(txn)
 
-    def complete(self, request_id: str, result: bytes) -> FutureRecord:
-        return self._finish(request_id, FutureState.COMPLETED, {"result": result})
+    def complete(self, request_id: str, result: bytes, *, metrics: StepMetrics | None = None) -> FutureRecord:
+        """Record a result; ``metrics`` (a training step's) are written in the same transaction (store.metrics)."""
+        return self._finish(request_id, FutureState.COMPLETED, {"result": result}, metrics)
 
     def fail(self, request_id: str, message: str, category: ErrorCategory) -> FutureRecord:
         """Fail one request; its model goes on with the next seq_id (a failing request fails only itself)."""
@@ -448,7 +451,9 @@ class FuturesLedger:
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
-    def _finish(self, request_id: str, state: FutureState, values: dict[str, Any]) -> FutureRecord:
+    def _finish(
+        self, request_id: str, state: FutureState, values: dict[str, Any], metrics: StepMetrics | None = None
+    ) -> FutureRecord:
         def txn(conn: Connection) -> FutureRecord:
             row = conn.execute(_BY_ID, {"request_id": request_id}).mappings().first()
             if row is None:
@@ -461,6 +466,8 @@ class FuturesLedger:
             conn.execute(_FINISH, {**params, "b_request_id": request_id, "b_state": state.value, "b_finished_at": now})
             if row["ordered"]:
                 advance_cursor(conn, row["model_id"])
+            if metrics is not None:
+                record_metrics(conn, metrics)
             return future_from_row({**row, **finished, "state": state.value, "finished_at": now})
 
         return self._db.write(txn)
