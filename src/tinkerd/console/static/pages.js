@@ -230,7 +230,7 @@ async function sessionsPage(main) {
       "tr",
       { class: "session" },
       h("td", {}, s.id, s.display_name ? h("div", { class: "muted" }, s.display_name) : null),
-      h("td", {}, stateBadge(s.status === "active" ? "idle" : "closed"), " ", s.status),
+      h("td", {}, h("span", { class: s.status === "active" ? "state" : "state closed" }, s.status)),
       h("td", {}, s.sdk_version || "–"),
       h("td", {}, fmtTime(s.created_at)),
       h("td", {}, fmtTime(s.last_heartbeat_at)),
