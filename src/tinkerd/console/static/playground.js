@@ -54,6 +54,10 @@ async function playgroundPage(main) {
   );
 
   const sampler = { sessionId: null, seq: 0, ids: new Map() };
+  // Keep the playground's session alive while the page is open, as the SDK does for its own.
+  const heartbeat = setInterval(() => {
+    if (sampler.sessionId !== null) call("POST", "/api/v1/session_heartbeat", { session_id: sampler.sessionId }).catch(() => {});
+  }, 60_000);
   button.addEventListener("click", async () => {
     const choice = models[Number(modelSelect.value)];
     if (!choice) return;
@@ -100,6 +104,7 @@ async function playgroundPage(main) {
       button.disabled = false;
     }
   });
+  return () => clearInterval(heartbeat);
 }
 
 // A sampling client as the SDK makes one: a session (once per visit to the page), then a sampler per model choice.
