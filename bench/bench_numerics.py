@@ -49,7 +49,8 @@ def gaps(model_dir: Path, dtype: str, prompts: int, max_tokens: int) -> dict[str
                 forward_lp = out[k]["logprobs"].values[len(p) - 1 :]
                 k += 1
                 # the decoder-only run may draw other tokens once its numbers differ: compare the common prefix
-                same = next((i for i, (a, b) in enumerate(zip(s.tokens, r.tokens)) if a != b), len(s.tokens))
+                common = min(len(s.tokens), len(r.tokens))
+                same = next((i for i in range(common) if s.tokens[i] != r.tokens[i]), common)
                 diffs += [abs(a - b) for a, b in zip(s.logprobs[:same], forward_lp[:same], strict=True)]
         diffs_t = torch.tensor(diffs or [float("nan")])
         result[label] = (diffs_t.max().item(), diffs_t.mean().item())
