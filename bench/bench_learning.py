@@ -50,7 +50,7 @@ def engine_curve(model_dir: Path, dtype: str, seqs: list[list[int]], steps: int)
 def peft_curve(model_dir: Path, initial: LoraWeights, seqs: list[list[int]], steps: int) -> list[float]:
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     targets = sorted({name.rsplit(".", 1)[-1] for name in initial.a})
-    model = get_peft_model(base, PeftLoraConfig(r=RANK, lora_alpha=initial.alpha, target_modules=targets))
+    model = get_peft_model(base, PeftLoraConfig(r=RANK, lora_alpha=int(initial.alpha), target_modules=targets))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, a in initial.a.items():

@@ -85,7 +85,7 @@ def trained(host: ModelHost, run: str, seed: int) -> None:
 def forward_logprobs(host: ModelHost, run: str, prompt: list[int], result: SampleResult) -> list[list[float]]:
     seqs = [prompt + s.tokens for s in result.sequences]
     out = host.served.forward([ForwardJob(run, datums(seqs), "cross_entropy")])[0].loss_fn_outputs
-    return [o["logprobs"].values[len(prompt) - 1 :] for o in out]
+    return [[float(v) for v in o["logprobs"].values[len(prompt) - 1 :]] for o in out]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
