@@ -176,6 +176,15 @@ def serve(
             "--max-runs-per-user", help="Training runs in open sessions per user (0: no cap). \\[default: 64]"
         ),
     ] = None,
+    sample_logprobs: Annotated[
+        str | None,
+        typer.Option(
+            "--sample-logprobs",
+            help="Which distribution sampled tokens' logprobs are under unless a client's X-Tinkerd-Sample-Logprobs "
+            "header says: tempered (log_softmax(logits/T)), sampled (tempered, cut to top-k/top-p, renormalised) or "
+            "model (log_softmax(logits), as forward() scores). \\[default: tempered]",
+        ),
+    ] = None,
     cache_dir: CacheDirOption = None,
 ) -> None:
     """Serve the Tinker API (api + worker in one process) until Ctrl-C. Every option also reads TINKERD_<NAME>."""
@@ -195,6 +204,7 @@ def serve(
             max_body_mb=max_body_mb,
             max_queued_per_user=max_queued_per_user,
             max_runs_per_user=max_runs_per_user,
+            sample_logprobs=sample_logprobs,
         )
         run_server(settings, announce=lambda line: typer.echo(line))
     except (TinkerdError, SettingsError) as error:

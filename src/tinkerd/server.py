@@ -161,6 +161,7 @@ def build(
             max_body_bytes=settings.max_body_mb * 1024 * 1024,
             max_queued_per_user=settings.max_queued_per_user,
             max_runs_per_user=settings.max_runs_per_user,
+            sample_logprobs=settings.sample_logprobs,
         )
         if keys is not None:
             api = dataclasses.replace(api, api_keys=keys)

@@ -17,6 +17,7 @@ To add a setting: add a field, read it in `Settings.load`, and document its vari
 | max_body_mb         | TINKERD_MAX_BODY_MB         | 256: larger request bodies get 413 (after zstd decompression) |
 | max_queued_per_user | TINKERD_MAX_QUEUED_PER_USER | 1024 unfinished requests per user; more get 429 (0: no cap)   |
 | max_runs_per_user   | TINKERD_MAX_RUNS_PER_USER   | 64 training runs in open sessions per user (0: no cap)        |
+| sample_logprobs     | TINKERD_SAMPLE_LOGPROBS     | tempered (or sampled, model): sampled tokens' logprobs  |
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
+
+from tinkerd.domain.ops import LOGPROB_DISTRIBUTIONS, LogprobDistribution
 
 ENV_PREFIX = "TINKERD_"
 DEFAULT_HOST = "127.0.0.1"
@@ -63,6 +66,9 @@ class Settings:
     max_body_mb: int = DEFAULT_MAX_BODY_MB
     max_queued_per_user: int = DEFAULT_MAX_QUEUED_PER_USER  # 0: no cap
     max_runs_per_user: int = DEFAULT_MAX_RUNS_PER_USER  # 0: no cap
+    # The distribution sampled tokens' logprobs are reported under when a request does not say (its
+    # X-Tinkerd-Sample-Logprobs header): "tempered", "sampled" or "model" (see domain.ops.LogprobDistribution).
+    sample_logprobs: LogprobDistribution = "tempered"
 
     @property
     def resolved_data_dir(self) -> Path:
@@ -85,6 +91,7 @@ class Settings:
         max_body_mb: int | None = None,
         max_queued_per_user: int | None = None,
         max_runs_per_user: int | None = None,
+        sample_logprobs: str | None = None,
     ) -> Settings:
         """Build settings from explicit arguments (None = not given), else `environ` (default os.environ)."""
         env = os.environ if environ is None else environ
@@ -128,6 +135,9 @@ class Settings:
             threads = int_from_env("THREADS")
         if threads is not None and threads < 1:
             raise SettingsError(f"threads must be at least 1, got {threads}")
+        reported = (sample_logprobs or from_env("SAMPLE_LOGPROBS") or "tempered").strip().lower()
+        if reported not in LOGPROB_DISTRIBUTIONS:
+            raise SettingsError(f"sample_logprobs must be one of {', '.join(LOGPROB_DISTRIBUTIONS)}, got {reported!r}")
         # Absolute, because the CLI hands paths under them to other processes (HF_HOME for clients, the server).
         return cls(
             cache_dir=cache_dir.expanduser().absolute(),
@@ -142,4 +152,5 @@ class Settings:
             max_body_mb=count("MAX_BODY_MB", max_body_mb, DEFAULT_MAX_BODY_MB, 1),
             max_queued_per_user=count("MAX_QUEUED_PER_USER", max_queued_per_user, DEFAULT_MAX_QUEUED_PER_USER, 0),
             max_runs_per_user=count("MAX_RUNS_PER_USER", max_runs_per_user, DEFAULT_MAX_RUNS_PER_USER, 0),
+            sample_logprobs=next(d for d in LOGPROB_DISTRIBUTIONS if d == reported),
         )
