@@ -56,7 +56,8 @@ def test_sampled_logprobs_are_under_the_distribution_each_client_asks_for(
     temperature, top_k, top_p, k = 0.7, 6, 0.9, 4
     params = types.SamplingParams(max_tokens=5, temperature=temperature, top_k=top_k, top_p=top_p, seed=7, stop=[])
     responses = {
-        mode: c.create_sampling_client(base_model=server.model).result()
+        mode: c.create_sampling_client(base_model=server.model)
+        .result()
         .sample(types.ModelInput.from_ints(PROMPT), num_samples=2, sampling_params=params, topk_sample_logprobs=k)
         .result()
         for mode, c in clients.items()
