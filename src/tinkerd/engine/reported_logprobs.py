@@ -49,7 +49,9 @@ def _row(
     scaled_V = logits_V / max(temperature, MIN_TEMPERATURE)
     if mode == "tempered":
         return torch.log_softmax(scaled_V, dim=-1)
-    logz = torch.logsumexp(scaled_V, dim=-1, keepdim=True)
+    # the normaliser as sample_tokens computes it, so the kept set is the one the draw used, to the last bit
+    top = scaled_V.max()
+    logz = (top + (scaled_V - top).exp().sum().log())[None]
     threshold = keep_thresholds(scaled_V[None, :], [top_k], [top_p], logz)[0]
     kept_V = scaled_V.masked_fill(scaled_V < threshold, -torch.inf)
     return torch.log_softmax(kept_V, dim=-1)

@@ -19,6 +19,7 @@ weights: ~2x faster decoding and prefill on CPU). Pure engine: no threads, no I/
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -358,7 +359,10 @@ class Sampler:
             [p.logprobs_of for p in params],
         )
         for i, value in zip(which, reported_logprobs.chosen(reported_R_V, tokens_B[idx]), strict=True):
-            logprobs[i] = value
+            # -inf would mean the token fell outside the kept set recomputed here, which the shared threshold rule
+            # rules out; should rounding ever do it, keep the finite tempered value rather than fail the request
+            if math.isfinite(value):
+                logprobs[i] = value
         ks = [rows[i].job.job.topk_sample_logprobs for i in which]
         for i, k, pairs in zip(which, ks, reported_logprobs.topk_rows(reported_R_V, ks), strict=True):
             if k > 0:
