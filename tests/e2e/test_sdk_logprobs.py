@@ -170,7 +170,11 @@ def test_forward_backward_reports_sampler_trainer_drift(
         data.append(
             types.Datum(
                 model_input=types.ModelInput.from_ints(tokens[:-1]),
-                loss_fn_inputs={"target_tokens": tokens[1:], "logprobs": q, "advantages": adv},
+                loss_fn_inputs={
+                    "target_tokens": types.TensorData.from_numpy(np.asarray(tokens[1:], dtype=np.int64)),
+                    "logprobs": types.TensorData.from_numpy(np.asarray(q, dtype=np.float32)),
+                    "advantages": types.TensorData.from_numpy(np.asarray(adv, dtype=np.float32)),
+                },
             )
         )
     result = training.forward_backward(data, "importance_sampling").result()
@@ -190,7 +194,10 @@ def test_forward_backward_reports_sampler_trainer_drift(
     assert m["sampler_logprob_abs_diff:max"] < 0.5 and m["sampler_kl_k3:mean"] >= 0
     plain = types.Datum(
         model_input=types.ModelInput.from_ints(PROMPT[:-1]),
-        loss_fn_inputs={"target_tokens": PROMPT[1:], "weights": [1.0] * (len(PROMPT) - 1)},
+        loss_fn_inputs={
+            "target_tokens": types.TensorData.from_numpy(np.asarray(PROMPT[1:], dtype=np.int64)),
+            "weights": types.TensorData.from_numpy(np.ones(len(PROMPT) - 1, dtype=np.float32)),
+        },
     )
     cross = training.forward([plain], "cross_entropy").result().metrics
     assert not [name for name in cross if name.startswith("sampler_")]  # no sampler logprobs, no drift metrics
