@@ -31,6 +31,7 @@ from tinkerd import hub
 from tinkerd.api import ApiSettings, FutureNotifier, InProcess, ServedModelInfo, create_app, load_keys_file
 from tinkerd.console import ConsoleConfig, mount_console
 from tinkerd.domain.errors import ModelFetchError
+from tinkerd.domain.ops import LOGPROB_DISTRIBUTIONS
 from tinkerd.hub.layout import is_repo_id
 from tinkerd.settings import Settings, SettingsError
 from tinkerd.store import Store, default_url
@@ -163,6 +164,7 @@ def build(
             max_body_bytes=settings.max_body_mb * 1024 * 1024,
             max_queued_per_user=settings.max_queued_per_user,
             max_runs_per_user=settings.max_runs_per_user,
+            sample_logprobs=next(d for d in LOGPROB_DISTRIBUTIONS if d == settings.sample_logprobs),
         )
         if keys is not None:
             api = dataclasses.replace(api, api_keys=keys)

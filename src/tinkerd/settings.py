@@ -23,6 +23,7 @@ from typing import Any
 
 import platformdirs
 
+from tinkerd.domain.ops import LOGPROB_DISTRIBUTIONS
 from tinkerd.domain.errors import SettingsError as SettingsError  # where callers of the settings look for it
 from tinkerd.hub.catalog import DEFAULT_MODEL
 
@@ -54,6 +55,7 @@ class Setting:
     maximum: int | None = None
     is_dir: bool = False  # a path that names a directory (the option refuses files)
     fallback: Callable[[], Any] | None = None  # the default when neither the flag nor the variable is given
+    choices: tuple[str, ...] = ()  # text settings: the accepted values (any, if empty)
 
 
 def setting(default: Any, help: str, shown_default: str, **rest: Any) -> Any:
@@ -115,6 +117,14 @@ class Settings:
         "Training runs in open sessions per user; more get 429, not retryable (0: no cap).",
         str(DEFAULT_MAX_RUNS_PER_USER),
         minimum=0,
+    )
+    sample_logprobs: str = setting(
+        "tempered",
+        "Which distribution sampled tokens' logprobs are under unless a client's X-Tinkerd-Sample-Logprobs header "
+        "says: tempered (log_softmax(logits/T)), sampled (tempered, cut to top-k/top-p, renormalised) or model "
+        "(log_softmax(logits), as forward() scores).",
+        "tempered",
+        choices=LOGPROB_DISTRIBUTIONS,
     )
 
     @property
@@ -184,6 +194,8 @@ def _read(field: dataclasses.Field[Any], given: Any, env: Mapping[str, str]) -> 
             raise SettingsError(f"{field.name} must be between {low} and {high}, got {value}")
         if low is not None and value < low:
             raise SettingsError(f"{field.name} must be at least {low}, got {value}")
+    if spec.choices and value not in spec.choices:
+        raise SettingsError(f"{field.name} must be one of {', '.join(spec.choices)}, got {value!r}")
     if kind is tuple:
         return tuple(value)
     if kind is Path:

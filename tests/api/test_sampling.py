@@ -96,8 +96,17 @@ def test_asample_refuses_bad_input(api: Api) -> None:
     assert status(prompt={"chunks": [{"type": "image", "data": "", "format": "png"}]}) == 400
     assert status(sampling_params={"max_tokens": 0}) == 400
     assert status(sampling_params={"max_tokens": 62}) == 400  # 3 prompt + 62 > 64 context
-    assert status(topk_sample_logprobs=2) == 400
-    assert status(prompt_alt_tokens_k=1) == 400
+    assert status(topk_sample_logprobs=-1) == 400
+    assert status(prompt_alt_tokens_k=-1) == 400
+    assert status(target_prompt_logprobs={"data": [1.5, 2.5], "dtype": "float32", "shape": [2, 1]}) == 400
+    assert status(target_prompt_logprobs={"data": [1, 2], "dtype": "int64", "shape": [2]}) == 400
+    assert status(target_prompt_logprobs={"data": [1, 2], "dtype": "int64", "shape": [3, 1]}) == 400
+    sparse = {"data": [1], "dtype": "int64", "shape": [2, 1], "sparse_crow_indices": [0, 1], "sparse_col_indices": [4]}
+    assert status(target_prompt_logprobs=sparse) == 400
+    bad_header = api.client.post(
+        "/api/v1/asample", json=_sample_body(sampler_id), headers={"X-Tinkerd-Sample-Logprobs": "raw"}
+    )
+    assert bad_header.status_code == 400 and "X-Tinkerd-Sample-Logprobs" in bad_header.text
 
 
 def test_nan_prompt_logprobs_are_what_the_sdk_decodes_as_none(api: Api) -> None:

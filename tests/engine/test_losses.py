@@ -443,3 +443,48 @@ def test_reduce_metrics_combines_by_suffix() -> None:
         "odd:p90": 4.0,  # an unknown reduction averages over the datums that report it
     }
     assert reduce_metrics([]) == {}
+
+
+# ---- sampler/trainer drift ----
+
+RL_LOSSES = ["importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"]
+
+
+@pytest.mark.parametrize("loss", RL_LOSSES)
+def test_rl_losses_report_drift_on_the_scored_tokens_against_a_naive_loop(loss: str) -> None:
+    logprobs, inputs = random_datum(loss, seed=21)
+    sampled = torch.ones_like(logprobs, dtype=torch.bool)
+    sampled[:3] = False  # provenance: the first three positions are prompt tokens, with no advantage
+    inputs["advantages"] = inputs["advantages"].masked_fill(~sampled, 0.0)
+    out, _ = run(loss, logprobs, inputs, sampled=sampled)
+    diffs = [float(logprobs[t] - inputs["logprobs"][t]) for t in range(len(logprobs)) if sampled[t]]
+    m = out.metrics
+    assert m["sampler_drift_tokens:sum"] == len(diffs)
+    assert m["sampler_logprob_abs_diff:mean"] == pytest.approx(sum(abs(d) for d in diffs) / len(diffs))
+    assert m["sampler_logprob_abs_diff:max"] == pytest.approx(max(abs(d) for d in diffs))
+    assert m["sampler_kl_k1:mean"] == pytest.approx(-sum(diffs) / len(diffs))
+    assert m["sampler_kl_k3:mean"] == pytest.approx(sum(math.exp(d) - 1 - d for d in diffs) / len(diffs))
+
+
+def test_without_provenance_drift_is_over_the_tokens_with_an_advantage() -> None:
+    logprobs, inputs = random_datum("importance_sampling", seed=3)
+    out = compute_loss("importance_sampling", LossInputs(logprobs=logprobs, inputs=inputs))
+    weighted = inputs["advantages"] != 0
+    assert out.metrics["sampler_drift_tokens:sum"] == int(weighted.sum()) == len(logprobs) - 1
+    assert "sampler_drift_tokens:sum" not in run("cross_entropy", *random_datum("cross_entropy", seed=3))[0].metrics
+
+
+def test_drift_means_weigh_datums_by_their_tokens_and_wild_logprobs_stay_finite() -> None:
+    short = {"sampler_drift_tokens:sum": 1.0, "sampler_logprob_abs_diff:mean": 4.0, "sampler_logprob_abs_diff:max": 4.0,
+             "sampler_kl_k1:mean": 4.0, "sampler_kl_k3:mean": 1.0, "loss:sum": 1.0}  # fmt: skip
+    long = {"sampler_drift_tokens:sum": 3.0, "sampler_logprob_abs_diff:mean": 0.0, "sampler_logprob_abs_diff:max": 0.0,
+            "sampler_kl_k1:mean": 0.0, "sampler_kl_k3:mean": 0.0, "loss:sum": 1.0}  # fmt: skip
+    combined = reduce_metrics([short, long])
+    assert combined["sampler_logprob_abs_diff:mean"] == combined["sampler_kl_k1:mean"] == 1.0  # (4 * 1 + 0 * 3) / 4
+    assert combined["sampler_kl_k3:mean"] == 0.25 and combined["sampler_logprob_abs_diff:max"] == 4.0
+    assert combined["sampler_drift_tokens:sum"] == 4.0
+    logprobs = torch.tensor([-1.0, -2.0], dtype=torch.float64)
+    inputs = {"target_tokens": torch.zeros(2, dtype=torch.long), "logprobs": torch.tensor([-1e30, -2.0]),
+              "advantages": torch.ones(2)}  # fmt: skip
+    m = compute_loss("importance_sampling", LossInputs(logprobs=logprobs, inputs=inputs)).metrics
+    assert all(math.isfinite(v) for k, v in m.items() if k.startswith("sampler_"))

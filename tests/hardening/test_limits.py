@@ -140,3 +140,11 @@ def test_limit_settings_come_from_flags_or_the_environment() -> None:
         Settings.load({}, max_body_mb=0)
     help_text = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
     assert all(flag in help_text for flag in ("--max-body-mb", "--max-queued-per-user", "--max-runs-per-user"))
+
+
+def test_the_reported_logprob_distribution_is_a_setting() -> None:
+    assert Settings.load({}).sample_logprobs == "tempered"
+    assert Settings.load({"TINKERD_SAMPLE_LOGPROBS": "model"}).sample_logprobs == "model"
+    assert Settings.load({"TINKERD_SAMPLE_LOGPROBS": "model"}, sample_logprobs="sampled").sample_logprobs == "sampled"
+    with pytest.raises(SettingsError, match="sample_logprobs must be one of"):
+        Settings.load({"TINKERD_SAMPLE_LOGPROBS": "raw"})

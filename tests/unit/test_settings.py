@@ -31,6 +31,9 @@ def _sample(field: dataclasses.Field[Any], tmp_path: Path) -> tuple[list[str], s
     if kind is Path:
         path = tmp_path / field.name
         return [str(path)], str(path), path
+    choices = [c for c in meta(field).choices if c != field.default]
+    if choices:  # a setting with a fixed set of values takes another of them
+        return [choices[0]], choices[0], choices[0]
     return [f"{field.name}-x"], f"{field.name}-x", f"{field.name}-x"
 
 

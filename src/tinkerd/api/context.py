@@ -12,6 +12,7 @@ from tinkerd.api.notify import FutureNotifier
 from tinkerd.api.run_cache import RunCache
 from tinkerd.api.signing import UrlSigner
 from tinkerd.domain.errors import NotFoundError
+from tinkerd.domain.ops import LogprobDistribution
 from tinkerd.store import Store
 from tinkerd.store.files import CheckpointFiles
 
@@ -54,6 +55,9 @@ class ApiSettings:
     data_dir: Path | None = None
     # How long a signed download URL works. The official CLI re-signs 5 minutes before expiry, so keep it above that.
     download_url_ttl_s: float = 3600.0
+    # The distribution sampled tokens' logprobs are reported under when a request's X-Tinkerd-Sample-Logprobs header
+    # does not say (see domain.ops.LogprobDistribution).
+    sample_logprobs: LogprobDistribution = "tempered"
 
 
 @dataclass(frozen=True)

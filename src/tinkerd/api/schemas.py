@@ -249,7 +249,7 @@ class SampleRequest(WireModel):
     prompt_logprobs: bool | None = None
     topk_prompt_logprobs: int | None = 0
     topk_sample_logprobs: int | None = 0
-    target_prompt_logprobs: dict[str, Any] | None = None
+    target_prompt_logprobs: TensorData | None = None
     prompt_alt_tokens_k: int | None = 0
     prompt_logprobs_last_n: int | None = None
 

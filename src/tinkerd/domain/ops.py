@@ -93,6 +93,15 @@ class OptimStepResult:
 
 StopReason = Literal["stop", "length"]
 
+# Which distribution the logprobs of sampled tokens (and of top-k sample logprobs and prompt_alt_tokens draws) are
+# under. "tempered": log_softmax(logits / temperature), not truncated (the default, as hosted Tinker reports them);
+# "sampled": the distribution the token was actually drawn from (tempered, cut to top-k/top-p and renormalised; 0
+# for greedy); "model": log_softmax(logits), the untempered model distribution that forward() scores.
+LogprobDistribution = Literal["tempered", "sampled", "model"]
+LOGPROB_DISTRIBUTIONS: tuple[LogprobDistribution, ...] = ("tempered", "sampled", "model")
+
+TopkRow = list[tuple[int, float]]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -103,6 +112,27 @@ class SamplingParams:
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    logprobs_of: LogprobDistribution = "tempered"
+
+
+@dataclass(frozen=True)
+class CellGrid:
+    """A [rows, cols] matrix given cell by cell: ``values[i]`` sits at (``rows[i]``, ``cols[i]``); the cells not
+    listed are empty. ``sparse`` remembers whether it came (and goes back) as sparse CSR or dense."""
+
+    shape: tuple[int, int]
+    rows: list[int]
+    cols: list[int]
+    values: list[int] | list[float]
+    sparse: bool = False
+
+
+@dataclass(frozen=True)
+class PromptAltTokens:
+    """``k`` draws per prompt position after the first: ``tokens[i]`` / ``logprobs[i]`` are row i (position i + 1)."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
 
 
 @dataclass(frozen=True)
@@ -110,6 +140,8 @@ class SampledSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: StopReason
+    # per generated token: the k most likely (token, logprob) pairs under the reported distribution
+    topk_logprobs: list[TopkRow] | None = None
 
 
 @dataclass(frozen=True)
@@ -118,5 +150,8 @@ class SampleResult:
     # logprob of each prompt token given the ones before it; the first is None
     prompt_logprobs: list[float | None] | None = None
     # per prompt position: the k most likely tokens and their logprobs; the first is None
-    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    topk_prompt_logprobs: list[TopkRow | None] | None = None
+    # the logprobs of the requested ids, in the request's layout (cells it left at -1 are absent)
+    target_prompt_logprobs: CellGrid | None = None
+    prompt_alt_tokens: PromptAltTokens | None = None
     extra: dict[str, float] = field(default_factory=dict)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from tinkerd.domain.ops import (
     AdamParams,
+    CellGrid,
     Datum,
     ForwardResult,
     LoraConfig,
@@ -87,6 +88,11 @@ class Sample:
     params: SamplingParams
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    # score only the last n prompt tokens (prompt_logprobs and topk_prompt_logprobs); None: all of them
+    prompt_logprobs_last_n: int | None = None
+    target_prompt_logprobs: CellGrid | None = None  # int ids, -1 cells dropped
+    prompt_alt_tokens_k: int = 0
 
 
 @dataclass(frozen=True)

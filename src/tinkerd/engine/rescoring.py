@@ -9,20 +9,25 @@ prompt + completion of all its samples. Both are batch-invariant (see ``lora.MIN
 of a sample are bit-identical to ``forward()`` on the same tokens, whatever shared either batch. The cost is one
 prefill-sized pass per finished request (about the cost of its prompt's prefill, in bf16).
 
-Which distribution: a row sampled at temperature 1 (or greedily) reports ``log_softmax(logits)[token]``; at another
-temperature ``log_softmax(logits / temperature)[token]`` (the tempered distribution it was drawn from), both from
-the trainer's logits. Prompt logprobs (the chosen token at each prompt position) come from the same pass.
+Which distribution (``SamplingParams.logprobs_of``, see engine/reported_logprobs.py), always from the trainer's logits:
+"tempered" (the default) reports ``log_softmax(logits)[token]`` for a row sampled at temperature 1 (or greedily) and
+``log_softmax(logits / temperature)[token]`` at another temperature; "model" reports ``log_softmax(logits)[token]``
+whatever the temperature; "sampled" the tempered distribution cut to what top-k/top-p keep (should the trainer's
+logits put a drawn token outside that set, the decoder's own value is kept). Prompt logprobs (the chosen token at
+each prompt position) come from the same pass, and only the positions the request asked for are replaced.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
-from tinkerd.domain.ops import SampleResult
+from tinkerd.domain.ops import SampleResult, SamplingParams
+from tinkerd.engine import reported_logprobs
 from tinkerd.engine.lora import LoraRouting, LoraWeights, Segment
 from tinkerd.engine.sampling_ops import MIN_TEMPERATURE
 from tinkerd.engine.transformer import Transformer
@@ -32,11 +37,11 @@ MAX_RESCORE_TOKENS = 8192
 
 @dataclass(frozen=True)
 class RescoreItem:
-    """A finished request: its prompt, the adapter and temperature it sampled with, and what it returned."""
+    """A finished request: its prompt, the adapter and sampling parameters it sampled with, and what it returned."""
 
     prompt: Sequence[int]
     weights: LoraWeights | None
-    temperature: float
+    params: SamplingParams
     result: SampleResult
 
 
@@ -121,14 +126,33 @@ def _score_group(
         item = items[row.item]
         p = len(item.prompt)
         end = off + len(row.tokens)
-        temperature = item.temperature
-        if temperature in (0.0, 1.0):
+        params = item.params
+        temperature = params.temperature
+        mode = params.logprobs_of
+        if mode == "model" or (mode == "tempered" and temperature in (0.0, 1.0)):
             chosen = logprobs_N[off + p - 1 : end].tolist()
         else:
             h_C_d = h_N_d[off + p - 1 : end]
             logits_C_V = t.scoring_logits(h_C_d, LoraRouting.single(h_C_d.shape[0], item.weights))
-            tempered = torch.log_softmax(logits_C_V / max(temperature, MIN_TEMPERATURE), dim=-1)
-            chosen = tempered.gather(1, targets_N_1[off + p - 1 : end])[:, 0].tolist()
+            targets_C_1 = targets_N_1[off + p - 1 : end]
+            if mode == "tempered":
+                tempered = torch.log_softmax(logits_C_V / max(temperature, MIN_TEMPERATURE), dim=-1)
+                chosen = tempered.gather(1, targets_C_1)[:, 0].tolist()
+            else:  # "sampled": the kept set recomputed from the trainer's logits
+                n = logits_C_V.shape[0]
+                reported_C_V = reported_logprobs.reported_logprobs(
+                    logits_C_V, [temperature] * n, [params.top_k] * n, [params.top_p] * n, [mode] * n
+                )
+                decoded = item.result.sequences[row.sample].logprobs
+                chosen = [
+                    value if math.isfinite(value) else old
+                    for value, old in zip(
+                        reported_logprobs.chosen(reported_C_V, targets_C_1[:, 0]), decoded, strict=True
+                    )
+                ]
         new_logprobs[(row.item, row.sample)] = chosen
-        if item.result.prompt_logprobs is not None and row.item not in new_prompt:
-            new_prompt[row.item] = [None, *logprobs_N[off : off + p - 1].tolist()]
+        asked = item.result.prompt_logprobs
+        if asked is not None and row.item not in new_prompt:
+            scored = [None, *logprobs_N[off : off + p - 1].tolist()]
+            # prompt_logprobs_last_n leaves the earlier positions empty: keep them so
+            new_prompt[row.item] = [None if old is None else new for old, new in zip(asked, scored, strict=True)]

@@ -22,18 +22,20 @@ weights: ~2x faster decoding and prefill on CPU). Pure engine: no threads, no I/
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from tinkerd.domain.ops import SampledSequence, SampleResult, SamplingParams, StopReason
+from tinkerd.domain.ops import CellGrid, SampledSequence, SampleResult, SamplingParams, StopReason, TopkRow
+from tinkerd.engine import prompt_scoring, reported_logprobs
 from tinkerd.engine.kv_cache import KVCache, prefill_attention
 from tinkerd.engine.lora import LoraRouting, LoraWeights, Segment
 from tinkerd.engine.rescoring import RescoreItem, rescore
-from tinkerd.engine.sampling_ops import draw_uniforms, prompt_logprobs, sample_tokens
-from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES, validate_sample_request
+from tinkerd.engine.sampling_ops import draw_uniforms, sample_tokens
+from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES, validate_logprob_options, validate_sample_request
 from tinkerd.engine.transformer import Transformer
 
 # Prompt tokens prefilled in one packed forward (at least one whole prompt is always taken).
@@ -52,6 +54,23 @@ class SampleJob:
     weights: LoraWeights | None
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    prompt_logprobs_last_n: int | None = None
+    target_prompt_logprobs: CellGrid | None = None  # int ids; row i = prompt position i + 1
+    prompt_alt_tokens_k: int = 0
+
+    def prompt_questions(self) -> prompt_scoring.PromptQuestions:
+        return prompt_scoring.PromptQuestions(
+            prompt_logprobs=self.prompt_logprobs,
+            topk=self.topk_prompt_logprobs,
+            last_n=self.prompt_logprobs_last_n,
+            targets=self.target_prompt_logprobs,
+            alt_k=self.prompt_alt_tokens_k,
+        )
+
+    def reports_otherwise(self) -> bool:
+        """Whether its sampled tokens need more than ``sample_tokens`` reports (another distribution, top-k lists)."""
+        return self.topk_sample_logprobs > 0 or self.params.logprobs_of != "tempered"
 
 
 @dataclass(eq=False)
@@ -66,8 +85,7 @@ class _JobState:
     k_L_G_P_D: torch.Tensor | None = None
     v_L_G_P_D: torch.Tensor | None = None
     last_logits_1_V: torch.Tensor | None = None
-    prompt_logprobs: list[float | None] | None = None
-    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    prompt: prompt_scoring.PromptAnswers = field(default_factory=prompt_scoring.PromptAnswers)
 
 
 @dataclass(eq=False)
@@ -80,6 +98,7 @@ class _Row:
     uniforms: list[float]
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk: list[TopkRow] = field(default_factory=list)
 
     @property
     def position(self) -> int:
@@ -146,6 +165,17 @@ class Sampler:
             self.max_num_samples,
             self.decode_text is not None,
         )
+        validate_logprob_options(
+            len(job.prompt),
+            job.params,
+            job.num_samples,
+            self.transformer.shape.vocab_size,
+            prompt_logprobs=job.prompt_logprobs,
+            topk_sample_logprobs=job.topk_sample_logprobs,
+            last_n=job.prompt_logprobs_last_n,
+            targets=job.target_prompt_logprobs,
+            alt_k=job.prompt_alt_tokens_k,
+        )
         ticket = next(self._tickets)
         state = _JobState(
             ticket=ticket,
@@ -173,7 +203,7 @@ class Sampler:
         jobs = [self._finished_jobs.pop(ticket) for ticket, _ in done]
         if done and self.scorer is not None:
             items = [
-                RescoreItem(job.prompt, job.weights, job.params.temperature, result)
+                RescoreItem(job.prompt, job.weights, job.params, result)
                 for job, (_, result) in zip(jobs, done, strict=True)
             ]
             rescored = rescore(self.scorer, items)
@@ -253,24 +283,19 @@ class Sampler:
             state.k_L_G_P_D = k_L_N_G_D[:, start:end].transpose(1, 2)
             state.v_L_G_P_D = v_L_N_G_D[:, start:end].transpose(1, 2)
             state.last_logits_1_V = last_logits_J_V[j : j + 1]
-            job = state.job
-            if job.prompt_logprobs or job.topk_prompt_logprobs > 0:
-                self._prompt_logprobs(state, h_N_d[start:end])
+            questions = state.job.prompt_questions()
+            if questions.any():
+                h_P_d = h_N_d[start:end]
+                weights = state.job.weights
 
-    def _prompt_logprobs(self, state: _JobState, h_P_d: torch.Tensor) -> None:
-        job = state.job
-        t = self.transformer
-        targets_P = torch.tensor(job.prompt, dtype=torch.long, device=t.device)
-        chosen: list[float | None] = [None]
-        topk: list[list[tuple[int, float]] | None] = [None]
-        for s in range(0, len(job.prompt) - 1, PROMPT_LOGPROB_CHUNK):
-            e = min(len(job.prompt) - 1, s + PROMPT_LOGPROB_CHUNK)
-            logits_C_V = t.logits(h_P_d[s:e], LoraRouting.single(e - s, job.weights))
-            lps, pairs = prompt_logprobs(logits_C_V, targets_P[s + 1 : e + 1], job.topk_prompt_logprobs)
-            chosen += lps
-            topk += pairs
-        state.prompt_logprobs = chosen if job.prompt_logprobs else None
-        state.topk_prompt_logprobs = topk if job.topk_prompt_logprobs > 0 else None
+                def logits_of(
+                    s: int, e: int, h_P_d: torch.Tensor = h_P_d, w: LoraWeights | None = weights
+                ) -> torch.Tensor:
+                    return t.logits(h_P_d[s:e], LoraRouting.single(e - s, w))
+
+                state.prompt = prompt_scoring.answer(
+                    state.job.prompt, state.job.params, questions, logits_of, PROMPT_LOGPROB_CHUNK
+                )
 
     def _stamp(self, state: _JobState, limit: int) -> list[_Row]:
         """Give up to ``limit`` more samples of a prefilled request a slot holding a copy of its prompt's K/V."""
@@ -311,8 +336,12 @@ class Sampler:
             [p.top_p for p in params],
             [r.uniforms[len(r.tokens)] for r in rows],
         )
+        logprobs = logprobs_B.tolist()
+        other = [i for i, r in enumerate(rows) if r.job.job.reports_otherwise()]
+        if other:
+            self._report_otherwise(rows, other, logits_B_V, tokens_B, logprobs)
         finished: list[_Row] = []
-        for row, token, logprob, p in zip(rows, tokens_B.tolist(), logprobs_B.tolist(), params, strict=True):
+        for row, token, logprob, p in zip(rows, tokens_B.tolist(), logprobs, params, strict=True):
             row.tokens.append(token)
             row.logprobs.append(logprob)
             if token in row.job.stop_ids or (p.stop_strings and self._hits_stop_string(row, p.stop_strings)):
@@ -325,6 +354,36 @@ class Sampler:
             gone = {id(r) for r in finished}
             self._rows = [r for r in self._rows if id(r) not in gone]
 
+    def _report_otherwise(
+        self,
+        rows: list[_Row],
+        which: list[int],
+        logits_B_V: torch.Tensor,
+        tokens_B: torch.Tensor,
+        logprobs: list[float],
+    ) -> None:
+        """Rows whose requests ask for another distribution than ``sample_tokens`` reports, or for top-k lists: their
+        chosen logprobs (overwritten in ``logprobs``) and top-k lists (appended to the rows) from the whole reported
+        distribution (``reported_logprobs``)."""
+        idx = torch.tensor(which, device=logits_B_V.device)
+        params = [rows[i].job.job.params for i in which]
+        reported_R_V = reported_logprobs.reported_logprobs(
+            logits_B_V[idx],
+            [p.temperature for p in params],
+            [p.top_k for p in params],
+            [p.top_p for p in params],
+            [p.logprobs_of for p in params],
+        )
+        for i, value in zip(which, reported_logprobs.chosen(reported_R_V, tokens_B[idx]), strict=True):
+            # -inf would mean the token fell outside the kept set recomputed here, which the shared threshold rule
+            # rules out; should rounding ever do it, keep the finite tempered value rather than fail the request
+            if math.isfinite(value):
+                logprobs[i] = value
+        ks = [rows[i].job.job.topk_sample_logprobs for i in which]
+        for i, k, pairs in zip(which, ks, reported_logprobs.topk_rows(reported_R_V, ks), strict=True):
+            if k > 0:
+                rows[i].topk.append(pairs)
+
     def _hits_stop_string(self, row: _Row, stop_strings: Sequence[str]) -> bool:
         # Whole-text decode each step: exact for any tokenizer (a suffix decode can drop or merge characters at its
         # edge), and cheap next to a forward pass.
@@ -335,7 +394,8 @@ class Sampler:
     def _finish(self, row: _Row, reason: StopReason, done: list[tuple[int, SampleResult]]) -> None:
         self.cache.release(row.slot)
         state = row.job
-        state.sequences[row.sample_index] = SampledSequence(row.tokens, row.logprobs, reason)
+        topk = row.topk if state.job.topk_sample_logprobs > 0 else None
+        state.sequences[row.sample_index] = SampledSequence(row.tokens, row.logprobs, reason, topk)
         state.unfinished -= 1
         if state.unfinished == 0:
             self._finished_jobs[state.ticket] = state.job
@@ -345,8 +405,10 @@ class Sampler:
                     state.ticket,
                     SampleResult(
                         sequences=sequences,
-                        prompt_logprobs=state.prompt_logprobs,
-                        topk_prompt_logprobs=state.topk_prompt_logprobs,
+                        prompt_logprobs=state.prompt.prompt_logprobs,
+                        topk_prompt_logprobs=state.prompt.topk,
+                        target_prompt_logprobs=state.prompt.targets,
+                        prompt_alt_tokens=state.prompt.alt,
                     ),
                 )
             )

@@ -178,16 +178,3 @@ def keep_thresholds(
             scaled_F_V[r_idx], [top_k[i] for i in redo], [top_p[i] for i in redo], logz_F[r_idx], exhaustive=True
         )
     return thresholds_F
-
-
-def prompt_logprobs(
-    logits_N_V: torch.Tensor, next_tokens_N: torch.Tensor, topk: int
-) -> tuple[list[float], list[list[tuple[int, float]]]]:
-    """For positions whose next token is known: its logprob, and the ``topk`` most likely (token, logprob) pairs."""
-    logprobs_N_V = torch.log_softmax(logits_N_V, dim=-1)
-    chosen = logprobs_N_V.gather(1, next_tokens_N[:, None])[:, 0].tolist()
-    if topk <= 0:
-        return chosen, []
-    vals_N_K, ids_N_K = logprobs_N_V.topk(topk, dim=-1)
-    pairs = [list(zip(ids, vals, strict=True)) for ids, vals in zip(ids_N_K.tolist(), vals_N_K.tolist(), strict=True)]
-    return chosen, pairs

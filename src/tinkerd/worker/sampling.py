@@ -54,6 +54,10 @@ class SamplingService:
             weights=weights,
             prompt_logprobs=req.prompt_logprobs,
             topk_prompt_logprobs=req.topk_prompt_logprobs,
+            topk_sample_logprobs=req.topk_sample_logprobs,
+            prompt_logprobs_last_n=req.prompt_logprobs_last_n,
+            target_prompt_logprobs=req.target_prompt_logprobs,
+            prompt_alt_tokens_k=req.prompt_alt_tokens_k,
         )
         ticket = host.sampler.submit(job)  # validates against the model first
         self._in_flight[host.name][ticket] = _InFlight(future, req.num_samples)

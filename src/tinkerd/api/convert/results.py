@@ -59,7 +59,7 @@ def forward_result_proto(result: ops.ForwardResult) -> bytes:
     return message.SerializeToString()
 
 
-def _topk_proto(rows: list[list[tuple[int, float]] | None], target: pb.TopkLogprobs) -> None:
+def _topk_proto(rows: list[ops.TopkRow | None], target: pb.TopkLogprobs) -> None:
     k = max((len(row) for row in rows if row), default=0)
     if k == 0:
         return
@@ -82,12 +82,45 @@ def sample_result_proto(result: ops.SampleResult) -> bytes:
         out.tokens = np.asarray(sequence.tokens, dtype="<i4").tobytes()
         if sequence.logprobs:
             out.logprobs = np.asarray(sequence.logprobs, dtype="<f4").tobytes()
+        if sequence.topk_logprobs is not None:
+            # a row holds fewer than k pairs when the reported distribution keeps fewer tokens (sentinels pad it)
+            _topk_proto(list(sequence.topk_logprobs), out.topk_sampled_logprobs)
+            out.topk_sampled_logprobs.length = len(sequence.topk_logprobs)
     if result.prompt_logprobs is not None:
         values = [math.nan if value is None else value for value in result.prompt_logprobs]
         message.prompt_logprobs = np.asarray(values, dtype="<f4").tobytes()
     if result.topk_prompt_logprobs is not None:
         _topk_proto(result.topk_prompt_logprobs, message.topk_prompt_logprobs)
+    if result.target_prompt_logprobs is not None:
+        _grid_proto(result.target_prompt_logprobs, message.target_prompt_logprobs)
+    if result.prompt_alt_tokens is not None:
+        alt = result.prompt_alt_tokens
+        _dense_proto(np.asarray(alt.tokens, dtype="<i8"), pb.DTYPE_INT64, message.prompt_alt_tokens.tokens)
+        _dense_proto(np.asarray(alt.logprobs, dtype="<f4"), pb.DTYPE_FLOAT32, message.prompt_alt_tokens.logprobs)
     return message.SerializeToString()
+
+
+def _dense_proto(array: np.ndarray, dtype: int, target: pb.Tensor) -> None:
+    target.dtype = dtype  # pyright: ignore[reportAttributeAccessIssue]
+    target.shape.extend(array.shape)
+    target.dense = array.tobytes()
+
+
+def _grid_proto(grid: ops.CellGrid, target: pb.Tensor) -> None:
+    """Float32 values in the request's layout: sparse CSR over the same cells, or dense with 0.0 where it had -1."""
+    rows, cols = grid.shape
+    if not grid.sparse:
+        dense = np.zeros((rows, cols), dtype="<f4")
+        dense[np.asarray(grid.rows, dtype=np.int64), np.asarray(grid.cols, dtype=np.int64)] = grid.values
+        _dense_proto(dense, pb.DTYPE_FLOAT32, target)
+        return
+    target.dtype = pb.DTYPE_FLOAT32  # pyright: ignore[reportAttributeAccessIssue]
+    target.shape.extend([rows, cols])
+    crow = np.zeros(rows + 1, dtype="<i8")
+    np.add.at(crow, np.asarray(grid.rows, dtype=np.int64) + 1, 1)
+    target.sparse_csr.values = np.asarray(grid.values, dtype="<f4").tobytes()
+    target.sparse_csr.crow_indices = np.cumsum(crow).astype("<i8").tobytes()
+    target.sparse_csr.col_indices = np.asarray(grid.cols, dtype="<i8").tobytes()
 
 
 # -- JSON results ------------------------------------------------------------------------------------------------------

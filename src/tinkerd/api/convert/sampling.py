@@ -7,7 +7,7 @@ from datetime import datetime
 from tinkerd.api import schemas
 from tinkerd.api.context import ServedModelInfo
 from tinkerd.api.convert.requests import text_chunks
-from tinkerd.api.convert.tensors import check_tokens
+from tinkerd.api.convert.tensors import check_tokens, target_cells
 from tinkerd.domain import ops
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ids import sampler_id
@@ -15,6 +15,9 @@ from tinkerd.domain.records import Sampler
 from tinkerd.domain.requests import Sample
 
 MAX_NUM_SAMPLES = 256
+# Which distribution sampled tokens' logprobs are under, per client: the SDK sends it with every request when built
+# as ServiceClient(default_headers_overrides={LOGPROBS_HEADER: "sampled"}); without it, the server's setting.
+LOGPROBS_HEADER = "X-Tinkerd-Sample-Logprobs"
 DEFAULT_MAX_TOKENS = 16  # when a sampling request leaves max_tokens unset
 
 
@@ -50,19 +53,20 @@ def _stops(stop: str | list[str] | list[int] | None, model: ServedModelInfo) -> 
     return (), tuple(dict.fromkeys(ids + model.eos_token_ids))
 
 
-def _unsupported_sampling_options(request: schemas.SampleRequest) -> None:
-    if request.topk_sample_logprobs:
-        raise InvalidRequestError("topk_sample_logprobs is not supported by tinkerd yet; leave it at 0")
-    if request.prompt_alt_tokens_k:
-        raise InvalidRequestError("prompt_alt_tokens_k is not supported by tinkerd yet; leave it at 0")
-    if request.target_prompt_logprobs is not None:
-        raise InvalidRequestError("target_prompt_logprobs is not supported by tinkerd yet")
-    if request.prompt_logprobs_last_n is not None:
-        raise InvalidRequestError("prompt_logprobs_last_n is not supported by tinkerd yet")
+def logprobs_of(value: str) -> ops.LogprobDistribution:
+    """The distribution named by the ``X-Tinkerd-Sample-Logprobs`` header (or the server setting)."""
+    for name in ops.LOGPROB_DISTRIBUTIONS:
+        if value.strip().lower() == name:
+            return name
+    raise InvalidRequestError(f"{LOGPROBS_HEADER} must be one of {', '.join(ops.LOGPROB_DISTRIBUTIONS)}, got {value!r}")
 
 
-def sample(request: schemas.SampleRequest, sampler: Sampler, model: ServedModelInfo) -> Sample:
-    _unsupported_sampling_options(request)
+def sample(
+    request: schemas.SampleRequest,
+    sampler: Sampler,
+    model: ServedModelInfo,
+    reported: ops.LogprobDistribution = "tempered",
+) -> Sample:
     prompt = text_chunks("prompt", request.prompt.chunks)
     check_tokens(prompt, "prompt", model.vocab_size, model.max_context_length)
     num_samples = 1 if request.num_samples is None else request.num_samples
@@ -86,7 +90,11 @@ def sample(request: schemas.SampleRequest, sampler: Sampler, model: ServedModelI
         seed=wire.seed,
         stop_strings=stop_strings,
         stop_token_ids=stop_ids,
+        logprobs_of=reported,
     )
+    targets = None
+    if request.target_prompt_logprobs is not None:
+        targets = target_cells(request.target_prompt_logprobs)
     return Sample(
         sampler_id=sampler.id,
         prompt=prompt,
@@ -94,6 +102,10 @@ def sample(request: schemas.SampleRequest, sampler: Sampler, model: ServedModelI
         params=params,
         prompt_logprobs=bool(request.prompt_logprobs),
         topk_prompt_logprobs=nonnegative("topk_prompt_logprobs", request.topk_prompt_logprobs or 0),
+        topk_sample_logprobs=nonnegative("topk_sample_logprobs", request.topk_sample_logprobs or 0),
+        prompt_logprobs_last_n=request.prompt_logprobs_last_n,
+        target_prompt_logprobs=targets,
+        prompt_alt_tokens_k=nonnegative("prompt_alt_tokens_k", request.prompt_alt_tokens_k or 0),
     )
 
 

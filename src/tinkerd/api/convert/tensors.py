@@ -13,7 +13,7 @@ import numpy.typing as npt
 from tinkerd.api import schemas
 from tinkerd.api.proto import tinker_public_pb2 as pb
 from tinkerd.domain.errors import InvalidRequestError
-from tinkerd.domain.ops import ArrayData, DType
+from tinkerd.domain.ops import ArrayData, CellGrid, DType
 
 _PROTO_DTYPES: dict[int, tuple[DType, np.dtype]] = {
     pb.DTYPE_FLOAT32: ("float32", np.dtype("<f4")),
@@ -119,3 +119,42 @@ def check_tokens(tokens: list[int], where: str, vocab_size: int, max_length: int
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise InvalidRequestError(f"{where} contains token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def target_cells(tensor: schemas.TensorData) -> CellGrid:
+    """``target_prompt_logprobs``: a 2-D int64 tensor of token ids, dense or sparse CSR, ``-1`` = no request; the
+    cells that name an id (and, when sparse, every listed cell), in the request's order (the answer comes back in
+    the same layout)."""
+    name = "target_prompt_logprobs"
+    if tensor.dtype != "int64":
+        raise InvalidRequestError(f"{name} must be an int64 tensor of token ids, got {tensor.dtype}")
+    shape = tensor.shape
+    if shape is None or len(shape) != 2 or min(shape) < 0:
+        raise InvalidRequestError(f"{name} must be 2-D, [len(prompt) - 1, K], got shape {shape}")
+    rows, cols = shape
+    sparse = tensor.sparse_crow_indices is not None or tensor.sparse_col_indices is not None
+    try:
+        values = np.asarray(tensor.data, dtype=np.int64)
+        crow = np.asarray(tensor.sparse_crow_indices or [], dtype=np.int64)
+        col = np.asarray(tensor.sparse_col_indices or [], dtype=np.int64)
+    except (OverflowError, ValueError):
+        raise InvalidRequestError(f"{name} has values that do not fit int64") from None
+    if sparse:
+        if len(crow) != rows + 1 or len(col) != len(values) or crow[0] != 0 or crow[-1] != len(values):
+            raise InvalidRequestError(f"{name} has inconsistent sparse CSR indices for shape {shape}")
+        if np.any(np.diff(crow) < 0) or (len(col) and (col.min() < 0 or col.max() >= cols)):
+            raise InvalidRequestError(f"{name} has sparse indices outside its shape {shape}")
+        row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(crow))
+        col_of = col
+    else:
+        if values.size != rows * cols:
+            raise InvalidRequestError(f"{name} has {values.size} values but shape {shape}")
+        row_of, col_of = np.divmod(np.arange(values.size, dtype=np.int64), max(cols, 1))
+    named = np.ones(values.size, dtype=bool) if sparse else values != -1  # a listed -1 cell keeps its place
+    return CellGrid(
+        shape=(rows, cols),
+        rows=row_of[named].tolist(),
+        cols=col_of[named].tolist(),
+        values=values[named].tolist(),
+        sparse=sparse,
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from tinkerd.api import schemas
 from tinkerd.api.convert import sampling as convert
@@ -43,13 +43,15 @@ def get_sampler(sampler_id: str, ctx: Context, owner: Owner) -> Response:
 
 
 @router.post("/asample")
-def asample(body: schemas.SampleRequest, ctx: Context, owner: Owner) -> Response:
+def asample(body: schemas.SampleRequest, http: Request, ctx: Context, owner: Owner) -> Response:
     if not body.sampling_session_id:
         raise InvalidRequestError(
             "sampling_session_id is required: create a sampling client first (create_sampling_session)"
         )
     sampler = ctx.store.samplers.get(validate_sampler_id(body.sampling_session_id), owner)
-    request = convert.sample(body, sampler, ctx.model(sampler.base_model))
+    header = http.headers.get(convert.LOGPROBS_HEADER)
+    reported = convert.logprobs_of(header) if header is not None else ctx.settings.sample_logprobs
+    request = convert.sample(body, sampler, ctx.model(sampler.base_model), reported)
     record = submit(
         ctx,
         owner,

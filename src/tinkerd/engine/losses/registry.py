@@ -18,6 +18,7 @@ import torch
 
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.engine.losses import kernels
+from tinkerd.engine.losses.metrics import drift_metrics
 from tinkerd.engine.losses.types import LossInputs, LossOutput
 
 CLIP_LOW_DEFAULT = 0.8
@@ -214,29 +215,44 @@ def _output(x: LossInputs, elementwise: torch.Tensor) -> LossOutput:
     )
 
 
+def _rl_output(x: LossInputs, elementwise: torch.Tensor) -> LossOutput:
+    """An RL loss's output, with how far the sampler's logprobs (the datum's) are from ours on the scored tokens."""
+    out = _output(x, elementwise)
+    out.metrics.update(drift_metrics(x.logprobs, _float_input(x, "logprobs"), _scored_tokens(x)))
+    return out
+
+
+def _scored_tokens(x: LossInputs) -> torch.Tensor:
+    """The tokens whose sampler logprobs mean something: the sampled ones when provenance says, else those with a
+    nonzero advantage (the cookbook gives prompt tokens advantage 0 and logprob 0)."""
+    if x.sampled is not None:
+        return x.sampled.to(x.logprobs.device)
+    return (x.inputs["advantages"] != 0).to(x.logprobs.device)
+
+
 def _cross_entropy(x: LossInputs) -> LossOutput:
     return _output(x, kernels.cross_entropy(x.logprobs, _float_input(x, "weights")))
 
 
 def _importance_sampling(x: LossInputs) -> LossOutput:
     q, adv = _float_input(x, "logprobs"), _float_input(x, "advantages")
-    return _output(x, kernels.importance_sampling(x.logprobs, q, adv))
+    return _rl_output(x, kernels.importance_sampling(x.logprobs, q, adv))
 
 
 def _ppo(x: LossInputs) -> LossOutput:
     q, adv = _float_input(x, "logprobs"), _float_input(x, "advantages")
-    return _output(x, kernels.ppo(x.logprobs, q, adv, *_clip_bounds(x)))
+    return _rl_output(x, kernels.ppo(x.logprobs, q, adv, *_clip_bounds(x)))
 
 
 def _cispo(x: LossInputs) -> LossOutput:
     q, adv = _float_input(x, "logprobs"), _float_input(x, "advantages")
-    return _output(x, kernels.cispo(x.logprobs, x.logprobs.detach(), q, adv, *_clip_bounds(x)))
+    return _rl_output(x, kernels.cispo(x.logprobs, x.logprobs.detach(), q, adv, *_clip_bounds(x)))
 
 
 def _dro(x: LossInputs) -> LossOutput:
     q, adv = _float_input(x, "logprobs"), _float_input(x, "advantages")
     beta = float(x.config.get("beta", DRO_BETA_DEFAULT))
-    return _output(x, kernels.dro(x.logprobs, q, adv, beta))
+    return _rl_output(x, kernels.dro(x.logprobs, q, adv, beta))
 
 
 def _sequence_ratio_mask(x: LossInputs) -> torch.Tensor:
@@ -253,7 +269,7 @@ def _sequence_ratio_mask(x: LossInputs) -> torch.Tensor:
 def _gspo(x: LossInputs) -> LossOutput:
     q, adv = _float_input(x, "logprobs"), _float_input(x, "advantages")
     mask = _sequence_ratio_mask(x)
-    return _output(x, kernels.gspo(x.logprobs, x.logprobs.detach(), q, adv, mask, *_clip_bounds(x)))
+    return _rl_output(x, kernels.gspo(x.logprobs, x.logprobs.detach(), q, adv, mask, *_clip_bounds(x)))
 
 
 def _stable_reinforce(x: LossInputs) -> LossOutput:
@@ -275,7 +291,7 @@ def _stable_reinforce(x: LossInputs) -> LossOutput:
     kl_coeff = float(x.config.get("kl_coeff", STABLE_REINFORCE_KL_COEFF_DEFAULT))
     if kl_coeff > 0.0 and x.sampled is not None:
         elementwise = elementwise + kernels.sampled_log_ratio_penalty(x.logprobs, q, x.sampled, kl_coeff)
-    return _output(x, elementwise)
+    return _rl_output(x, elementwise)
 
 
 LOSSES: dict[str, Callable[[LossInputs], LossOutput]] = {
