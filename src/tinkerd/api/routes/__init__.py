@@ -2,10 +2,22 @@
 
 from fastapi import APIRouter
 
-from tinkerd.api.routes import account, client, downloads, futures, rest, sampling, sessions, training, unsupported
+from tinkerd.api.routes import (
+    account,
+    client,
+    downloads,
+    futures,
+    projects,
+    rest,
+    sampling,
+    sessions,
+    training,
+    unsupported,
+)
 
 ROUTERS: tuple[APIRouter, ...] = (
     client.router,
+    projects.router,  # before sessions: /sessions/search is not a session id
     sessions.router,
     training.router,
     sampling.router,
