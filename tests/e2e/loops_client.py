@@ -77,6 +77,7 @@ def main() -> None:
     s2 = tc.save_weights_and_get_sampling_client("step-2")
     out["s2_path"] = s2.checkpoint_path
     out["s1_again"], out["s2_first"] = greedy(s1), greedy(s2)
+    out["standalone"] = greedy(service.create_sampling_client(model_path=s1.checkpoint_path))
 
     out["checkpoints"] = [
         {"name": c.checkpoint_id, "type": c.checkpoint_type, "target": c.target, "rank": c.lora_adapter_config.rank}
@@ -104,6 +105,10 @@ def main() -> None:
     tc.forward_backward([weighted_datum()], "cross_entropy").result()
     tc.optim_step(adam).result()
     out["continued_loss"] = tc.forward([weighted_datum()], "cross_entropy").result().loss
+
+    restored = service.create_training_client_from_state_with_optimizer(state.path)
+    out["restored_run"] = restored.run_id
+    out["restored_loss"] = restored.forward([weighted_datum()], "cross_entropy").result().loss
 
     out_path.write_text(json.dumps(out))
 

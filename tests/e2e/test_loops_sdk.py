@@ -107,6 +107,7 @@ def test_loops_sdk_trains_saves_samples_and_downloads(server: Server, tmp_path: 
     assert len(out["s1_first"]) == 6
     assert out["s2_first"] != out["s1_first"]  # eight more steps changed the greedy continuation ...
     assert out["s1_again"] == out["s1_first"]  # ... but not what the first sampler serves
+    assert out["standalone"] == out["s1_first"]  # a standalone sampler of that checkpoint (model_path)
 
     names = {c["name"]: c for c in out["checkpoints"]}
     assert {out["s1_name"], out["s2_path"].rsplit("/", 1)[1]} <= set(names)
@@ -128,6 +129,10 @@ def test_loops_sdk_trains_saves_samples_and_downloads(server: Server, tmp_path: 
     assert out["load_step"] == 9  # the optimizer steps taken before save_state
     # With the optimizer state back, the same step from the same weights lands exactly where it did before.
     assert out["continued_loss"] == pytest.approx(out["moved_loss"], rel=1e-5)
+
+    # create_training_client_from_state_with_optimizer: a new run with the saved weights.
+    assert out["restored_run"] != run
+    assert out["restored_loss"] == pytest.approx(out["state_loss"], rel=1e-4)
 
     routes = _check_wire(wire)
     for route in (
