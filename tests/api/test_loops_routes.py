@@ -112,8 +112,10 @@ def test_user_errors_are_final_and_name_the_problem(api: Api) -> None:
     assert bad.headers["x-baseten-error-source"] == "06"
     missing = loops.get("/loops/trainers/nope:train:0/health")
     assert missing.status_code == 404 and missing.headers["x-baseten-error-source"] == "06"
-    # The refused seq_id 1 does not hold up seq_id 2.
-    assert loops.result(base, loops.op(base, "forward", {"data": [_datum([3, 4])]}, seq_id=2))["status"] == "done"
+    wrong_run = loops.post(f"{base}/forward", {"seq_id": 2, "run_id": "other:train:0", "data": [_datum([3, 4])]})
+    assert wrong_run.status_code == 400 and "other:train:0" in wrong_run.json()["detail"]
+    # The refused seq_ids 1 and 2 do not hold up seq_id 3.
+    assert loops.result(base, loops.op(base, "forward", {"data": [_datum([3, 4])]}, seq_id=3))["status"] == "done"
     failed = loops.result(base, loops.op(base, "forward", {"data": [_datum([3, 4])], "loss_fn": "fail_user"}))
     assert failed == {"status": "error", "error": "loss fail_user failed", "error_class": "ValueError"}
     assert loops.get(f"{base}/operations/req-unknown").status_code == 404

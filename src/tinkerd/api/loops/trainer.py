@@ -42,9 +42,9 @@ def _submit_op(
 ) -> Response:
     """Check and convert an op of an existing run, record it in the ledger, answer 202 with its operation id."""
     run = _run(ctx, owner, run_id)
-    if body.run_id is not None and body.run_id != run.id:
-        raise InvalidRequestError(f"the body names run {body.run_id!r} but the URL is run {run.id!r}'s")
     try:
+        if body.run_id is not None and body.run_id != run.id:
+            raise InvalidRequestError(f"the body names run {body.run_id!r} but the URL is run {run.id!r}'s")
         request = build(run)
     except TinkerdError as error:
         if not isinstance(error, CapacityError):
