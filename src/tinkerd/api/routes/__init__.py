@@ -8,6 +8,7 @@ from tinkerd.api.routes import (
     downloads,
     futures,
     projects,
+    metrics,
     rest,
     sampling,
     sessions,
@@ -23,6 +24,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     sampling.router,
     futures.router,
     rest.router,
+    metrics.router,
     downloads.router,
     account.router,
     unsupported.router,  # last: catches requests to endpoints no other router has
