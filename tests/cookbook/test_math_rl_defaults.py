@@ -37,7 +37,8 @@ def test_math_rl_with_default_loss_trains_and_checkpoints(server: Server, tmp_pa
     trained = [row for row in run.metrics() if "env/all/reward/total" in row]
     assert [row["step"] for row in trained] == [0, 1]
     assert_finite(trained, ["env/all/reward/total", "optim/kl_sample_train_v1", "optim/entropy"])
-    # The trainer's logprobs (from forward_backward) and the sampler's agree: same model, same numerics.
-    assert all(abs(row["optim/kl_sample_train_v1"]) < 0.05 for row in trained)
+    # The trainer's logprobs (from forward_backward) and the sampler's agree: samples are scored by the training
+    # forward (the cookbook's rl_numerics_check calls ~0.0002 healthy on hosted Tinker; the issue asks below 0.0005).
+    assert all(abs(row["optim/kl_sample_train_v1"]) < 0.0005 for row in trained)
     names = [record["name"] for record in run.checkpoints()]
     assert names == ["000001", "000002", "final"]

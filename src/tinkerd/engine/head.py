@@ -2,7 +2,7 @@
 
 The vocabulary projection is the widest tensor in the model (tokens x vocab). Autograd through
 ``log_softmax(logits.float()).gather(...)`` keeps an fp32 copy of it and walks it three times in backward; this
-function keeps only the compute-dtype logits (or recomputes them when that would be too large) and forms the gradient
+function keeps only one fp32 copy of the logits (or recomputes them when that would be too large) and forms the gradient
 ``onehot - softmax`` in one pass per chunk. LoRA on the unembedding (Tinker's ``train_unembed``) enters as the
 low-rank term ``u @ B.T`` with ``u = scale * h @ A.T`` computed by the caller.
 """
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from tinkerd.engine.lora import rows_mm
 
 CHUNK_TOKENS = 1024
 SAVE_LOGITS_MAX_BYTES = 1 << 30
@@ -53,16 +55,15 @@ class _TargetLogprobs(torch.autograd.Function):
         lse_N = torch.empty(n, dtype=torch.float32, device=h_N_d.device)
         # Keep the logits for backward only when there will be one (forward-only scoring holds one chunk at a time).
         needs_grad = any(ctx.needs_input_grad)
-        save_logits = needs_grad and n * w_V_d.shape[0] * h_N_d.element_size() <= SAVE_LOGITS_MAX_BYTES
+        save_logits = needs_grad and n * w_V_d.shape[0] * 4 <= SAVE_LOGITS_MAX_BYTES
         saved: list[torch.Tensor] = []
         for c in chunks:
-            logits = _chunk_logits(h_N_d, w_V_d, lora, c)
-            logits32 = logits.float()
+            logits32 = _chunk_logits(h_N_d, w_V_d, lora, c)
             lse = torch.logsumexp(logits32, dim=-1)
             lse_N[c.start : c.end] = lse
             out_N_K[c.start : c.end] = logits32.gather(1, targets_N_K[c.start : c.end]) - lse[:, None]
             if save_logits:
-                saved.append(logits)
+                saved.append(logits32)
         ctx.segments = segments
         ctx.save_logits = save_logits
         ctx.n_lora = len(lora)
@@ -86,11 +87,10 @@ class _TargetLogprobs(torch.autograd.Function):
             logits = saved[idx] if ctx.save_logits else _chunk_logits(h_N_d, w_V_d, lora, c)
             g = g_N_K[c.start : c.end]
             # d logp_k / d logits = onehot(target_k) - softmax
-            grad_logits = torch.exp(logits.float() - lse_N[c.start : c.end, None]).mul_(-g.sum(dim=1, keepdim=True))
+            grad_logits = torch.exp(logits - lse_N[c.start : c.end, None]).mul_(-g.sum(dim=1, keepdim=True))
             grad_logits.scatter_add_(1, targets_N_K[c.start : c.end], g)
-            grad_logits = grad_logits.to(h_N_d.dtype)
             if grad_h is not None:
-                grad_h[c.start : c.end] = grad_logits @ w_V_d
+                grad_h[c.start : c.end] = grad_logits.to(w_V_d.dtype) @ w_V_d
             if c.lora >= 0:
                 u, b = lora[c.lora]
                 gu, gb = grad_lora[2 * c.lora], grad_lora[2 * c.lora + 1]
@@ -104,11 +104,22 @@ class _TargetLogprobs(torch.autograd.Function):
 def _chunk_logits(
     h_N_d: torch.Tensor, w_V_d: torch.Tensor, lora: list[tuple[torch.Tensor, torch.Tensor]], c: HeadSegment
 ) -> torch.Tensor:
-    logits = h_N_d[c.start : c.end] @ w_V_d.t()
+    """fp32 logits of one chunk: the base product in the weight's dtype, widened, then the LoRA term added in fp32."""
+    logits = rows_mm(h_N_d[c.start : c.end].to(w_V_d.dtype), w_V_d.t()).float()
     if c.lora >= 0:
         u, b = lora[c.lora]
-        logits = logits + (u[c.start : c.end] @ b.t()).to(logits.dtype)
+        logits += rows_mm(u[c.start : c.end].float(), b.float().t())
     return logits
+
+
+def chunked_logits(
+    h_N_d: torch.Tensor,
+    w_V_d: torch.Tensor,
+    segments: tuple[HeadSegment, ...],
+    lora: list[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """fp32 [N, V] logits computed exactly as ``target_logprobs`` computes them (no autograd)."""
+    return torch.cat([_chunk_logits(h_N_d, w_V_d, lora, c) for c in _chunks(segments)])
 
 
 def target_logprobs(

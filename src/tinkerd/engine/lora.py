@@ -96,7 +96,7 @@ class LoraWeights:
             return None
         a, b = factors
         if not self.frozen:
-            return a, (b * self.scale).t()
+            return a, (b * self.scale).t().contiguous()  # the same layout as a frozen copy's: the same kernel
         key = (name + "#scaled", dtype)
         cached = self._cast_cache.get(key)
         if cached is None:
@@ -136,6 +136,23 @@ def init_lora_weights(model: nn.Module, config: LoraConfig, device: torch.device
     return LoraWeights(rank=config.rank, alpha=config.alpha, a=a, b=b)
 
 
+# MKL's fp32 matmul takes another summation order for fewer than 12 rows (except 4 and 8), so a row's result would
+# depend on how many rows share its product; below this many rows, products are padded with zero rows.
+MIN_INVARIANT_ROWS = 12
+
+
+def pad_rows(x_n_k: torch.Tensor) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``MIN_INVARIANT_ROWS`` (callers slice the first n rows of the result)."""
+    n = x_n_k.shape[0]
+    return x_n_k if n >= MIN_INVARIANT_ROWS else torch.nn.functional.pad(x_n_k, (0, 0, 0, MIN_INVARIANT_ROWS - n))
+
+
+def rows_mm(x_n_k: torch.Tensor, w_k_m: torch.Tensor) -> torch.Tensor:
+    """``x @ w`` whose every row is bit-identical however many rows ``x`` has (batch-invariant)."""
+    n = x_n_k.shape[0]
+    return (pad_rows(x_n_k) @ w_k_m)[:n]
+
+
 @dataclass(frozen=True)
 class Segment:
     """Rows [start, end) of a packed token batch use ``weights`` (None: the bare base model)."""
@@ -160,8 +177,15 @@ class LoraRouting:
 
 
 def apply_linear(linear: nn.Linear, name: str, x_N_in: torch.Tensor, routing: LoraRouting) -> torch.Tensor:
-    """``linear(x)`` plus each segment's LoRA delta for module ``name``."""
-    out_N_out = linear(x_N_in)
+    """``linear(x)`` plus each segment's LoRA delta for module ``name``, in the dtype of ``x``.
+
+    The frozen base runs in its weight's dtype (bf16 by default) and its output is widened to ``x``'s dtype (fp32)
+    before the adapter's delta is added: a bf16 sum would round a small delta onto the bf16 grid of the base output
+    and swallow it (a delta under half a unit in the last place never changes the sum). The delta itself is computed
+    in fp32 from the fp32 input and the fp32 factors, so the adapter path keeps full precision end to end.
+    """
+    base_dtype = linear.weight.dtype
+    out_N_out = linear(x_N_in.to(base_dtype)).to(x_N_in.dtype)
     if routing.is_base_only():
         return out_N_out
     pieces: list[torch.Tensor] = []
@@ -173,8 +197,8 @@ def apply_linear(linear: nn.Linear, name: str, x_N_in: torch.Tensor, routing: Lo
             continue
         touched = True
         a_r_in, b_scaled_r_out = factors
-        xa_n_r = x_N_in[seg.start : seg.end] @ a_r_in.t()
+        delta_n_out = rows_mm(rows_mm(x_N_in[seg.start : seg.end], a_r_in.t()), b_scaled_r_out)
         if len(routing.segments) == 1:
-            return torch.addmm(out_N_out, xa_n_r, b_scaled_r_out)
-        pieces.append(torch.addmm(out_N_out[seg.start : seg.end], xa_n_r, b_scaled_r_out))
+            return out_N_out + delta_n_out
+        pieces.append(out_N_out[seg.start : seg.end] + delta_n_out)
     return torch.cat(pieces, dim=0) if touched else out_N_out

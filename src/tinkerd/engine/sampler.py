@@ -12,6 +12,9 @@ tokens) contains a stop string; in both cases the tokens returned include the to
 vLLM do (tinker-cookbook's renderers expect the stop token at the end of a response, and its ``RoleColonRenderer``
 splits the decoded response on its stop string). Otherwise it stops with reason "length" at ``max_tokens``.
 
+Logprobs: given a ``scorer`` (the training ``Transformer``), every finished request is scored once more by the
+training forward and reports those logprobs, bit-identical to ``forward()`` on the same tokens (engine/rescoring.py).
+
 Speed: give it a ``Transformer`` of its own, prepared with ``decode_layout.use_decode_layout`` (oneDNN-packed
 weights: ~2x faster decoding and prefill on CPU). Pure engine: no threads, no I/O. The caller serialises calls.
 """
@@ -28,6 +31,7 @@ import torch
 from tinkerd.domain.ops import SampledSequence, SampleResult, SamplingParams, StopReason
 from tinkerd.engine.kv_cache import KVCache, prefill_attention
 from tinkerd.engine.lora import LoraRouting, LoraWeights, Segment
+from tinkerd.engine.rescoring import RescoreItem, rescore
 from tinkerd.engine.sampling_ops import draw_uniforms, prompt_logprobs, sample_tokens
 from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES, validate_sample_request
 from tinkerd.engine.transformer import Transformer
@@ -113,13 +117,17 @@ class Sampler:
         max_batch: int = 64,
         max_num_samples: int = MAX_NUM_SAMPLES,
         max_prefill_tokens: int = MAX_PREFILL_TOKENS,
+        scorer: Transformer | None = None,
     ) -> None:
         self.transformer = transformer
+        # the training forward: when set, finished requests report its logprobs (see engine/rescoring.py)
+        self.scorer = scorer
+        self._finished_jobs: dict[int, SampleJob] = {}
         self.decode_text = decode_text
         self.max_batch = max_batch
         self.max_num_samples = max_num_samples
         self.max_prefill_tokens = max_prefill_tokens
-        self.cache = KVCache(transformer.shape, transformer.dtype, transformer.device, max_batch)
+        self.cache = KVCache(transformer.shape, transformer.act_dtype, transformer.device, max_batch)
         self._tickets = itertools.count()
         self._waiting: deque[_JobState] = deque()  # not prefilled yet
         self._stamping: deque[_JobState] = deque()  # prefilled, some samples still without a slot
@@ -162,6 +170,14 @@ class Sampler:
             self._admit(done)
             if self._rows:
                 self._decode(done)
+        jobs = [self._finished_jobs.pop(ticket) for ticket, _ in done]
+        if done and self.scorer is not None:
+            items = [
+                RescoreItem(job.prompt, job.weights, job.params.temperature, result)
+                for job, (_, result) in zip(jobs, done, strict=True)
+            ]
+            rescored = rescore(self.scorer, items)
+            done = [(ticket, result) for (ticket, _), result in zip(done, rescored, strict=True)]
         return done
 
     def run(self, jobs: Sequence[SampleJob]) -> list[SampleResult]:
@@ -322,6 +338,7 @@ class Sampler:
         state.sequences[row.sample_index] = SampledSequence(row.tokens, row.logprobs, reason)
         state.unfinished -= 1
         if state.unfinished == 0:
+            self._finished_jobs[state.ticket] = state.job
             sequences = [s for s in state.sequences if s is not None]
             done.append(
                 (

@@ -4,6 +4,11 @@ The weights are a Hugging Face causal LM's (Llama, Mistral, Qwen2, Qwen3 layouts
 (a) tokens of many sequences are packed into one [N, hidden] matrix with no padding, so every linear layer runs one
 large matmul, (b) each token can route through a different LoRA adapter, and (c) attention is pluggable: causal
 within each sequence for training, against a KV cache for decoding. Parity with the Hugging Face forward is tested.
+
+Precision: only the frozen base matmuls (and the embedding lookup) run in the compute dtype (bf16 by default, ~5x
+faster on this CPU). Everything an update can move by a tiny amount stays fp32: the residual stream, norms, rotary
+angles, attention, the LoRA factors and deltas, and the logits. A bf16 residual or a LoRA delta added onto a bf16
+base output rounds small updates away (the default configuration then learned 2-5x less per step than fp32).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinkerd.engine.head import HeadSegment, target_logprobs
-from tinkerd.engine.lora import LoraRouting, LoraWeights, apply_linear
+from tinkerd.engine.head import HeadSegment, chunked_logits, target_logprobs
+from tinkerd.engine.lora import MIN_INVARIANT_ROWS, LoraRouting, LoraWeights, Segment, apply_linear, rows_mm
 
 # attention(layer_index, q_N_H_D, k_N_Hkv_D, v_N_Hkv_D) -> o_N_HD
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -103,8 +108,15 @@ class Transformer:
     def __init__(self, hf_model: nn.Module, compute_dtype: torch.dtype) -> None:
         hf_model.requires_grad_(False)
         hf_model.eval()
-        self.hf = hf_model.to(compute_dtype)
+        # Only the big frozen matrices (linear layers, the embedding) take the compute dtype; norms and the rotary
+        # frequencies stay fp32 (a bf16 inverse frequency turns position 500 by a visibly wrong angle).
+        for module in hf_model.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                module.to(compute_dtype)
+        self.hf = hf_model
+        # dtype of the frozen base matmuls; activations, the residual stream and LoRA deltas are always fp32
         self.dtype = compute_dtype
+        self.act_dtype = torch.float32
         self.shape = _shape_of(hf_model)
         # Hugging Face modules are typed loosely (nn.Module.__getattr__); we read their known attributes as Any.
         hf: Any = hf_model
@@ -127,7 +139,8 @@ class Transformer:
     ) -> torch.Tensor:
         """Final-norm hidden states [N, hidden] for packed tokens at the given positions."""
         s = self.shape
-        h = self.embed(tokens_N)
+        # The residual stream stays fp32: each layer's (and each adapter's) contribution is added without rounding.
+        h = self.embed(tokens_N).to(self.act_dtype)
         cos, sin = self.rotary(h[None], positions_N[None])
         cos_N_1_D, sin_N_1_D = cos[0][:, None, :], sin[0][:, None, :]
         n = tokens_N.shape[0]
@@ -152,12 +165,21 @@ class Transformer:
         return _rms_norm(self.norm, h)
 
     def packed_hidden(self, seqs: Sequence[Sequence[int]], routing: LoraRouting) -> torch.Tensor:
-        """Hidden states of whole sequences packed back to back (causal attention within each)."""
+        """Hidden states of whole sequences packed back to back (causal attention within each).
+
+        Batch-invariant: a sequence's rows are bit-identical whatever else is packed with it (too few tokens for
+        that are padded with a dummy base-model sequence, see ``MIN_INVARIANT_ROWS``)."""
         lens = [len(t) for t in seqs]
-        tokens = torch.tensor([t for seq in seqs for t in seq], dtype=torch.long, device=self.device)
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        flat = [t for seq in seqs for t in seq]
+        n = len(flat)
+        if n < MIN_INVARIANT_ROWS:
+            lens.append(MIN_INVARIANT_ROWS - n)
+            flat += [0] * (MIN_INVARIANT_ROWS - n)
+            routing = LoraRouting((*routing.segments, Segment(n, MIN_INVARIANT_ROWS, None)))
+        tokens = torch.tensor(flat, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(length, device=self.device) for length in lens])
         attend = causal_attention(lens, self.attn_scale, self.shape.sliding_window)
-        return self.hidden(tokens, positions, routing, lambda _i, q, k, v: attend(q, k, v))
+        return self.hidden(tokens, positions, routing, lambda _i, q, k, v: attend(q, k, v))[:n]
 
     # -- the head ---------------------------------------------------------------------------------------------------
 
@@ -172,7 +194,7 @@ class Transformer:
                 continue
             a, b = factors
             assert seg.weights is not None
-            u = (h_N_d[seg.start : seg.end] @ a.t()) * seg.weights.scale
+            u = rows_mm(h_N_d[seg.start : seg.end], a.t()) * seg.weights.scale
             u_full = F.pad(u, (0, 0, seg.start, n - seg.end))
             segments.append(HeadSegment(seg.start, seg.end, len(pairs)))
             pairs.append((u_full, b))
@@ -182,6 +204,11 @@ class Transformer:
         """fp32 [N, K] logprobs of targets; differentiable into the adapters."""
         segments, pairs = self._head_lora(h_N_d, routing)
         return target_logprobs(h_N_d, self.lm_head.weight, targets_N_K, segments, pairs)
+
+    def scoring_logits(self, h_N_d: torch.Tensor, routing: LoraRouting) -> torch.Tensor:
+        """Full fp32 logits [N, vocab] with the numerics of ``target_logprobs`` (for rescoring samples)."""
+        segments, pairs = self._head_lora(h_N_d, routing)
+        return chunked_logits(h_N_d, self.lm_head.weight, segments, pairs)
 
     def logits(self, h_N_d: torch.Tensor, routing: LoraRouting) -> torch.Tensor:
         """Full fp32 logits [N, vocab]; for sampling and prompt top-k, never under autograd."""

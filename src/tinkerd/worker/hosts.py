@@ -41,7 +41,12 @@ class ModelHost:
         return self.served.name
 
     def new_sampler(self) -> Sampler:
-        return Sampler(self.sample_transformer, self.decode_text, max_batch=self.served.config.max_decode_batch)
+        return Sampler(
+            self.sample_transformer,
+            self.decode_text,
+            max_batch=self.served.config.max_decode_batch,
+            scorer=self.served.train,  # samples report the trainer's logprobs (engine/rescoring.py)
+        )
 
     def reset_sampler(self) -> None:
         """Drop every queued and running sequence (after a step raised: the sampler's state is no longer known)."""
