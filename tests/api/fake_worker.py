@@ -15,6 +15,7 @@ from tinkerd.domain.ops import ArrayData, ForwardResult, OptimStepResult, Sample
 from tinkerd.domain.paths import TinkerPath
 from tinkerd.domain.records import Checkpoint, FutureRecord, utc_now
 from tinkerd.domain.requests import (
+    AdapterState,
     CreateModel,
     CreateModelResult,
     Empty,
@@ -23,6 +24,7 @@ from tinkerd.domain.requests import (
     OptimStep,
     PathResult,
     Request,
+    ResetAdapter,
     Result,
     Sample,
     SamplerResult,
@@ -57,11 +59,13 @@ def fake_result(store: Store, future: FutureRecord, request: Request) -> Result:
                 user_metadata=dict(request.user_metadata),
             )  # fmt: skip
             store.checkpoints.add(checkpoint, overwrite=request.overwrite)
-            return PathResult(path=str(path), model_id=request.run_id, size_bytes=1234)
+            return PathResult(path=str(path), model_id=request.run_id, size_bytes=1234, step=future.seq_id)
         case SnapshotForSampler():
             return SamplerResult(sampling_session_id=request.sampler_id)
         case LoadWeights():
-            return PathResult(path=request.path, model_id=request.run_id)
+            return PathResult(path=request.path, model_id=request.run_id, step=0)
+        case ResetAdapter():
+            return AdapterState(step=0, lora_rank=4)
         case Sample():
             sequences = [
                 SampledSequence(tokens=[7, 8 + i], logprobs=[-0.5, -0.25], stop_reason="length")

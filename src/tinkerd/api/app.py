@@ -1,4 +1,5 @@
-"""The app factory: ``create_app(store, models, dispatch, settings)`` -> a FastAPI app speaking the Tinker API.
+"""The app factory: ``create_app(store, models, dispatch, settings)`` -> a FastAPI app speaking the Tinker API
+(under ``/api/v1``) and the Baseten Loops API (``api.loops``).
 
 The composition root hands in plain data (an open Store, facts about the served models, the dispatch that connects
 it to the workers); nothing here imports torch or the engine, so the API starts in a fraction of a second.
@@ -19,6 +20,8 @@ from tinkerd.api.context import ApiContext, ApiSettings, ServedModelInfo
 from tinkerd.api.deliveries import DeliveryLog
 from tinkerd.api.dispatch import Dispatch, InProcess
 from tinkerd.api.errors import install_error_handlers
+from tinkerd.api.loops import ROUTERS as LOOPS_ROUTERS
+from tinkerd.api.loops import LoopsErrorMiddleware
 from tinkerd.api.notify import FutureNotifier
 from tinkerd.api.routes import ROUTERS
 from tinkerd.api.signing import UrlSigner, load_or_create_secret
@@ -75,6 +78,9 @@ def create_app(
     app.state.keys = KeyRing(settings.api_keys)
     install_error_handlers(app)
     app.add_middleware(BodyMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(LoopsErrorMiddleware)
     for router in ROUTERS:
         app.include_router(router, prefix=API_PREFIX)
+    for router in LOOPS_ROUTERS:  # Baseten Loops: /v1/loops and the base URLs it hands out (see api.loops)
+        app.include_router(router)
     return app

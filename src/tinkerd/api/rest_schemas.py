@@ -9,6 +9,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
+from pydantic import Field
+
 from tinkerd.api.schemas import WireModel
 
 # -- REST: capabilities, runs, checkpoints, sessions -------------------------------------------------------------------
@@ -151,3 +153,65 @@ class CheckpointStorageRow(WireModel):
 
 class CurrentCheckpointStorageUsageResponse(WireModel):
     data: list[CheckpointStorageRow]
+
+
+# -- projects: copies, session assignment, session search ----------------------------------------------------------
+
+
+class CopyWeightsRequest(WireModel):
+    source_path: str
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    destination_project_id: str | None = None
+    ttl_seconds: int | None = None
+
+
+class CopyWeightsResponse(WireModel):
+    tinker_path: str
+
+
+class AssignProjectRequest(WireModel):
+    project_id: str | None = None
+
+
+class SearchOwner(WireModel):
+    type: Literal["own", "accessible", "user"] = "own"
+    owner_urns: list[str] | None = None
+
+
+class StatusQuery(WireModel):
+    type: Literal["active", "cancelled", "failed", "client_finished"]
+    reasons: list[Literal["success", "errored", "interrupted"]] | None = None
+
+
+class SessionSearchCursor(WireModel):
+    last_created_at: datetime
+    last_session_id: str
+
+
+class SessionSearchRequest(WireModel):
+    session_id: str | None = None
+    project_ids: list[str] | None = None
+    user_metadata: dict[str, str] = Field(default_factory=dict)
+    display_name: str | None = None
+    owner: SearchOwner = Field(default_factory=SearchOwner)
+    statuses: list[StatusQuery] | None = None
+    limit: int = Field(default=50, ge=1, le=200)
+    cursor: SessionSearchCursor | None = None
+
+
+class SessionSummary(WireModel):
+    session_id: str
+    created_at: datetime
+    owner: str
+    project_id: str
+    status: dict[str, Any] | None = None
+    checkpoints_count: int
+    display_name: str | None = None
+    user_metadata: dict[str, str] | None = None
+    checkpoint_storage_bytes: int | None = None
+
+
+class SessionSearchResponse(WireModel):
+    sessions: list[SessionSummary]
+    next_cursor: SessionSearchCursor | None = None

@@ -40,6 +40,7 @@ class RequestKind(StrEnum):
     SAMPLE = "sample"
     CREATE_CUSTOM_LOSS = "create_custom_loss"
     UNLOAD_MODEL = "unload_model"
+    RESET_ADAPTER = "reset_adapter"  # Loops' init_trainer_server
     # A seq_id that never arrived, recorded as failed so the model's later requests could go on (see store.futures).
     MISSING = "missing"
 

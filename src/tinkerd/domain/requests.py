@@ -100,8 +100,23 @@ class UnloadModel:
     run_id: str
 
 
+@dataclass(frozen=True)
+class ResetAdapter:
+    """A fresh adapter (same config and seed) and optimizer for an existing run: Loops' ``init_trainer_server``."""
+
+    run_id: str
+
+
 Request = (
-    CreateModel | ForwardBackward | OptimStep | SaveWeights | SnapshotForSampler | LoadWeights | Sample | UnloadModel
+    CreateModel
+    | ForwardBackward
+    | OptimStep
+    | SaveWeights
+    | SnapshotForSampler
+    | LoadWeights
+    | Sample
+    | UnloadModel
+    | ResetAdapter
 )
 
 
@@ -117,6 +132,8 @@ class PathResult:
     path: str
     model_id: str | None = None
     size_bytes: int | None = None
+    # The run's optimizer step count when the weights were saved or loaded (Loops reports it as a policy version).
+    step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +146,24 @@ class Empty:
     pass
 
 
-Result = ForwardResult | OptimStepResult | SampleResult | CreateModelResult | PathResult | SamplerResult | Empty
+@dataclass(frozen=True)
+class AdapterState:
+    """A run's adapter after ResetAdapter: its optimizer step count and LoRA rank."""
+
+    step: int
+    lora_rank: int
+
+
+Result = (
+    ForwardResult
+    | OptimStepResult
+    | SampleResult
+    | CreateModelResult
+    | PathResult
+    | SamplerResult
+    | Empty
+    | AdapterState
+)
 
 
 @dataclass(frozen=True)

@@ -83,11 +83,14 @@ class RunRepository:
         return run_from_row(row)
 
     def list_for_owner(
-        self, owner: str, *, limit: int = 20, offset: int = 0, accessible: bool = False
+        self, owner: str, *, limit: int = 20, offset: int = 0, accessible: bool = False, project_id: str | None = None
     ) -> Page[TrainingRun]:
-        """Newest first."""
+        """Newest first; with ``project_id``, only the runs of sessions in that project."""
         check_page(limit, offset)
         where = _visible(owner, accessible)
+        if project_id is not None:
+            in_project = select(sessions.c.id).where(sessions.c.project_id == project_id)
+            where = where & training_runs.c.session_id.in_(in_project)
 
         def txn(conn: Connection) -> Page[TrainingRun]:
             total = conn.execute(select(func.count()).select_from(training_runs).where(where)).scalar_one()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, func, insert, select, update
@@ -52,6 +53,37 @@ class SessionRepository:
             return Page(tuple(session_from_row(row) for row in rows), offset, limit, int(total))
 
         return self._db.read(txn)
+
+    def set_project(self, session_id: str, owner: str, project_id: str) -> Session:
+        """Move a session (and with it its runs and samplers, which belong to it) into a project."""
+
+        def txn(conn: Connection) -> Session:
+            self._get(conn, session_id, owner)
+            conn.execute(update(sessions).where(sessions.c.id == session_id).values(project_id=project_id))
+            return self._get(conn, session_id, owner)
+
+        return self._db.write(txn)
+
+    def newest_first(
+        self, owner: str, *, before: tuple[datetime, str] | None = None, batch: int = 200
+    ) -> Iterator[Session]:
+        """The owner's sessions, newest first (ties by id, descending), starting after ``before`` (created_at, id):
+        read in batches, so a caller filtering them stops reading once it has a page."""
+        while True:
+            where = sessions.c.owner == owner
+            if before is not None:
+                at, last_id = before
+                where = where & (
+                    (sessions.c.created_at < at) | ((sessions.c.created_at == at) & (sessions.c.id < last_id))
+                )
+            query = (
+                select(sessions).where(where).order_by(sessions.c.created_at.desc(), sessions.c.id.desc()).limit(batch)
+            )
+            rows = self._db.read(lambda conn, q=query: [session_from_row(r) for r in conn.execute(q).mappings()])
+            yield from rows
+            if len(rows) < batch:
+                return
+            before = (rows[-1].created_at, rows[-1].id)
 
     def heartbeat(self, session_id: str, owner: str) -> Session:
         """Record a heartbeat and return the session. A closed session is returned unchanged: the api answers

@@ -18,6 +18,7 @@ from tinkerd.domain.ops import LoraConfig, OptimStepResult
 from tinkerd.domain.paths import TinkerPath, parse_tinker_path
 from tinkerd.domain.records import Checkpoint, Clock, FutureRecord, Sampler, TrainingRun, utc_now
 from tinkerd.domain.requests import (
+    AdapterState,
     CreateModel,
     CreateModelResult,
     Empty,
@@ -26,6 +27,7 @@ from tinkerd.domain.requests import (
     OptimStep,
     PathResult,
     Request,
+    ResetAdapter,
     Result,
     SamplerResult,
     SaveWeights,
@@ -64,6 +66,8 @@ class Handlers:
                 return self.load_weights(future, request)
             case UnloadModel():
                 return self.unload_model(future, request)
+            case ResetAdapter():
+                return self.reset_adapter(future, request)
             case _:
                 raise InvalidRequestError(f"{type(request).__name__} cannot run on its own")
 
@@ -88,6 +92,14 @@ class Handlers:
             raise NotFoundError(not_loaded_message(req.run_id))
         self.runtime.free_run(req.run_id)
         return Empty()
+
+    def reset_adapter(self, future: FutureRecord, req: ResetAdapter) -> AdapterState:
+        """A fresh adapter with the run's own config (and seed) and an empty optimizer, in place of the current one."""
+        run, host, adapter = self.runtime.training(req.run_id, future.owner)
+        config = adapter.config
+        host.served.remove_adapter(run.run_id)
+        host.served.create_adapter(run.run_id, config)
+        return AdapterState(step=0, lora_rank=config.rank)
 
     def optim_step(self, future: FutureRecord, req: OptimStep) -> OptimStepResult:
         run, host, _ = self.runtime.training(req.run_id, future.owner)
@@ -127,7 +139,7 @@ class Handlers:
             if not existed:  # files nobody can list or load: remove them
                 self.files.delete(path)
             raise
-        return PathResult(path=str(path), model_id=run.run_id, size_bytes=size)
+        return PathResult(path=str(path), model_id=run.run_id, size_bytes=size, step=adapter.optimizer.step)
 
     def snapshot_for_sampler(self, future: FutureRecord, req: SnapshotForSampler) -> SamplerResult:
         run, host, _ = self.runtime.training(req.run_id, future.owner)
@@ -189,7 +201,7 @@ class Handlers:
             row = self._ensure_run_row(future.owner, req.run_id, host.name, loaded.lora, req.user_metadata)
         host.served.install_adapter(req.run_id, loaded.lora, loaded.weights, optimizer)
         self.runtime.add_run(LoadedRun(req.run_id, future.owner, row.session_id, host.name))
-        return PathResult(path=str(path), model_id=req.run_id)
+        return PathResult(path=str(path), model_id=req.run_id, step=optimizer.step)
 
     # -- helpers -------------------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from tinkerd.api.routes import (
     downloads,
     futures,
     metrics,
+    projects,
     rest,
     sampling,
     sessions,
@@ -17,6 +18,7 @@ from tinkerd.api.routes import (
 
 ROUTERS: tuple[APIRouter, ...] = (
     client.router,
+    projects.router,  # before sessions: /sessions/search is not a session id
     sessions.router,
     training.router,
     sampling.router,

@@ -36,9 +36,16 @@ def _run_to_wire(ctx: ApiContext, run: TrainingRun, owner: str) -> rest_schemas.
 
 @router.get("/training_runs")
 def list_training_runs(
-    ctx: Context, owner: Owner, limit: Limit = 20, offset: Offset = 0, access_scope: AccessScope = "owned"
+    ctx: Context,
+    owner: Owner,
+    limit: Limit = 20,
+    offset: Offset = 0,
+    access_scope: AccessScope = "owned",
+    project_id: str | None = None,
 ) -> Response:
-    page = ctx.store.runs.list_for_owner(owner, limit=limit, offset=offset, accessible=access_scope == "accessible")
+    page = ctx.store.runs.list_for_owner(
+        owner, limit=limit, offset=offset, accessible=access_scope == "accessible", project_id=project_id
+    )
     return json_response(
         rest_schemas.TrainingRunsResponse(
             training_runs=[_run_to_wire(ctx, run, owner) for run in page.items],

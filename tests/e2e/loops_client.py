@@ -1,0 +1,117 @@
+"""Drives tinkerd with the real Baseten Loops SDK; run in the Loops venv (Python 3.12), not in tinkerd's.
+
+Usage: python loops_client.py <base_model> <out.json> [<download dir>]
+Environment: LOOPS_BASE_URL, BASETEN_API_KEY, LOOPS_REQUEST_LOG (the SDK records every exchange there).
+Writes what the SDK returned as JSON; the test (test_loops_sdk.py) checks it and the request log.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from baseten.loops import ServiceClient
+from baseten.loops.models import AdamParams, Datum, ModelInput, SamplingParams, TensorData
+
+PROMPT = [1, 330, 1345, 314, 260, 2593, 30, 216]  # token ids of SmolLM2's vocabulary
+TARGETS = [*PROMPT[1:], 2]
+READY_TIMEOUT = 60.0  # a wrong 4xx would otherwise be retried for an hour
+
+
+def masked_datum() -> Datum:
+    """cross_entropy with -100 marking the first three targets as masked, and no weights (the Loops docs' style)."""
+    targets = [-100, -100, -100, *TARGETS[3:]]
+    return Datum(
+        model_input=ModelInput.from_ints(PROMPT),
+        loss_fn_inputs={"target_tokens": TensorData(data=targets, dtype="int64", shape=[len(targets)])},
+    )
+
+
+def weighted_datum() -> Datum:
+    weights = [0.0, 0.0, 0.0] + [1.0] * (len(TARGETS) - 3)
+    return Datum(
+        model_input=ModelInput.from_ints(PROMPT),
+        loss_fn_inputs={
+            "target_tokens": TensorData(data=TARGETS, dtype="int64", shape=[len(TARGETS)]),
+            "weights": TensorData(data=weights, dtype="float32", shape=[len(weights)]),
+        },
+    )
+
+
+def greedy(sampler: Any) -> list[int]:
+    params = SamplingParams(max_tokens=6, temperature=0.0, stop=[])
+    response = sampler.sample(ModelInput.from_ints(PROMPT), num_samples=1, sampling_params=params)
+    return list(response.sequences[0].tokens)
+
+
+def main() -> None:
+    base_model, out_path = sys.argv[1], Path(sys.argv[2])
+    download_dir = Path(sys.argv[3]) if len(sys.argv) > 3 else out_path.parent / "download"
+    out: dict[str, Any] = {}
+    adam = AdamParams(learning_rate=0.02)
+
+    service = ServiceClient()
+    out["capabilities"] = [m.model_name for m in service.get_server_capabilities().supported_models]
+    tc = service.create_lora_training_client(base_model=base_model, rank=4, ready_timeout=READY_TIMEOUT)
+    out["run_id"] = tc.run_id
+
+    masked = tc.forward_backward([masked_datum()], "cross_entropy").result()
+    weighted = tc.forward([weighted_datum()], "cross_entropy").result()
+    out["masked_loss"], out["weighted_loss"] = masked.loss, weighted.loss
+    out["masked_logprobs"] = masked.loss_fn_outputs[0]["logprobs"].tolist()
+    raw = tc.forward([weighted_datum()], "cross_entropy", {"skip_token_normalization": True}).result()
+    out["raw_loss"], out["raw_metrics"] = raw.loss, raw.metrics
+    tc.optim_step(adam).result()
+    out["loss_after_step"] = tc.forward([weighted_datum()], "cross_entropy").result().loss
+
+    s1 = tc.save_weights_and_get_sampling_client("step-1")
+    out["s1_path"], out["s1_name"] = s1.checkpoint_path, s1.checkpoint_name
+    out["s1_first"] = greedy(s1)
+
+    for _ in range(8):
+        tc.forward_backward([weighted_datum()], "cross_entropy").result()
+        tc.optim_step(adam).result()
+    out["loss_after_more_steps"] = tc.forward([weighted_datum()], "cross_entropy").result().loss
+    s2 = tc.save_weights_and_get_sampling_client("step-2")
+    out["s2_path"] = s2.checkpoint_path
+    out["s1_again"], out["s2_first"] = greedy(s1), greedy(s2)
+    out["standalone"] = greedy(service.create_sampling_client(model_path=s1.checkpoint_path))
+
+    out["checkpoints"] = [
+        {"name": c.checkpoint_id, "type": c.checkpoint_type, "target": c.target, "rank": c.lora_adapter_config.rank}
+        for c in tc.list_checkpoints()
+    ]
+    pages: list[list[str]] = []
+    token: int | None = 0
+    total = None
+    while token is not None:
+        page = tc.get_checkpoint_archive_url(name=s1.checkpoint_name, page_size=1, page_token=token)
+        pages.append([f.relative_file_name for f in page.presigned_urls])
+        total, token = page.total_count, page.next_page_token
+    out["pages"], out["total_count"] = pages, total
+    download = tc.download_checkpoint(name=s1.checkpoint_name, dest_dir=str(download_dir))
+    out["download"] = {"dir": str(download.dest_dir), "files": download.file_count, "bytes": download.bytes_written}
+
+    state = tc.save_state("state-1").result()
+    out["state_path"] = state.path
+    before_load = tc.forward([weighted_datum()], "cross_entropy").result().loss
+    tc.forward_backward([weighted_datum()], "cross_entropy").result()
+    tc.optim_step(adam).result()
+    out["moved_loss"] = tc.forward([weighted_datum()], "cross_entropy").result().loss
+    out["load_step"] = tc.load_state_with_optimizer(state.path).result().step
+    out["state_loss"], out["reloaded_loss"] = before_load, tc.forward([weighted_datum()], "cross_entropy").result().loss
+    tc.forward_backward([weighted_datum()], "cross_entropy").result()
+    tc.optim_step(adam).result()
+    out["continued_loss"] = tc.forward([weighted_datum()], "cross_entropy").result().loss
+
+    restored = service.create_training_client_from_state_with_optimizer(state.path)
+    out["restored_run"] = restored.run_id
+    out["restored_loss"] = restored.forward([weighted_datum()], "cross_entropy").result().loss
+
+    out_path.write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The real Baseten Loops SDK (``baseten-loops`` 0.32.0) and its ``tinker`` shim (``baseten-loops-tinker`` 0.17.0)
+against ``tinkerd serve``, unmodified, through ``LOOPS_BASE_URL`` and an API key.
+
+Each runs in its own cached Python 3.12 venv (tests/e2e/loops_venvs.py). The SDK's own request log
+(``LOOPS_REQUEST_LOG``) is checked too: every route it took, no 404, no retried submit. If a venv cannot be built
+the test fails with pip's output rather than skipping (a skipped compatibility test hides the drift it exists for).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Server
+from tests.e2e.loops_venvs import LOOPS, SHIM, loops_python
+from tests.e2e.sdk_venvs import SdkVenvError, clean_env
+
+pytestmark = pytest.mark.loops
+
+HERE = Path(__file__).parent
+CLIENT_TIMEOUT_S = 600
+
+
+def _python(which: tuple[str, str, str]) -> Path:
+    try:
+        return loops_python(which)
+    except SdkVenvError as error:
+        pytest.fail(f"could not build the venv for {which[1]}: {error}")
+
+
+def _drive(python: Path, script: Path, server: Server, tmp_path: Path, *args: str) -> tuple[dict[str, Any], list[Any]]:
+    out, log = tmp_path / "out.json", tmp_path / "wire.jsonl"
+    env = {k: v for k, v in clean_env().items() if not k.startswith(("TINKER_", "LOOPS_", "BASETEN_"))}
+    env |= {
+        "LOOPS_BASE_URL": server.url, "BASETEN_API_KEY": "k-test", "LOOPS_REQUEST_LOG": str(log),
+        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    }  # fmt: skip
+    done = subprocess.run(
+        [str(python), "-I", str(script), server.model, str(out), *args],
+        capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S, env=env,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.fail(f"{script.name} failed (exit {done.returncode}):\n{done.stderr[-6000:]}")
+    return json.loads(out.read_text()), [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _exchanges(wire: list[Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    requests = {w["seq"]: w for w in wire if w["kind"] == "request"}
+    return [(requests[w["seq"]], w) for w in wire if w["kind"] == "response" and w["seq"] in requests]
+
+
+def _route(path: str) -> str:
+    """A logged path with its ids taken out: /loops/trainers/<run>/forward -> trainer:/forward."""
+    path = path.split("?", 1)[0]
+    for prefix, name in (("/loops/trainers/", "trainer:"), ("/loops/samplers/", "sampler:")):
+        if path.startswith(prefix):
+            rest = path[len(prefix) :].split("/", 1)[1] if "/" in path[len(prefix) :] else ""
+            return name + "/" + ("operations" if rest.startswith("operations/") else rest)
+    if path.startswith("/v1/loops/checkpoints/") and path.count("/") == 5:
+        return "/v1/loops/checkpoints/<id>/" + path.rsplit("/", 1)[1]
+    if path.startswith("/api/v1/files/"):
+        return "/api/v1/files"
+    return path
+
+
+def _check_wire(wire: list[Any]) -> Counter[str]:
+    """No 404 and no failure anywhere; each submit sent once (a resend reuses its Idempotency-Key)."""
+    exchanges = _exchanges(wire)
+    assert exchanges, "the SDK logged no requests"
+    failed = [
+        (q["method"], q["path"], r["status"], r["body"])
+        for q, r in exchanges
+        if r["status"] >= 400 and r["status"] != 408
+    ]
+    assert failed == []
+    keys = [q["headers"].get("idempotency-key") for q, _ in exchanges if q["method"] == "POST"]
+    resent = [k for k, n in Counter(k for k in keys if k).items() if n > 1]
+    assert resent == [], "submits were retried"
+    return Counter(_route(q["path"]) for q, _ in exchanges)
+
+
+def test_loops_sdk_trains_saves_samples_and_downloads(server: Server, tmp_path: Path) -> None:
+    python = _python(LOOPS)
+    download = tmp_path / "download"
+    out, wire = _drive(python, HERE / "loops_client.py", server, tmp_path, str(download))
+    run = out["run_id"]
+    assert out["capabilities"] == [server.model]
+
+    # -100 targets without weights = weights on the real targets; both per-token means (the SDK's "loss").
+    assert out["masked_loss"] == pytest.approx(out["weighted_loss"], rel=1e-4)
+    assert out["masked_loss"] > 0
+    # skip_token_normalization: the sum over the same 5 weighted tokens, and the flag echoed in the metrics.
+    assert out["raw_loss"] == pytest.approx(5 * out["weighted_loss"], rel=1e-4)
+    assert out["raw_metrics"]["skip_token_normalization"] == 1.0
+    assert out["loss_after_step"] < out["weighted_loss"]
+    assert out["loss_after_more_steps"] < out["loss_after_step"]
+
+    # Each save is its own checkpoint; a sampler stays pinned to its save while training goes on.
+    assert out["s1_path"].startswith(f"bt://loops:{run}/sampler_weights/step-1")
+    assert out["s2_path"].startswith(f"bt://loops:{run}/sampler_weights/step-2")
+    assert len(out["s1_first"]) == 6
+    assert out["s2_first"] != out["s1_first"]  # eight more steps changed the greedy continuation ...
+    assert out["s1_again"] == out["s1_first"]  # ... but not what the first sampler serves
+    assert out["standalone"] == out["s1_first"]  # a standalone sampler of that checkpoint (model_path)
+
+    names = {c["name"]: c for c in out["checkpoints"]}
+    assert {out["s1_name"], out["s2_path"].rsplit("/", 1)[1]} <= set(names)
+    assert names[out["s1_name"]] == {"name": out["s1_name"], "type": "sampler_weights", "target": "sampler", "rank": 4}
+
+    # The files, one per page, then downloaded: the same bytes as tinkerd's checkpoint directory.
+    stored = server.log.parent / "data" / "checkpoints" / run / "sampler_weights" / out["s1_name"]
+    expected = sorted(str(p.relative_to(stored)) for p in stored.rglob("*") if p.is_file())
+    assert out["total_count"] == len(expected) and [f for page in out["pages"] for f in page] == expected
+    assert all(len(page) == 1 for page in out["pages"])
+    fetched = Path(out["download"]["dir"])
+    for name in expected:
+        assert (fetched / name).read_bytes() == (stored / name).read_bytes(), name
+
+    # load_state_with_optimizer puts back the saved weights, and training goes on from there.
+    assert out["state_path"] == f"bt://loops:{run}/weights/state-1"
+    assert out["moved_loss"] != pytest.approx(out["state_loss"], rel=1e-5)
+    assert out["reloaded_loss"] == pytest.approx(out["state_loss"], rel=1e-4)
+    assert out["load_step"] == 9  # the optimizer steps taken before save_state
+    # With the optimizer state back, the same step from the same weights lands exactly where it did before.
+    assert out["continued_loss"] == pytest.approx(out["moved_loss"], rel=1e-5)
+
+    # create_training_client_from_state_with_optimizer: a new run with the saved weights.
+    assert out["restored_run"] != run
+    assert out["restored_loss"] == pytest.approx(out["state_loss"], rel=1e-4)
+
+    routes = _check_wire(wire)
+    for route in (
+        "/v1/loops/sessions", "/v1/loops/trainers", "/v1/loops/samplers", "/v1/loops/capabilities",
+        "/v1/loops/checkpoints", "/v1/loops/checkpoints/<id>/files", "/api/v1/files",
+        "trainer:/health", "trainer:/init_trainer_server", "trainer:/forward", "trainer:/forward_backward",
+        "trainer:/optim_step", "trainer:/save_weights_for_sampler", "trainer:/save_state",
+        "trainer:/load_state_with_optimizer", "trainer:/operations", "sampler:/sample", "sampler:/operations",
+    ):  # fmt: skip
+        assert routes[route] > 0, (route, routes)
+    # The run's paired sampler is made once and reused by every save; the other is the standalone one (model_path).
+    assert routes["/v1/loops/samplers"] == 2
+
+
+def test_the_tinker_shim_runs_a_short_sft_loop(server: Server, tmp_path: Path) -> None:
+    python = _python(SHIM)
+    out, wire = _drive(python, HERE / "loops_shim_client.py", server, tmp_path)
+    assert out["shim_version"] == SHIM[1].split("==")[1]
+    losses = out["losses"]
+    assert all(later < earlier for earlier, later in itertools.pairwise(losses)), losses
+    samples = out["samples"]
+    assert len(samples) == 2 and samples[0] == samples[1] and len(samples[0]) == 5  # greedy
+    assert "adapter_model.safetensors" in out["files"]
+    routes = _check_wire(wire)
+    assert routes["trainer:/forward_backward"] == 4 and routes["trainer:/optim_step"] == 4
