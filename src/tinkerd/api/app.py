@@ -1,4 +1,5 @@
-"""The app factory: ``create_app(store, models, notifier, settings)`` -> a FastAPI app speaking the Tinker API.
+"""The app factory: ``create_app(store, models, notifier, settings)`` -> a FastAPI app speaking the Tinker API
+(under /api/v1) and the OpenAI API (under /v1).
 
 The composition root hands in plain data (an open Store, facts about the served models, the notifier it also gives
 the worker); nothing here imports torch or the engine, so the API starts in a fraction of a second.
@@ -19,6 +20,7 @@ from tinkerd.api.context import ApiContext, ApiSettings, OnSubmit, ServedModelIn
 from tinkerd.api.deliveries import DeliveryLog
 from tinkerd.api.errors import install_error_handlers
 from tinkerd.api.notify import FutureNotifier
+from tinkerd.api.openai import install as install_openai
 from tinkerd.api.routes import ROUTERS
 from tinkerd.api.signing import UrlSigner, load_or_create_secret
 from tinkerd.store import Store
@@ -84,4 +86,5 @@ def create_app(
     app.add_middleware(BodyMiddleware, max_body_bytes=settings.max_body_bytes)
     for router in ROUTERS:
         app.include_router(router, prefix=API_PREFIX)
+    install_openai(app)  # /v1/models, /v1/completions, /v1/chat/completions, in OpenAI's wire format
     return app
