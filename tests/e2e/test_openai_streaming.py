@@ -1,4 +1,5 @@
-"""A client that closes its stream mid-way frees its sequence: the sampler stops generating it at once rather than
+"""Streams as the worker samples: text arrives token by token, and a client that closes its stream mid-way frees its
+sequence: the sampler stops generating it at once rather than
 running on to max_tokens. In process (tinkerd's own ``build``, real uvicorn on 127.0.0.1, the real `openai` client),
 so the test can look at the sampler itself."""
 
@@ -24,8 +25,9 @@ pytestmark = pytest.mark.openai
 LONG = 8192  # positions: generating all of them would take minutes on the tiny model
 
 
-@pytest.fixture
-def served(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[Components, str]]:
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[tuple[Components, str]]:
+    tmp_path = tmp_path_factory.mktemp("openai-live")
     model_dir = tmp_path / "tiny-long"
     shutil.copytree(tiny_model_dir, model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -86,10 +88,27 @@ def test_a_client_that_disconnects_mid_stream_frees_its_sequence(served: tuple[C
     stream.close()
     assert _wait_for(lambda: not host.sampler.has_work(), 10), "the sampler went on generating for a gone client"
     assert components.worker.sampling.in_flight_count() == 0
-    assert _wait_for(lambda: _sample_futures(components) and _sample_futures(components)[0][0] == "failed", 5)
-    ((state, message),) = _sample_futures(components)
+    assert _wait_for(lambda: bool(_sample_futures(components)) and _sample_futures(components)[0][0] == "failed", 5)
+    ((state, message), *_) = _sample_futures(components)
     assert state == "failed" and message is not None and message.startswith("cancelled")
 
     # the sampler serves the next request as usual
     done = oai.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
     assert done.usage is not None and done.usage.completion_tokens >= 1
+
+
+def test_streamed_text_arrives_as_it_is_sampled_and_equals_the_whole_answer(served: tuple[Components, str]) -> None:
+    components, url = served
+    (name,) = components.worker.runtime.hosts
+    oai = openai.OpenAI(base_url=f"{url}/v1", api_key="tml-any", max_retries=0, timeout=60)
+    request = {
+        "model": name,
+        "prompt": "Once upon a time",
+        "max_tokens": 48,
+        "seed": 3,
+        "extra_body": {"ignore_eos": True},
+    }
+    whole = oai.completions.create(**request)  # type: ignore[call-overload]
+    pieces = [c.choices[0].text for c in oai.completions.create(stream=True, **request) if c.choices]  # type: ignore[call-overload]
+    assert "".join(pieces) == whole.choices[0].text
+    assert len([p for p in pieces if p]) > 3  # many deltas, not one burst at the end
