@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tinkerd.api.openai.text import TemplateError, TextCodec
 from tinkerd.domain.errors import InvalidRequestError
@@ -24,13 +24,21 @@ CONVERSATIONS: list[list[dict[str, str]]] = [
 ]
 
 
+@pytest.fixture(scope="module")
+def ours(tiny_model_dir: Path) -> TextCodec:
+    return TextCodec(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def theirs(tiny_model_dir: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_chat_prompts_match_apply_chat_template(
-    tiny_model_dir: Path, messages: list[dict[str, str]], add_generation_prompt: bool
+    ours: TextCodec, theirs: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool
 ) -> None:
-    ours = TextCodec(tiny_model_dir)
-    theirs = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     text = ours.render_chat(messages, add_generation_prompt=add_generation_prompt)
     assert text == theirs.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     expected = theirs.apply_chat_template(
@@ -39,9 +47,7 @@ def test_chat_prompts_match_apply_chat_template(
     assert ours.encode(text, add_special_tokens=False) == list(expected)
 
 
-def test_plain_text_and_decoding_match_the_hf_tokenizer(tiny_model_dir: Path) -> None:
-    ours = TextCodec(tiny_model_dir)
-    theirs = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+def test_plain_text_and_decoding_match_the_hf_tokenizer(ours: TextCodec, theirs: PreTrainedTokenizerBase) -> None:
     for text in ("The quick brown fox", "  leading spaces, ünïcödé and 数字 123", "<|im_start|>user"):
         tokens = ours.encode(text, add_special_tokens=True)
         assert tokens == theirs(text).input_ids
