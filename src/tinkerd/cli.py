@@ -8,8 +8,7 @@ bug and keeps its traceback. Options several commands share are in `cli_options`
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,7 +16,7 @@ from rich.table import Table
 
 from tinkerd import __version__, hub
 from tinkerd import cli_views as views
-from tinkerd.cli_options import CacheDirOption
+from tinkerd.cli_options import CacheDirOption, settings_options
 from tinkerd.cli_runs import checkpoints_app, runs_app
 from tinkerd.domain.errors import TinkerdError
 from tinkerd.settings import Settings, SettingsError
@@ -85,68 +84,13 @@ def models_list(cache_dir: CacheDirOption = None) -> None:
 
 
 @app.command("serve")
-def serve(
-    host: Annotated[str | None, typer.Option("--host", help="Address to listen on. \\[default: 127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option("--port", help="Port to listen on. \\[default: 8000]")] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option("--data-dir", help="Database and checkpoints. \\[default: the user data dir]", file_okay=False),
-    ] = None,
-    model: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--model",
-            help="A pulled model id or a local Hugging Face model directory; repeat to serve several. "
-            f"\\[default: {hub.DEFAULT_MODEL}]",
-        ),
-    ] = None,
-    device: Annotated[str | None, typer.Option("--device", help="Torch device. \\[default: cpu]")] = None,
-    dtype: Annotated[
-        str | None, typer.Option("--dtype", help="Training compute dtype of the base model. \\[default: bfloat16]")
-    ] = None,
-    keys: Annotated[
-        Path | None,
-        typer.Option("--keys", help="File of '<api-key> <user>' lines; unknown keys get 401. \\[default: single user]"),
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option("--threads", help="Torch threads of the engine. \\[default: one per core]", min=1)
-    ] = None,
-    max_body_mb: Annotated[
-        int | None, typer.Option("--max-body-mb", help="Largest request body in MiB; larger get 413. \\[default: 256]")
-    ] = None,
-    max_queued_per_user: Annotated[
-        int | None,
-        typer.Option(
-            "--max-queued-per-user",
-            help="Unfinished requests per user; more get 429 and the SDK retries later (0: no cap). \\[default: 1024]",
-        ),
-    ] = None,
-    max_runs_per_user: Annotated[
-        int | None,
-        typer.Option(
-            "--max-runs-per-user", help="Training runs in open sessions per user (0: no cap). \\[default: 64]"
-        ),
-    ] = None,
-    cache_dir: CacheDirOption = None,
-) -> None:
+@settings_options()
+def serve(given: dict[str, Any]) -> None:
     """Serve the Tinker API (api + worker in one process) until Ctrl-C. Every option also reads TINKERD_<NAME>."""
     from tinkerd.server import serve as run_server  # loads FastAPI and torch: only for this command
 
     try:
-        settings = Settings.load(
-            cache_dir=cache_dir,
-            data_dir=data_dir,
-            host=host,
-            port=port,
-            models=model,
-            device=device,
-            dtype=dtype,
-            keys_file=keys,
-            threads=threads,
-            max_body_mb=max_body_mb,
-            max_queued_per_user=max_queued_per_user,
-            max_runs_per_user=max_runs_per_user,
-        )
+        settings = Settings.load(**given)
         run_server(settings, announce=lambda line: typer.echo(line))
     except (TinkerdError, SettingsError) as error:
         raise views.fail(error) from error
