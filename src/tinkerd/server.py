@@ -81,6 +81,7 @@ def model_info(model: hub.ResolvedModel) -> ServedModelInfo:
         vocab_size=int(facts["vocab_size"]),
         max_context_length=int(max_context),
         eos_token_ids=eos_ids,
+        tokenizer_dir=str(model.path) if (model.path / "tokenizer.json").is_file() else None,
     )
 
 
@@ -157,7 +158,15 @@ def build(
                 announce(f"Loading {model.name} from {model.path}")
             hosts[model.name] = ModelHost.from_directory(model.name, model.path, engine)
         notifier = FutureNotifier()
-        worker = Worker(store, hosts, data_dir, notify=notifier.notify, await_answer=notifier.await_answer)
+        worker = Worker(
+            store,
+            hosts,
+            data_dir,
+            notify=notifier.notify,
+            await_answer=notifier.await_answer,
+            watching=notifier.watching,
+            on_progress=notifier.progress,
+        )
         api = dataclasses.replace(
             api_settings or ApiSettings(),
             data_dir=data_dir,

@@ -416,3 +416,44 @@ def test_a_vanishing_temperature_picks_the_argmax_with_finite_logprobs() -> None
     tokens, logprobs = sampling_ops.sample_tokens(logits, [1e-320, 1e-7, 1e-300], [-1] * 3, [1.0] * 3, [0.3] * 3)
     assert tokens.tolist() == logits.argmax(dim=-1).tolist()
     assert torch.isfinite(logprobs).all()
+
+
+# -- cancelling and streaming ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps_before", [0, 1, 4])
+def test_a_cancelled_request_frees_its_slots_and_leaves_the_others_unchanged(steps_before: int) -> None:
+    t = engine()
+    kept = job(PROMPTS[0], num_samples=2, max_tokens=12, temperature=1.0, seed=5)
+    dropped = job(PROMPTS[1], adapter(1), num_samples=3, max_tokens=40, temperature=1.0, seed=6)
+    sampler = Sampler(t, max_batch=4)  # the dropped request waits for slots, then stamps, then decodes
+    keep_ticket, drop_ticket = sampler.submit(kept), sampler.submit(dropped)
+    finished: dict[int, SampleResult] = {}
+    for _ in range(steps_before):
+        finished.update(sampler.step())
+    assert sampler.cancel(drop_ticket) and not sampler.cancel(drop_ticket)
+    assert sampler.progress(drop_ticket) is None
+    while sampler.has_work():
+        finished.update(sampler.step())
+    assert set(finished) == {keep_ticket}
+    assert sampler.cache.num_free == sampler.max_batch
+    assert_same_results([finished[keep_ticket]], Sampler(t).run([kept]))
+
+
+def test_progress_reports_prefixes_of_the_final_sequences() -> None:
+    sampler = Sampler(engine(), max_batch=2)
+    request = job(PROMPTS[0], num_samples=3, max_tokens=6, temperature=1.0, seed=8)
+    ticket = sampler.submit(request)
+    seen: list[list[list[int]]] = []
+    finished: dict[int, SampleResult] = {}
+    while sampler.has_work():
+        finished.update(sampler.step())
+        progress = sampler.progress(ticket)
+        if progress is not None:
+            seen.append([list(tokens) for tokens, _ in progress])
+    final = tokens_of(finished[ticket])
+    assert seen and sampler.progress(ticket) is None
+    assert any(len(tokens) == 0 for tokens in seen[0])  # the third sample had no slot at first
+    for snapshot in seen:
+        for tokens, whole in zip(snapshot, final, strict=True):
+            assert whole[: len(tokens)] == tokens

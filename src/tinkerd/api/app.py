@@ -1,5 +1,5 @@
 """The app factory: ``create_app(store, models, dispatch, settings)`` -> a FastAPI app speaking the Tinker API
-(under ``/api/v1``) and the Baseten Loops API (``api.loops``).
+(under ``/api/v1``), the Baseten Loops API (``api.loops``) and the OpenAI API (under ``/v1``).
 
 The composition root hands in plain data (an open Store, facts about the served models, the dispatch that connects
 it to the workers); nothing here imports torch or the engine, so the API starts in a fraction of a second.
@@ -23,6 +23,7 @@ from tinkerd.api.errors import install_error_handlers
 from tinkerd.api.loops import ROUTERS as LOOPS_ROUTERS
 from tinkerd.api.loops import LoopsErrorMiddleware
 from tinkerd.api.notify import FutureNotifier
+from tinkerd.api.openai import install as install_openai
 from tinkerd.api.routes import ROUTERS
 from tinkerd.api.signing import UrlSigner, load_or_create_secret
 from tinkerd.store import Store
@@ -83,4 +84,5 @@ def create_app(
         app.include_router(router, prefix=API_PREFIX)
     for router in LOOPS_ROUTERS:  # Baseten Loops: /v1/loops and the base URLs it hands out (see api.loops)
         app.include_router(router)
+    install_openai(app)  # /v1/models, /v1/completions, /v1/chat/completions, in OpenAI's wire format
     return app

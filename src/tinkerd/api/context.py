@@ -30,6 +30,9 @@ class ServedModelInfo:
     eos_token_ids: tuple[int, ...] = ()
     trainable: bool = True
     sampleable: bool = True
+    # A local directory with the model's tokenizer.json (and chat template), for front ends that take text (the
+    # OpenAI API). None: text requests are refused for this model.
+    tokenizer_dir: str | None = None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,10 @@ Hand-off. A worker in this process passes the finished record (and its result as
 the notifier keeps the latest ones, so the long-poll answers from memory: no ledger read, no decoding, and no
 wait for the worker's own ledger write, which it makes right after notifying. The ledger stays the truth: a
 poll that finds nothing here reads it, exactly as for a worker in another process.
+
+Progress. A streamed request (the OpenAI API's ``stream``) is ``watched``: a worker in this process reports its new
+tokens after each decode step (``progress``), and they land in the watcher's queue. A worker in another process
+reports nothing; the stream then gets the whole answer when it finishes.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from tinkerd.domain.requests import Finished
+from tinkerd.domain.requests import Finished, SampleProgress
 
 # Finished requests kept for the hand-off. A client fetches its result within milliseconds of the notification;
 # later polls (retries, slow clients) read the ledger.
@@ -53,6 +57,8 @@ class FutureNotifier:
         self._recent_bytes = 0
         self._expected: dict[str, None] = {}  # an insertion-ordered set, guarded by _lock
         self._answering: dict[str, threading.Event] = {}  # notified requests a poll was waiting for, guarded by _lock
+        # Streamed requests' progress queues, by request id: written on the loop, read (membership) by the worker.
+        self._watched: dict[str, asyncio.Queue[list[SampleProgress]]] = {}
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop that serves requests (called at app startup)."""
@@ -145,6 +151,35 @@ class FutureNotifier:
         while self._recent and (len(self._recent) > RECENT_LIMIT or self._recent_bytes > RECENT_BYTES_LIMIT):
             _, evicted = self._recent.popitem(last=False)
             self._recent_bytes -= len(evicted.record.result or b"")
+
+    def watching(self, request_id: str) -> bool:
+        """Whether a stream in this process wants `request_id`'s tokens as they come. Safe from any thread."""
+        return request_id in self._watched  # a dict lookup is atomic
+
+    def progress(self, request_id: str, report: list[SampleProgress]) -> None:
+        """New tokens of a watched request: queued for its stream. Safe from any thread; never blocks."""
+        with self._lock:
+            loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._push, request_id, report)
+
+    @contextlib.contextmanager
+    def watch(self, request_id: str) -> Iterator[asyncio.Queue[list[SampleProgress]]]:
+        """A queue of `request_id`'s progress reports, while the block runs. Use on the event loop only."""
+        queue: asyncio.Queue[list[SampleProgress]] = asyncio.Queue()
+        self._watched[request_id] = queue
+        try:
+            yield queue
+        finally:
+            if self._watched.get(request_id) is queue:
+                del self._watched[request_id]
+
+    def _push(self, request_id: str, report: list[SampleProgress]) -> None:
+        queue = self._watched.get(request_id)
+        if queue is not None:
+            queue.put_nowait(report)
 
     @property
     def closed(self) -> bool:

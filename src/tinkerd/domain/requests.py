@@ -167,6 +167,16 @@ Result = (
 
 
 @dataclass(frozen=True)
+class SampleProgress:
+    """Tokens a sample of a running sampling request produced since the last progress report (for streaming): the
+    worker reports them to an api in its process that watches the request."""
+
+    sample_index: int
+    tokens: list[int]
+    logprobs: list[float]
+
+
+@dataclass(frozen=True)
 class Finished:
     """A finished request as a worker hands it to the api in the same process: its record (state, stored result or
     error) and, when it completed, the result object itself (so the api need not decode it)."""

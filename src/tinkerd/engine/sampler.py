@@ -86,6 +86,7 @@ class _JobState:
     v_L_G_P_D: torch.Tensor | None = None
     last_logits_1_V: torch.Tensor | None = None
     prompt: prompt_scoring.PromptAnswers = field(default_factory=prompt_scoring.PromptAnswers)
+    live: dict[int, _Row] = field(default_factory=dict)  # sample index -> its row, while it decodes
 
 
 @dataclass(eq=False)
@@ -151,6 +152,7 @@ class Sampler:
         self._waiting: deque[_JobState] = deque()  # not prefilled yet
         self._stamping: deque[_JobState] = deque()  # prefilled, some samples still without a slot
         self._rows: list[_Row] = []
+        self._jobs: dict[int, _JobState] = {}  # every request not yet finished or cancelled, by ticket
 
     # -- the public surface -----------------------------------------------------------------------------------------
 
@@ -185,10 +187,47 @@ class Sampler:
             unfinished=job.num_samples,
         )
         self._waiting.append(state)
+        self._jobs[ticket] = state
         return ticket
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._stamping or self._rows)
+
+    def cancel(self, ticket: int) -> bool:
+        """Drop a request wherever it is (waiting, partly stamped, decoding) and free its cache slots at once; its
+        result never comes. False when the ticket is not here (finished already, or never submitted)."""
+        found = self._jobs.pop(ticket, None) is not None
+        for queue in (self._waiting, self._stamping):
+            for state in [s for s in queue if s.ticket == ticket]:
+                queue.remove(state)
+                found = True
+        kept: list[_Row] = []
+        for row in self._rows:
+            if row.job.ticket == ticket:
+                self.cache.release(row.slot)
+                found = True
+            else:
+                kept.append(row)
+        self._rows = kept
+        return found
+
+    def progress(self, ticket: int) -> list[tuple[list[int], list[float]]] | None:
+        """For streaming: the tokens and logprobs each sample of a request has so far (empty for a sample without a
+        slot yet); None once the request is finished or cancelled. The lists are the sampler's own: copy what you
+        keep, and read them on the thread that calls ``step``."""
+        state = self._jobs.get(ticket)
+        if state is None:
+            return None
+        out: list[tuple[list[int], list[float]]] = []
+        for i, done in enumerate(state.sequences):
+            row = state.live.get(i)
+            if done is not None:
+                out.append((done.tokens, done.logprobs))
+            elif row is not None:
+                out.append((row.tokens, row.logprobs))
+            else:
+                out.append(([], []))
+        return out
 
     def step(self) -> list[tuple[int, SampleResult]]:
         """Admit what fits, advance every live sequence by one token; returns the requests that finished.
@@ -308,6 +347,7 @@ class Sampler:
             _Row(state, i, slot, draw_uniforms(job.params.seed, i, job.params.max_tokens))
             for i, slot in zip(range(state.next_sample, state.next_sample + n), slots, strict=True)
         ]
+        state.live.update((row.sample_index, row) for row in rows)
         state.next_sample += n
         if state.next_sample == job.num_samples:
             state.k_L_G_P_D = state.v_L_G_P_D = None  # every sample has its copy now
@@ -396,9 +436,11 @@ class Sampler:
         state = row.job
         topk = row.topk if state.job.topk_sample_logprobs > 0 else None
         state.sequences[row.sample_index] = SampledSequence(row.tokens, row.logprobs, reason, topk)
+        state.live.pop(row.sample_index, None)
         state.unfinished -= 1
         if state.unfinished == 0:
             self._finished_jobs[state.ticket] = state.job
+            self._jobs.pop(state.ticket, None)
             sequences = [s for s in state.sequences if s is not None]
             done.append(
                 (

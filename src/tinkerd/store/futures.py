@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, update
+from sqlalchemy import Connection, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tinkerd.domain.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -262,6 +262,22 @@ class FuturesLedger:
         if look_first and not self._db.read(anything_ready):
             return Claim(futures=(), next_seq={})
         return self._db.write(txn)
+
+    def finished_among(self, request_ids: Iterable[str]) -> set[str]:
+        """Which of these requests the ledger holds as finished (or no longer holds): e.g. running requests a
+        client cancelled, which the worker should stop working on."""
+        ids = list(dict.fromkeys(request_ids))
+
+        def read(conn: Connection) -> set[str]:
+            unfinished: set[str] = set()
+            for chunk in chunks(ids):
+                query = select(futures.c.request_id, futures.c.state).where(futures.c.request_id.in_(chunk))
+                for request_id, state in conn.execute(query):
+                    if not FutureState(state).finished:
+                        unfinished.add(request_id)
+            return set(ids) - unfinished
+
+        return self._db.read(read) if ids else set()
 
     def complete(self, request_id: str, result: bytes, *, metrics: StepMetrics | None = None) -> FutureRecord:
         """Record a result; ``metrics`` (a training step's) are written in the same transaction (store.metrics)."""

@@ -32,7 +32,7 @@ from tinkerd.worker.hosts import ModelHost
 from tinkerd.worker.housekeeping import Housekeeper, HousekeepingConfig
 from tinkerd.worker.planner import Job, JobKind, ModelCursorState, PendingWork, PlanLimits, plan
 from tinkerd.worker.runtime import Runtime
-from tinkerd.worker.sampling import SamplingService
+from tinkerd.worker.sampling import OnProgress, SamplingService, Watching
 from tinkerd.worker.step_metrics import step_metrics_of
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class Worker:
         config: WorkerConfig | None = None,
         clock: Clock = utc_now,
         await_answer: Callable[[str, float], object] | None = None,
+        watching: Watching | None = None,
+        on_progress: OnProgress | None = None,
     ) -> None:
         self.store = store
         self.config = config or WorkerConfig()
@@ -92,7 +94,8 @@ class Worker:
         self.runtime = Runtime(hosts, self.config.weights_cache_size)
         self.files = CheckpointFiles(data_dir)
         self.handlers = Handlers(store, self.runtime, self.files, clock)
-        self.sampling = SamplingService(store, self.runtime, self.files)
+        # Streaming clients in this process see tokens as they come (``watching``/``on_progress``, the notifier's).
+        self.sampling = SamplingService(store, self.runtime, self.files, watching=watching, on_progress=on_progress)
         self.housekeeper = Housekeeper(store, self.runtime, self.files, self.config.housekeeping)
         self._pool: dict[str, _Claimed] = {}  # claimed training requests not yet run, by request id
         self._round: deque[Job] = deque()  # the planner's current round, run one job per iteration
@@ -308,6 +311,7 @@ class Worker:
     def _sample_for(self, budget_s: float) -> None:
         """Decode steps until ``budget_s`` of wall time is used or nothing is left (at least one step)."""
         deadline = time.perf_counter() + budget_s
+        self.sampling.drop_cancelled()
         while self.sampling.has_work():
             for future, outcome in self.sampling.step():
                 self._finish(future, outcome)

@@ -9,13 +9,15 @@ cached), or nothing (the base model).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from tinkerd.domain.errors import InvalidRequestError, NotFoundError
 from tinkerd.domain.ops import SampleResult
 from tinkerd.domain.paths import TinkerPath, parse_tinker_path
 from tinkerd.domain.records import FutureRecord
-from tinkerd.domain.requests import Sample
+from tinkerd.domain.requests import Sample, SampleProgress
 from tinkerd.engine.checkpoint import check_compatible, load_checkpoint
 from tinkerd.engine.lora import LoraWeights
 from tinkerd.engine.sampler import SampleJob
@@ -26,21 +28,39 @@ from tinkerd.worker.runtime import Runtime, SamplerSource
 
 log = logging.getLogger(__name__)
 
+# How often the ledger is asked whether requests in flight were finished elsewhere (a client cancelled them).
+CANCEL_CHECK_INTERVAL_S = 0.25
+
 SampleOutcome = SampleResult | Exception
+# Streaming: whether someone in this process watches a request's tokens as they come, and where they go.
+Watching = Callable[[str], bool]
+OnProgress = Callable[[str, list[SampleProgress]], None]
 
 
-@dataclass(frozen=True)
+@dataclass
 class _InFlight:
     future: FutureRecord
     num_samples: int
+    sent: list[int] = field(default_factory=list)  # per sample: tokens already reported as progress
 
 
 class SamplingService:
-    def __init__(self, store: Store, runtime: Runtime, files: CheckpointFiles) -> None:
+    def __init__(
+        self,
+        store: Store,
+        runtime: Runtime,
+        files: CheckpointFiles,
+        *,
+        watching: Watching | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> None:
         self.store = store
         self.runtime = runtime
         self.files = files
+        self.watching = watching
+        self.on_progress = on_progress
         self._in_flight: dict[str, dict[int, _InFlight]] = {name: {} for name in runtime.hosts}
+        self._next_cancel_check = 0.0
 
     # -- submitting ----------------------------------------------------------------------------------------------
 
@@ -60,7 +80,7 @@ class SamplingService:
             prompt_alt_tokens_k=req.prompt_alt_tokens_k,
         )
         ticket = host.sampler.submit(job)  # validates against the model first
-        self._in_flight[host.name][ticket] = _InFlight(future, req.num_samples)
+        self._in_flight[host.name][ticket] = _InFlight(future, req.num_samples, [0] * req.num_samples)
 
     def resolve(self, sampler_id: str, owner: str) -> tuple[ModelHost, LoraWeights | None]:
         source = self.runtime.samplers.get(sampler_id)
@@ -128,7 +148,54 @@ class SamplingService:
                 if len(result.sequences) != flight.num_samples:
                     outcome = RuntimeError(f"sampler returned {len(result.sequences)} of {flight.num_samples} samples")
                 finished.append((flight.future, outcome))
+            self._report_progress(host, tickets)
         return finished
+
+    def _report_progress(self, host: ModelHost, tickets: dict[int, _InFlight]) -> None:
+        """The new tokens of every watched request still decoding (a finished one is notified whole)."""
+        if self.watching is None or self.on_progress is None:
+            return
+        for ticket, flight in tickets.items():
+            request_id = flight.future.request_id
+            if not self.watching(request_id):
+                continue
+            samples = host.sampler.progress(ticket)
+            if samples is None:
+                continue
+            report: list[SampleProgress] = []
+            for i, (tokens, logprobs) in enumerate(samples):
+                sent = flight.sent[i]
+                if len(tokens) > sent:
+                    report.append(SampleProgress(i, tokens[sent:], logprobs[sent:]))
+                    flight.sent[i] = len(tokens)
+            if report:
+                try:
+                    self.on_progress(request_id, report)
+                except Exception:
+                    log.exception("reporting the progress of %s failed", request_id)
+
+    def drop_cancelled(self, *, force: bool = False) -> list[FutureRecord]:
+        """Stop generating requests the ledger already holds as finished (a client cancelled them, e.g. by closing
+        its stream), freeing their sequences' slots; returns their futures. Reads the ledger at most every
+        ``CANCEL_CHECK_INTERVAL_S`` unless `force`."""
+        now = time.monotonic()
+        if not force and now < self._next_cancel_check:
+            return []
+        self._next_cancel_check = now + CANCEL_CHECK_INTERVAL_S
+        ids = [flight.future.request_id for tickets in self._in_flight.values() for flight in tickets.values()]
+        if not ids:
+            return []
+        gone = self.store.futures.finished_among(ids)
+        dropped: list[FutureRecord] = []
+        for name, tickets in self._in_flight.items():
+            for ticket, flight in list(tickets.items()):
+                if flight.future.request_id in gone:
+                    self.runtime.hosts[name].sampler.cancel(ticket)
+                    del tickets[ticket]
+                    dropped.append(flight.future)
+        if dropped:
+            log.info("stopped %d sampling requests finished elsewhere (cancelled by their clients)", len(dropped))
+        return dropped
 
     def abandon_all(self) -> list[FutureRecord]:
         """Drop every queued and running request (shutting down); returns their futures, to put back or fail."""
