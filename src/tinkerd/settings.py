@@ -23,8 +23,8 @@ from typing import Any
 
 import platformdirs
 
-from tinkerd.domain.ops import LOGPROB_DISTRIBUTIONS
 from tinkerd.domain.errors import SettingsError as SettingsError  # where callers of the settings look for it
+from tinkerd.domain.ops import LOGPROB_DISTRIBUTIONS
 from tinkerd.hub.catalog import DEFAULT_MODEL
 
 ENV_PREFIX = "TINKERD_"
