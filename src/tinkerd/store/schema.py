@@ -50,6 +50,14 @@ def ensure_schema(conn: Connection, url_text: str) -> None:
         return
     if "alembic_version" in tables:
         current = conn.execute(select(alembic_version.c.version_num)).scalar_one_or_none()
+        if "schema_version" in tables:
+            # the number every tinkerd keeps beside Alembic's revision: one past ours was made by a newer tinkerd
+            found = conn.execute(select(schema_version.c.version)).scalar_one_or_none()
+            if found is not None and found > SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"database {url_text} has schema version {found}, made by a newer tinkerd; "
+                    f"this tinkerd uses version {SCHEMA_VERSION} and cannot open it"
+                )
     else:
         found = conn.execute(select(schema_version.c.version)).scalar_one_or_none()
         if found != 1:
