@@ -28,6 +28,7 @@ import uvicorn
 
 from tinkerd import hub
 from tinkerd.api import ApiSettings, FutureNotifier, ServedModelInfo, create_app, load_keys_file
+from tinkerd.domain.architectures import preferred_path
 from tinkerd.domain.errors import ModelFetchError
 from tinkerd.hub.layout import is_repo_id
 from tinkerd.settings import Settings, SettingsError
@@ -56,8 +57,10 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
 
-def model_info(model: hub.ResolvedModel) -> ServedModelInfo:
-    """The facts the API needs about a served model, from its config files (no torch)."""
+def model_info(model: hub.ResolvedModel, engine_path: str | None = None) -> ServedModelInfo:
+    """The facts the API needs about a served model, from its config files (no torch).
+
+    ``engine_path`` is the path the loaded engine took; without it, the one the config's model type asks for."""
     config = _read_json(model.path / "config.json")
     text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
     facts = text_config or config
@@ -78,6 +81,7 @@ def model_info(model: hub.ResolvedModel) -> ServedModelInfo:
         vocab_size=int(facts["vocab_size"]),
         max_context_length=int(max_context),
         eos_token_ids=eos_ids,
+        engine_path=engine_path or preferred_path(config).value,
     )
 
 
@@ -166,7 +170,7 @@ def build(
             api = dataclasses.replace(api, api_keys=keys)
         app = create_app(
             store,
-            [model_info(m) for m in models],
+            [model_info(m, hosts[m.name].engine_path.value) for m in models],
             notifier,
             api,
             on_submit=worker.accept,

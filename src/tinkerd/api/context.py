@@ -32,6 +32,8 @@ class ServedModelInfo:
     eos_token_ids: tuple[int, ...] = ()
     trainable: bool = True
     sampleable: bool = True
+    # "packed" (tinkerd's own fast forward) or "generic" (the model's own forward): see domain.architectures
+    engine_path: str = "packed"
 
 
 @dataclass(frozen=True)

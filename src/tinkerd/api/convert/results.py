@@ -236,4 +236,5 @@ def supported_model(model: ServedModelInfo) -> schemas.SupportedModel:
         max_context_length=model.max_context_length,
         trainable=model.trainable,
         sampleable=model.sampleable,
+        engine_path=model.engine_path,
     )
