@@ -6,7 +6,7 @@ tokens after 32-token prompts through the packed ``Sampler`` (KV cache) and the 
 The generic path always computes in fp32, so the packed path is measured both in its default bf16 and in fp32.
 All sides run in this one process on the same inputs, alternating call by call.
 
-    .venv/bin/python bench/bench_generic_path.py [--model-dir DIR] [--repeats 3]
+    .venv/bin/python -m bench.bench_generic_path [--model-dir DIR] [--repeats 3] [--seqs 8] [--tokens 128]
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", type=Path, default=default_model_dir())
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seqs", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per training sequence")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens sampled per sequence")
     args = parser.parse_args()
     torch.manual_seed(0)
     sides = {
@@ -60,7 +63,7 @@ def main() -> None:
         "packed fp32": served(args.model_dir, "float32", generic=False),
         "generic fp32": served(args.model_dir, "float32", generic=True),
     }
-    batch = datums(sides["packed fp32"].vocab_size, 8, 128)
+    batch = datums(sides["packed fp32"].vocab_size, args.seqs, args.tokens)
     tokens = sum(len(d.tokens) for d in batch)
 
     def train(model: ServedModel) -> None:
@@ -69,7 +72,9 @@ def main() -> None:
             p.grad = None
 
     train_s = interleaved_medians({k: (lambda m=m: train(m)) for k, m in sides.items()}, args.repeats)
-    print(f"forward_backward, 8 x 128 tokens, LoRA rank 16 (median of {args.repeats}, interleaved):")
+    print(
+        f"forward_backward, {args.seqs} x {args.tokens} tokens, LoRA rank 16 (median of {args.repeats}, interleaved):"
+    )
     for name, s in train_s.items():
         print(f"  {name:13s} {tokens / s:8.0f} tokens/s   ({s:.2f} s)   x{train_s['generic fp32'] / s:.1f} generic")
 
@@ -81,16 +86,18 @@ def main() -> None:
             assert isinstance(model.train, Transformer)
             samplers[name] = Sampler(model.train)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 1000, (32,), generator=g).tolist() for _ in range(8)]
-    params = SamplingParams(max_tokens=32, temperature=1.0, seed=3)
+    prompts = [torch.randint(3, 1000, (32,), generator=g).tolist() for _ in range(args.seqs)]
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=1.0, seed=3)
 
     def sample(name: str) -> None:
         weights = sides[name].snapshot("a")
         samplers[name].run([SampleJob(p, params, 1, weights) for p in prompts])
 
     sample_s = interleaved_medians({k: (lambda k=k: sample(k)) for k in sides}, args.repeats)
-    new = 8 * 32
-    print(f"sampling, 8 sequences x 32 new tokens after 32-token prompts (median of {args.repeats}):")
+    new = args.seqs * args.new_tokens
+    print(
+        f"sampling, {args.seqs} sequences x {args.new_tokens} new tokens after 32-token prompts ({args.repeats} runs):"
+    )
     for name, s in sample_s.items():
         print(f"  {name:13s} {new / s:8.0f} tokens/s   ({s:.2f} s)   x{sample_s['generic fp32'] / s:.1f} generic")
 

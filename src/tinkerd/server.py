@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from tinkerd import hub
-from tinkerd.api import ApiSettings, FutureNotifier, ServedModelInfo, create_app, load_keys_file
+from tinkerd.api import ApiSettings, FutureNotifier, InProcess, ServedModelInfo, create_app, load_keys_file
 from tinkerd.domain.architectures import preferred_path
 from tinkerd.domain.errors import ModelFetchError
 from tinkerd.hub.layout import is_repo_id
@@ -168,14 +168,9 @@ def build(
         )
         if keys is not None:
             api = dataclasses.replace(api, api_keys=keys)
-        app = create_app(
-            store,
-            [model_info(m, hosts[m.name].engine_path.value) for m in models],
-            notifier,
-            api,
-            on_submit=worker.accept,
-            claim_for=worker.config.worker_id,
-        )
+        dispatch = InProcess(notifier, worker.accept, claim_for=worker.config.worker_id)
+        infos = [model_info(m, hosts[m.name].engine_path.value) for m in models]
+        app = create_app(store, infos, dispatch, api)
     except BaseException:
         store.close()
         raise

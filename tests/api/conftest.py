@@ -14,7 +14,7 @@ from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from tests.api.fake_worker import FakeWorker
-from tinkerd.api import ApiSettings, FutureNotifier, ServedModelInfo, create_app
+from tinkerd.api import ApiSettings, FutureNotifier, InProcess, ServedModelInfo, create_app
 from tinkerd.store import Store, default_url
 
 
@@ -146,9 +146,8 @@ def make_api(store: Store) -> Iterator[MakeApi]:
         notifier = FutureNotifier()
         worker = FakeWorker(store, notifier.notify)
         options = {"long_poll_s": 2.0, "poll_interval_s": 0.5, **settings}
-        app = create_app(
-            store, SERVED, notifier, ApiSettings(**options), on_submit=lambda _future, _request: worker.wake()
-        )
+        dispatch = InProcess(notifier, lambda _future, _request: worker.wake())
+        app = create_app(store, SERVED, dispatch, ApiSettings(**options))
         client = TestClient(app, headers={"X-API-Key": "tml-test"})
         client.__enter__()
         worker.start()

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from tests.api.conftest import MODEL, SERVED, Api
 from tests.api.fake_worker import FakeWorker
-from tinkerd.api import ApiSettings, create_app, notify
+from tinkerd.api import ApiSettings, InProcess, create_app, notify
 from tinkerd.api.notify import RECENT_LIMIT, FutureNotifier
 from tinkerd.domain.ops import ForwardResult
 from tinkerd.domain.records import FutureRecord, FutureState
@@ -125,10 +125,8 @@ def test_a_repeated_submit_is_not_handed_to_the_worker_again(store: Store) -> No
     app = create_app(
         store,
         SERVED,
-        FutureNotifier(),
+        InProcess(FutureNotifier(), on_submit, claim_for="local"),
         ApiSettings(long_poll_s=2.0, poll_interval_s=0.5),
-        on_submit=on_submit,
-        claim_for="local",
     )
     with TestClient(app, headers={"X-API-Key": "tml-test"}) as client:
         api = Api(client, worker, store)

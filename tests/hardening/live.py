@@ -18,7 +18,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from tests.worker.harness import BASE, VOCAB, make_host
-from tinkerd.api import ApiSettings, FutureNotifier, ServedModelInfo, create_app
+from tinkerd.api import ApiSettings, FutureNotifier, InProcess, ServedModelInfo, create_app
 from tinkerd.store import Store, default_url
 from tinkerd.worker.loop import Worker, WorkerConfig
 
@@ -135,7 +135,7 @@ def start_live(
     notifier = FutureNotifier()
     worker = Worker(store, {BASE: make_host()}, data_dir, notifier.notify, config=WorkerConfig(poll_interval_s=0.02))
     options: dict[str, Any] = {"long_poll_s": 1.0, "poll_interval_s": 0.1, "api_keys": api_keys, **settings}
-    app = create_app(store, [SERVED], notifier, ApiSettings(**options), on_submit=worker.accept)
+    app = create_app(store, [SERVED], InProcess(notifier, worker.accept), ApiSettings(**options))
     key = next(iter(api_keys)) if api_keys else "tml-hardening"
     client = TestClient(app, headers={"X-API-Key": key})
     client.__enter__()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pg_server import PostgresServer
 from tinkerd.domain.errors import NotFoundError
 from tinkerd.domain.ids import DEFAULT_OWNER
 from tinkerd.domain.records import Session, TrainingRun
@@ -33,8 +34,17 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every store test runs on both backends: an SQLite file, and a fresh database on a real PostgreSQL server."""
+    if request.param == "postgres":
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        return server.create_database()
+    return default_url(tmp_path)
+
+
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
+def sqlite_url(tmp_path: Path) -> str:
     return default_url(tmp_path)
 
 

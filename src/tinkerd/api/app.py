@@ -1,7 +1,7 @@
-"""The app factory: ``create_app(store, models, notifier, settings)`` -> a FastAPI app speaking the Tinker API.
+"""The app factory: ``create_app(store, models, dispatch, settings)`` -> a FastAPI app speaking the Tinker API.
 
-The composition root hands in plain data (an open Store, facts about the served models, the notifier it also gives
-the worker); nothing here imports torch or the engine, so the API starts in a fraction of a second.
+The composition root hands in plain data (an open Store, facts about the served models, the dispatch that connects
+it to the workers); nothing here imports torch or the engine, so the API starts in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from fastapi import FastAPI
 
 from tinkerd.api.auth import KeyRing
 from tinkerd.api.bodies import BodyMiddleware
-from tinkerd.api.context import ApiContext, ApiSettings, OnSubmit, ServedModelInfo
+from tinkerd.api.context import ApiContext, ApiSettings, ServedModelInfo
 from tinkerd.api.deliveries import DeliveryLog
+from tinkerd.api.dispatch import Dispatch, InProcess
 from tinkerd.api.errors import install_error_handlers
 from tinkerd.api.notify import FutureNotifier
 from tinkerd.api.routes import ROUTERS
@@ -30,19 +31,12 @@ API_PREFIX = "/api/v1"
 def create_app(
     store: Store,
     models: Sequence[ServedModelInfo],
-    notifier: FutureNotifier | None = None,
+    dispatch: Dispatch | None = None,
     settings: ApiSettings | None = None,
-    *,
-    on_submit: OnSubmit | None = None,
-    claim_for: str | None = None,
 ) -> FastAPI:
-    """Build the app. `notifier` wakes long-polls when the worker finishes a request (give the worker its
-    ``notify``); `on_submit`, if given, is called with every accepted future and its request (e.g. to hand it to
-    an idle worker); with `claim_for` too (that worker's id), requests that may run at once are recorded as
-    claimed by it (see ``FuturesLedger.submit_or_find``)."""
-    if claim_for is not None and on_submit is None:
-        raise ValueError("claim_for needs on_submit: a claimed request must be handed to its worker")
-    notifier = notifier or FutureNotifier()
+    """Build the app. `dispatch` connects it to the workers (api/dispatch.py); the default, ``InProcess`` without a
+    worker, records requests in the ledger for whoever claims them."""
+    dispatch = dispatch or InProcess(FutureNotifier())
     settings = settings or ApiSettings()
     names = [model.name for model in models]
     if len(set(names)) != len(names):
@@ -50,11 +44,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        notifier.bind(asyncio.get_running_loop())
+        dispatch.notifier.bind(asyncio.get_running_loop())
+        dispatch.start()
         try:
             yield
         finally:
-            notifier.close()
+            dispatch.close()
             await deliveries.drain()
 
     app = FastAPI(
@@ -71,11 +66,9 @@ def create_app(
     app.state.ctx = ApiContext(
         store=store,
         models={model.name: model for model in models},
-        notifier=notifier,
+        dispatch=dispatch,
         settings=settings,
         deliveries=deliveries,
-        on_submit=on_submit,
-        claim_for=claim_for,
         files=CheckpointFiles(data_dir) if data_dir is not None else None,
         signer=UrlSigner(load_or_create_secret(data_dir)) if data_dir is not None else None,
     )

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinkerd.api.deliveries import DeliveryLog
+from tinkerd.api.dispatch import Dispatch
 from tinkerd.api.notify import FutureNotifier
 from tinkerd.api.run_cache import RunCache
 from tinkerd.api.signing import UrlSigner
 from tinkerd.domain.errors import NotFoundError
-from tinkerd.domain.records import FutureRecord
-from tinkerd.domain.requests import Request
 from tinkerd.store import Store
 from tinkerd.store.files import CheckpointFiles
-
-OnSubmit = Callable[[FutureRecord, Request], None]
 
 
 @dataclass(frozen=True)
@@ -67,17 +64,16 @@ class ApiContext:
 
     store: Store
     models: Mapping[str, ServedModelInfo]
-    notifier: FutureNotifier
+    dispatch: Dispatch  # how requests reach workers and results come back (in this process, or via the ledger)
     settings: ApiSettings
     deliveries: DeliveryLog
-    # Called with every accepted future and its request (e.g. to hand it to a worker in this process and wake it).
-    on_submit: OnSubmit | None = None
-    # The id of the worker ``on_submit`` hands requests to: an ordered request that may run at once is recorded as
-    # claimed by it, sparing that worker a claim transaction. None: every request is recorded pending.
-    claim_for: str | None = None
     files: CheckpointFiles | None = None  # set when settings.data_dir is
     signer: UrlSigner | None = None  # likewise
     runs: RunCache = field(default_factory=RunCache)  # the runs requests were submitted to
+
+    @property
+    def notifier(self) -> FutureNotifier:
+        return self.dispatch.notifier
 
     def model(self, name: str) -> ServedModelInfo:
         try:

@@ -79,6 +79,15 @@ class FutureNotifier:
         with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
             loop.call_soon_threadsafe(self._wake, request_id)
 
+    def wake_all(self) -> None:
+        """Wake every waiter to read the ledger again (events may have been lost, e.g. a reconnect). Thread-safe."""
+        with self._lock:
+            loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._wake_everyone)
+
     def close(self) -> None:
         """Shutting down: wake every waiter so long-polls answer at once instead of holding the exit. Thread-safe."""
         with self._lock:
@@ -160,6 +169,11 @@ class FutureNotifier:
     def _wake(self, request_id: str) -> None:
         for event in self._waiters.get(request_id, ()):
             event.set()
+
+    def _wake_everyone(self) -> None:
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
 
     def _close_on_loop(self) -> None:
         self._closed = True

@@ -1,7 +1,8 @@
 """Persistence: SQLAlchemy Core over SQLite (default) or PostgreSQL. Never imports torch or the engine."""
 
-from tinkerd.store.db import Database, DatabaseBusyError, RetryPolicy, SchemaVersionError, default_url
+from tinkerd.store.db import Database, DatabaseBusyError, RetryPolicy, default_url
 from tinkerd.store.futures import Claim, FuturesLedger
+from tinkerd.store.schema import SchemaVersionError
 from tinkerd.store.store import Store
 
 __all__ = [

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from sqlalchemy import Connection, and_, bindparam, func, insert, select
 
 from tinkerd.domain.records import FIRST_SEQ_ID, Clock, FutureState, RequestKind, is_ordered, utc_now
+from tinkerd.store import events
 from tinkerd.store.codec import future_to_row
 from tinkerd.store.db import Database
 from tinkerd.store.futures import failed_placeholder
@@ -122,6 +123,7 @@ class Admission:
             )
             conn.execute(insert(futures).values(future_to_row(record)))
             advance_cursor(conn, model_id)
+            events.send(conn, events.SUBMITTED, model_id)
             return True
 
         if not is_ordered(kind, seq_id):

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, insert, select
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
-from tinkerd.domain.errors import CapacityError, TinkerdError
-from tinkerd.store.tables import SCHEMA_VERSION, metadata, schema_version
+from tinkerd.domain.errors import CapacityError
+from tinkerd.store.schema import ensure_schema
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ _POSTGRES_RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_dete
 
 class DatabaseBusyError(CapacityError):
     """The database stayed locked past the retry deadline; the client should retry later (429)."""
-
-
-class SchemaVersionError(TinkerdError):
-    """The database was written by a tinkerd with a different schema; it needs a migration."""
 
 
 class RetryableConflict(Exception):
@@ -57,6 +53,13 @@ class RetryPolicy:
 
 def default_url(data_dir: Path) -> str:
     return f"sqlite:///{data_dir / 'tinkerd.db'}"
+
+
+def with_driver(url: URL) -> URL:
+    """`postgresql://` means psycopg 3 here (SQLAlchemy alone would pick psycopg2, which tinkerd does not ship)."""
+    if url.drivername in ("postgresql", "postgres"):
+        return url.set(drivername="postgresql+psycopg")
+    return url
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -89,7 +92,7 @@ class Database:
         retry: RetryPolicy | None = None,
         echo: bool = False,
     ) -> None:
-        self.url = make_url(url)
+        self.url = with_driver(make_url(url))
         self.retry = retry or RetryPolicy()
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         self._retries = 0
@@ -103,7 +106,11 @@ class Database:
 
     def _create_engine(self, busy_timeout_ms: int, echo: bool) -> Engine:
         if not self.is_sqlite:
-            return create_engine(self.url, echo=echo, pool_pre_ping=True)
+            # REPEATABLE READ: a read sees one snapshot (as on SQLite); a write that lost a race fails with a
+            # serialization error, which `_run` retries whole.
+            return create_engine(
+                self.url, echo=echo, pool_pre_ping=True, isolation_level="REPEATABLE READ", pool_size=10
+            )
         database = self.url.database or ""
         in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
         if not in_memory:
@@ -123,20 +130,11 @@ class Database:
         return engine
 
     def create_schema(self) -> None:
-        """Create missing tables and record the schema version; refuse a database with a different version."""
+        """Create the schema in an empty database, or migrate an older one (store.schema).
 
-        def create(conn: Connection) -> None:
-            metadata.create_all(conn)
-            found = conn.execute(select(schema_version.c.version)).scalar_one_or_none()
-            if found is None:
-                conn.execute(insert(schema_version).values(id=1, version=SCHEMA_VERSION))
-            elif found != SCHEMA_VERSION:
-                raise SchemaVersionError(
-                    f"database {self.url.render_as_string(hide_password=True)} has schema version {found}; "
-                    f"this tinkerd uses version {SCHEMA_VERSION} and cannot migrate it yet"
-                )
-
-        self.write(create)
+        Raises SchemaVersionError for a database written by a newer tinkerd."""
+        url_text = self.url.render_as_string(hide_password=True)
+        self.write(lambda conn: ensure_schema(conn, url_text))
 
     def read(self, work: Callable[[Connection], T]) -> T:
         """Run `work` in a read transaction (one consistent snapshot), retrying while the database is busy."""

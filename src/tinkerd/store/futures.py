@@ -13,12 +13,12 @@ request that already exists, never a second one.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, delete, func, update
 from sqlalchemy.exc import IntegrityError
 
 from tinkerd.domain.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -33,8 +33,22 @@ from tinkerd.domain.records import (
     is_ordered,
     utc_now,
 )
+from tinkerd.store import events, upkeep
 from tinkerd.store.codec import future_from_row, future_to_row
 from tinkerd.store.db import Database, RetryableConflict
+from tinkerd.store.future_rows import (
+    BY_ID,
+    BY_ID_AND_OWNER,
+    CLAIM,
+    FINISH,
+    FULL_BY_ID_AND_OWNER,
+    INSERT,
+    chunks,
+    failed_placeholder,
+    find,
+    full_rows,
+    load,
+)
 from tinkerd.store.sequencing import (
     FINISHED_STATES,
     advance_cursor,
@@ -43,41 +57,9 @@ from tinkerd.store.sequencing import (
     ready_chains,
     ready_unordered,
 )
-from tinkerd.store.tables import futures, model_cursors
+from tinkerd.store.tables import futures
 
-_CHUNK = 500  # ids per IN (...) list: far below every backend's bound-parameter limit
-_WITHOUT_PAYLOAD = [c for c in futures.c if c.name != "payload"]
-
-# The statements every request runs, built once (building one costs more than SQLite takes to run it).
-_INSERT = insert(futures)
-_BY_ID = select(*_WITHOUT_PAYLOAD).where(futures.c.request_id == bindparam("request_id"))
-_BY_ID_AND_OWNER = _BY_ID.where(futures.c.owner == bindparam("owner"))
-_FULL_BY_ID_AND_OWNER = select(*futures.c).where(
-    futures.c.request_id == bindparam("request_id"), futures.c.owner == bindparam("owner")
-)
-_BY_MODEL_SEQ = select(*_WITHOUT_PAYLOAD).where(
-    futures.c.model_id == bindparam("model_id"), futures.c.seq_id == bindparam("seq_id")
-)
-_FULL_BY_IDS = select(*futures.c).where(futures.c.request_id.in_(bindparam("ids", expanding=True)))
-_CLAIM = (
-    update(futures)
-    .where(futures.c.request_id.in_(bindparam("ids", expanding=True)), futures.c.state == FutureState.PENDING.value)
-    .values(state=FutureState.RUNNING.value, started_at=bindparam("now"), claimed_by=bindparam("worker_id"))
-)
-_FINISH = (
-    update(futures)
-    .where(futures.c.request_id == bindparam("b_request_id"))
-    .values(
-        state=bindparam("b_state"),
-        finished_at=bindparam("b_finished_at"),
-        # The payload (a whole training batch, possibly megabytes) is dropped once it has run: keeping it would
-        # grow the ledger by the size of all training data, and a repeat submit only needs the key.
-        payload=None,
-        result=bindparam("b_result"),
-        error_message=bindparam("b_error_message"),
-        error_category=bindparam("b_error_category"),
-    )
-)
+__all__ = ["Claim", "FuturesLedger", "failed_placeholder"]
 
 
 @dataclass(frozen=True)
@@ -86,34 +68,6 @@ class Claim:
 
     futures: tuple[FutureRecord, ...]  # ordered chains (each in seq_id order), then unordered work oldest first
     next_seq: Mapping[str, int]  # for each ordered model in the claim, the seq_id its chain starts at
-
-
-def failed_placeholder(
-    *, owner: str, model_id: str, seq_id: int, kind: RequestKind, message: str, now: datetime
-) -> FutureRecord:
-    """A request recorded as failed from the start: it holds an ordered seq_id that will never run (a refused
-    request, or one that never arrived), so the model's later requests are not held up by a gap."""
-    return FutureRecord(
-        request_id=new_request_id(),
-        owner=owner,
-        model_id=model_id,
-        seq_id=seq_id,
-        kind=kind,
-        ordered=True,
-        state=FutureState.FAILED,
-        payload=None,
-        result=None,
-        error_message=message,
-        error_category="user",
-        token_count=0,
-        created_at=now,
-        finished_at=now,
-    )
-
-
-def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(ids), _CHUNK):
-        yield ids[start : start + _CHUNK]
 
 
 class FuturesLedger:
@@ -171,7 +125,7 @@ class FuturesLedger:
 
         def txn(conn: Connection) -> tuple[FutureRecord, bool]:
             if seq_id is not None:
-                existing = self._find(conn, model_id, seq_id)
+                existing = find(conn, model_id, seq_id)
                 if existing is not None:
                     return self._check_repeat(existing, owner, kind), False
             if admit is not None:
@@ -204,7 +158,8 @@ class FuturesLedger:
                 started_at=now if claimed else None,
                 claimed_by=claim_for if claimed else None,
             )
-            conn.execute(_INSERT, future_to_row(record))
+            conn.execute(INSERT, future_to_row(record))
+            events.send(conn, events.SUBMITTED, model_id)  # wakes trainers and samplers in other processes
             return record, True
 
         # On PostgreSQL two concurrent submits can both miss the row and race to insert; the loser's unique
@@ -218,7 +173,7 @@ class FuturesLedger:
 
     def get(self, request_id: str, owner: str, *, with_payload: bool = False) -> FutureRecord:
         """The request as its owner sees it. Results stay readable after delivery, until purged."""
-        query = _FULL_BY_ID_AND_OWNER if with_payload else _BY_ID_AND_OWNER
+        query = FULL_BY_ID_AND_OWNER if with_payload else BY_ID_AND_OWNER
         params = {"request_id": request_id, "owner": owner}
         row = self._db.read(lambda conn: conn.execute(query, params).mappings().first())
         if row is None:
@@ -229,7 +184,7 @@ class FuturesLedger:
         """Note that a finished result was sent to the client. The row is kept: a retry may ask again."""
 
         def txn(conn: Connection) -> FutureRecord:
-            row = self._load(conn, request_id, owner)
+            row = load(conn, request_id, owner)
             if not FutureState(row["state"]).finished:
                 raise ConflictError(f"request {request_id!r} has not finished; nothing was delivered")
             now = self._clock()
@@ -241,7 +196,7 @@ class FuturesLedger:
                     delivered_at=row["delivered_at"] or now,
                 )
             )
-            return future_from_row(self._load(conn, request_id, owner))
+            return future_from_row(load(conn, request_id, owner))
 
         return self._db.write(txn)
 
@@ -258,7 +213,7 @@ class FuturesLedger:
             now = self._clock()
             count = 0
             for times, ids in by_times.items():
-                for chunk in _chunks(ids):
+                for chunk in chunks(ids):
                     count += conn.execute(
                         update(futures)
                         .where(futures.c.request_id.in_(chunk), futures.c.state.in_(FINISHED_STATES))
@@ -289,13 +244,13 @@ class FuturesLedger:
             unordered_ids = ready_unordered(conn, unordered_limit)
             ids = ordered_ids + unordered_ids
             now = self._clock()
-            for chunk in _chunks(ids):
-                claimed = conn.execute(_CLAIM, {"ids": chunk, "now": now, "worker_id": worker_id}).rowcount
+            for chunk in chunks(ids):
+                claimed = conn.execute(CLAIM, {"ids": chunk, "now": now, "worker_id": worker_id}).rowcount
                 if claimed != len(chunk):
                     # Another worker claimed some of these between our read and our write (PostgreSQL only;
                     # SQLite's write lock is taken at BEGIN). Start over from a fresh snapshot.
                     raise RetryableConflict(f"{len(chunk) - claimed} futures were claimed concurrently")
-            rows = {row["request_id"]: row for row in self._rows(conn, ids)}
+            rows = {row["request_id"]: row for row in full_rows(conn, ids)}
             return Claim(futures=tuple(future_from_row(rows[rid]) for rid in ids), next_seq=next_seq)
 
         def anything_ready(conn: Connection) -> bool:
@@ -323,12 +278,14 @@ class FuturesLedger:
 
         def txn(conn: Connection) -> int:
             count = 0
-            for chunk in _chunks(ids):
+            for chunk in chunks(ids):
                 count += conn.execute(
                     update(futures)
                     .where(futures.c.request_id.in_(chunk), futures.c.state == FutureState.RUNNING.value)
                     .values(state=FutureState.PENDING.value, started_at=None, claimed_by=None)
                 ).rowcount
+            if count:
+                events.send(conn, events.SUBMITTED, "")
             return count
 
         return self._db.write(txn)
@@ -340,39 +297,15 @@ class FuturesLedger:
         (training) requests get `ordered_message` when given: their run's in-memory state died with the worker, so
         the advice differs. Returns how many were failed.
         """
-
-        def txn(conn: Connection) -> int:
-            query = select(futures.c.request_id, futures.c.model_id, futures.c.ordered).where(
-                futures.c.state == FutureState.RUNNING.value
-            )
-            if worker_id is not None:
-                query = query.where(futures.c.claimed_by == worker_id)
-            rows = conn.execute(query).all()
-            for ordered in (False, True):
-                text = ordered_message if ordered and ordered_message is not None else message
-                ids = [row.request_id for row in rows if bool(row.ordered) is ordered]
-                for chunk in _chunks(ids):
-                    conn.execute(
-                        update(futures)
-                        .where(futures.c.request_id.in_(chunk))
-                        .values(self._finished_values(FutureState.FAILED, error_message=text, error_category="server"))
-                    )
-            for model_id in {row.model_id for row in rows if row.ordered}:
-                advance_cursor(conn, model_id)
-            return len(rows)
-
-        return self._db.write(txn)
+        return self._db.write(
+            lambda conn: upkeep.fail_in_flight(conn, self._clock(), message, worker_id, ordered_message)
+        )
 
     def purge(self, *, delivered_for: timedelta, undelivered_for: timedelta | None = None) -> int:
         """Delete finished requests delivered more than `delivered_for` ago, and (optionally) finished ones never
         fetched for `undelivered_for`. Pending and running requests are never purged. Returns how many."""
-        now = self._clock()
-        finished = futures.c.state.in_(FINISHED_STATES)
-        condition = and_(futures.c.delivered_count > 0, futures.c.delivered_at < now - delivered_for)
-        if undelivered_for is not None:
-            abandoned = and_(futures.c.delivered_count == 0, futures.c.finished_at < now - undelivered_for)
-            condition = or_(condition, abandoned)
-        return self._db.write(lambda conn: conn.execute(delete(futures).where(finished, condition)).rowcount)
+        condition = upkeep.purgeable(self._clock(), delivered_for, undelivered_for)
+        return self._db.write(lambda conn: conn.execute(delete(futures).where(condition)).rowcount)
 
     def fill_stale_gaps(self, waited_for: timedelta) -> dict[str, list[int]]:
         """Record, as failed, every seq_id a model has waited on for longer than `waited_for`.
@@ -384,57 +317,7 @@ class FuturesLedger:
         saying why. Returns the filled seq_ids by model.
         """
 
-        def txn(conn: Connection) -> dict[str, list[int]]:
-            now = self._clock()
-            waiting = conn.execute(
-                select(futures.c.model_id, func.min(futures.c.seq_id), func.min(futures.c.created_at))
-                .join(model_cursors, model_cursors.c.model_id == futures.c.model_id)
-                .where(
-                    futures.c.state == FutureState.PENDING.value,
-                    futures.c.ordered.is_(True),
-                    futures.c.seq_id > model_cursors.c.next_seq,
-                )
-                .group_by(futures.c.model_id)
-            ).all()
-            filled: dict[str, list[int]] = {}
-            for model_id, first_waiting, oldest in waiting:
-                if oldest > now - waited_for:
-                    continue
-                cursor = cursor_of(conn, model_id)
-                if cursor is None or self._find(conn, model_id, cursor) is not None:
-                    continue  # the next seq_id is there (pending or running): no gap
-                present = set(
-                    conn.execute(
-                        select(futures.c.seq_id).where(
-                            futures.c.model_id == model_id,
-                            futures.c.seq_id >= cursor,
-                            futures.c.seq_id < first_waiting,
-                        )
-                    ).scalars()
-                )
-                missing = [seq for seq in range(cursor, first_waiting) if seq not in present]
-                message = (
-                    f"seq_id {{seq}} of model {model_id!r} never arrived within {waited_for.total_seconds():.0f} s; "
-                    "the model's later requests went ahead without it"
-                )
-                owner = conn.execute(
-                    select(futures.c.owner).where(futures.c.model_id == model_id, futures.c.seq_id == first_waiting)
-                ).scalar_one()
-                for seq in missing:
-                    placeholder = failed_placeholder(
-                        owner=owner,
-                        model_id=model_id,
-                        seq_id=seq,
-                        kind=RequestKind.MISSING,
-                        message=message.format(seq=seq),
-                        now=now,
-                    )
-                    conn.execute(_INSERT, future_to_row(placeholder))
-                advance_cursor(conn, model_id)
-                filled[model_id] = missing
-            return filled
-
-        return self._db.write(txn)
+        return self._db.write(lambda conn: upkeep.fill_stale_gaps(conn, self._clock(), waited_for))
 
     # -- sequences -----------------------------------------------------------------------------------------------
 
@@ -450,7 +333,7 @@ class FuturesLedger:
 
     def _finish(self, request_id: str, state: FutureState, values: dict[str, Any]) -> FutureRecord:
         def txn(conn: Connection) -> FutureRecord:
-            row = conn.execute(_BY_ID, {"request_id": request_id}).mappings().first()
+            row = conn.execute(BY_ID, {"request_id": request_id}).mappings().first()
             if row is None:
                 raise NotFoundError(f"unknown request {request_id!r}")
             if FutureState(row["state"]).finished:
@@ -458,20 +341,14 @@ class FuturesLedger:
             now = self._clock()
             finished = {"result": None, "error_message": None, "error_category": None, **values}
             params = {f"b_{name}": value for name, value in finished.items()}
-            conn.execute(_FINISH, {**params, "b_request_id": request_id, "b_state": state.value, "b_finished_at": now})
+            conn.execute(FINISH, {**params, "b_request_id": request_id, "b_state": state.value, "b_finished_at": now})
             if row["ordered"]:
                 advance_cursor(conn, row["model_id"])
+                events.send(conn, events.SUBMITTED, row["model_id"])  # the run's next request may run now
+            events.send(conn, events.FINISHED, request_id)  # wakes long-polls in other processes
             return future_from_row({**row, **finished, "state": state.value, "finished_at": now})
 
         return self._db.write(txn)
-
-    def _finished_values(self, state: FutureState, **values: Any) -> dict[str, Any]:
-        return {"state": state.value, "finished_at": self._clock(), "payload": None, **values}
-
-    @staticmethod
-    def _find(conn: Connection, model_id: str, seq_id: int) -> FutureRecord | None:
-        row = conn.execute(_BY_MODEL_SEQ, {"model_id": model_id, "seq_id": seq_id}).mappings().first()
-        return None if row is None else future_from_row(row)
 
     @staticmethod
     def _check_repeat(existing: FutureRecord, owner: str, kind: RequestKind) -> FutureRecord:
@@ -486,18 +363,3 @@ class FuturesLedger:
                 f"not {kind.value}"
             )
         return existing
-
-    @staticmethod
-    def _load(conn: Connection, request_id: str, owner: str) -> RowMapping:
-        row = conn.execute(_BY_ID_AND_OWNER, {"request_id": request_id, "owner": owner}).mappings().first()
-        if row is None:
-            raise NotFoundError(f"unknown request {request_id!r}")
-        return row
-
-    @staticmethod
-    def _rows(conn: Connection, ids: Sequence[str]) -> list[RowMapping]:
-        """Whole rows, payload included."""
-        rows: list[RowMapping] = []
-        for chunk in _chunks(ids):
-            rows.extend(conn.execute(_FULL_BY_IDS, {"ids": chunk}).mappings().all())
-        return rows

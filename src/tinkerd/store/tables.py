@@ -1,6 +1,8 @@
 """The schema, in SQLAlchemy Core. Portable SQL: it runs on SQLite and PostgreSQL unchanged.
 
-Bump SCHEMA_VERSION whenever a table changes shape, and teach `Database.create_schema` to migrate.
+When a table changes shape: add an Alembic revision under `store/migrations/versions` that makes the change, set
+SCHEMA_HEAD to its id and bump SCHEMA_VERSION (older tinkerds read it and refuse a database newer than they know).
+tests/store/test_migrations.py checks that migrating an old database ends at exactly this schema.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SCHEMA_HEAD = "0002_roles"  # the newest Alembic revision (store/migrations/versions)
 
 ID = 200  # ids are at most 128 characters (domain.ids); the slack is free
 OWNER = 255
@@ -109,8 +112,12 @@ training_runs = Table(
     Column("corrupted", Boolean, nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
     Column("last_request_at", UtcDateTime, nullable=False),
+    # The trainer holding the run (split deployment): it alone executes the run's requests while its heartbeat
+    # keeps `workers.lease_expires_at` in the future. NULL in the one-process server, and for a run not placed yet.
+    Column("trainer_id", String(ID)),
     Index("ix_training_runs_owner_created", "owner", "created_at", "id"),
     Index("ix_training_runs_session", "session_id"),
+    Index("ix_training_runs_trainer", "trainer_id"),
 )
 
 checkpoints = Table(
@@ -182,4 +189,23 @@ model_cursors = Table(
     metadata,
     Column("model_id", String(ID), primary_key=True),
     Column("next_seq", BigInteger, nullable=False),
+)
+
+# Processes of a split deployment (api, trainer, sampler), each registered at start and kept alive by heartbeats.
+# A trainer's lease on its runs lasts while `lease_expires_at` is in the future.
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("host", String(NAME), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("base_models", JSON, nullable=False),
+    Column("capacity", Integer, nullable=False),
+    Column("health_url", Text),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("heartbeat_at", UtcDateTime, nullable=False),
+    Column("lease_expires_at", UtcDateTime, nullable=False),
+    Column("stopped_at", UtcDateTime),
+    Index("ix_workers_role_lease", "role", "lease_expires_at"),
 )

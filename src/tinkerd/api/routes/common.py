@@ -104,14 +104,10 @@ def submit(
         else ctx.store.admission.queue_check(
             owner, model_id, seq_id, kind, ctx.settings.max_queued_per_user, lambda: _queue_full(ctx, owner)
         ),
-        claim_for=ctx.claim_for,
+        claim_for=ctx.dispatch.claim_for,
     )
-    if created and ctx.on_submit is not None:
-        # Handed over here rather than after the response is sent: the worker starts sooner, and the SDK sends its
-        # next request (often the optim_step behind a forward_backward) without waiting for this one's result.
-        # (A repeat is not handed again: it is in the ledger, or running, already.)
-        ctx.notifier.expect(record.request_id)  # before the hand-over, so that its notification comes after
-        ctx.on_submit(record, payload)
+    if created:  # a repeat is not dispatched again: it is in the ledger, or running, already
+        ctx.dispatch.submitted(record, payload)
     return record
 
 

@@ -1,0 +1,157 @@
+"""Schema version 1, frozen: the tables as tinkerd 0.1 created them (before Alembic). Never edit this file.
+
+Revision 0001 creates exactly these; databases made by tinkerd 0.1 are stamped at 0001 and migrated from there.
+The UtcDateTime type is the live one: a column type's Python side may evolve, its SQL type may not.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from tinkerd.store.tables import UtcDateTime
+
+SCHEMA_VERSION = 1
+
+ID = 200  # ids are at most 128 characters (domain.ids); the slack is free
+OWNER = 255
+NAME = 300
+
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # always 1: a single-row table
+    Column("version", Integer, nullable=False),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("owner", String(OWNER), nullable=False),
+    Column("sdk_version", String(64), nullable=False),
+    Column("tags", JSON, nullable=False),
+    Column("user_metadata", JSON, nullable=False),
+    Column("display_name", Text),
+    Column("project_id", String(ID)),
+    Column("status", String(32), nullable=False),
+    Column("finish_reason", String(32)),
+    Column("status_detail", Text),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("last_heartbeat_at", UtcDateTime, nullable=False),
+    Column("closed_at", UtcDateTime),
+    Index("ix_sessions_owner_created", "owner", "created_at", "id"),
+    Index("ix_sessions_status_heartbeat", "status", "last_heartbeat_at"),
+)
+
+training_runs = Table(
+    "training_runs",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("session_id", String(ID), ForeignKey("sessions.id"), nullable=False),
+    Column("owner", String(OWNER), nullable=False),
+    Column("base_model", String(NAME), nullable=False),
+    Column("is_lora", Boolean, nullable=False),
+    Column("lora_rank", Integer, nullable=False),
+    Column("lora_alpha", Float, nullable=False),
+    Column("lora_seed", BigInteger),
+    Column("train_attn", Boolean, nullable=False),
+    Column("train_mlp", Boolean, nullable=False),
+    Column("train_unembed", Boolean, nullable=False),
+    Column("optimizer_config", JSON, nullable=False),
+    Column("user_metadata", JSON, nullable=False),
+    Column("corrupted", Boolean, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("last_request_at", UtcDateTime, nullable=False),
+    Index("ix_training_runs_owner_created", "owner", "created_at", "id"),
+    Index("ix_training_runs_session", "session_id"),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("run_id", String(ID), ForeignKey("training_runs.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("name", String(NAME), nullable=False),
+    # Copied from the run: listing a user's checkpoints must not need a join, and ownership never changes.
+    Column("owner", String(OWNER), nullable=False),
+    Column("size_bytes", BigInteger),
+    Column("public", Boolean, nullable=False),
+    Column("user_metadata", JSON, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime),
+    PrimaryKeyConstraint("run_id", "kind", "name"),
+    Index("ix_checkpoints_owner_created", "owner", "created_at"),
+    Index("ix_checkpoints_run_created", "run_id", "created_at"),
+    Index("ix_checkpoints_expires", "expires_at"),
+)
+
+samplers = Table(
+    "samplers",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("session_id", String(ID), ForeignKey("sessions.id"), nullable=False),
+    Column("owner", String(OWNER), nullable=False),
+    Column("base_model", String(NAME), nullable=False),
+    Column("model_path", Text),
+    # No foreign key: a sampler may outlive a run it sampled from (e.g. a published checkpoint of another user).
+    Column("run_id", String(ID)),
+    Column("run_version", BigInteger),
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("ix_samplers_session", "session_id"),
+)
+
+futures = Table(
+    "futures",
+    metadata,
+    Column("request_id", String(ID), primary_key=True),
+    Column("owner", String(OWNER), nullable=False),
+    Column("model_id", String(ID), nullable=False),
+    # BigInteger: cloned SamplingClients number their requests in blocks of 1e9 per clone.
+    Column("seq_id", BigInteger),
+    Column("kind", String(40), nullable=False),
+    Column("ordered", Boolean, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("payload", LargeBinary),
+    Column("result", LargeBinary),
+    Column("error_message", Text),
+    Column("error_category", String(16)),
+    Column("token_count", BigInteger, nullable=False),
+    Column("claimed_by", String(ID)),
+    Column("delivered_count", Integer, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("started_at", UtcDateTime),
+    Column("finished_at", UtcDateTime),
+    Column("delivered_at", UtcDateTime),
+    # The idempotency key. Rows without a seq_id (NULL) never collide: NULLs are distinct in SQLite and PostgreSQL.
+    UniqueConstraint("model_id", "seq_id", name="uq_futures_model_seq"),
+    Index("ix_futures_claim", "state", "ordered", "model_id", "seq_id"),
+    Index("ix_futures_finished", "state", "finished_at"),
+)
+
+# Per ordered model: the seq_id it will execute next. Kept apart from the futures rows so that purging old
+# results can never rewind a model's sequence (which would leave its next request waiting forever).
+model_cursors = Table(
+    "model_cursors",
+    metadata,
+    Column("model_id", String(ID), primary_key=True),
+    Column("next_seq", BigInteger, nullable=False),
+)
