@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 # which PyPI does not have; the rest of its dependencies come from the "cookbook" extra (see pyproject.toml).
 COOKBOOK := tinker-cookbook==0.6.1
 
-.PHONY: install test test-slow lint serve pull bench clean
+.PHONY: install test test-fast test-slow lint serve pull bench clean
+
+# The tiers `make test-fast` leaves out (the markers are described in pyproject.toml and CONTRIBUTING.md).
+NOT_FAST := slow or e2e or oldsdk or cookbook or integration or fuzz or weights or heavy or postgres or vllm or browser or loops or openai
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +32,10 @@ lint: $(STAMP)
 
 test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# The inner loop: unit tests only (domain, store, planner, api, engine, cli), no lint; about a minute.
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m 'not ($(NOT_FAST))'
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow
