@@ -77,9 +77,10 @@ def models_list(cache_dir: CacheDirOption = None) -> None:
     table = Table(title=f"Models in {hub.models_root(settings.cache_dir)}", title_justify="left")
     table.add_column("name", no_wrap=True)
     table.add_column("architecture", no_wrap=True)
+    table.add_column("engine path", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
     for model in models:
-        table.add_row(model.name, model.architecture, views.human_size(model.size_bytes))
+        table.add_row(model.name, model.architecture, model.engine_path, views.human_size(model.size_bytes))
     console.print(table)
 
 

@@ -30,6 +30,7 @@ import uvicorn
 from tinkerd import hub
 from tinkerd.api import ApiSettings, FutureNotifier, InProcess, ServedModelInfo, create_app, load_keys_file
 from tinkerd.console import ConsoleConfig, mount_console
+from tinkerd.domain.architectures import preferred_path
 from tinkerd.domain.errors import ModelFetchError
 from tinkerd.domain.ops import LOGPROB_DISTRIBUTIONS
 from tinkerd.hub.layout import is_repo_id
@@ -59,8 +60,10 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
 
-def model_info(model: hub.ResolvedModel) -> ServedModelInfo:
-    """The facts the API needs about a served model, from its config files (no torch)."""
+def model_info(model: hub.ResolvedModel, engine_path: str | None = None) -> ServedModelInfo:
+    """The facts the API needs about a served model, from its config files (no torch).
+
+    ``engine_path`` is the path the loaded engine took; without it, the one the config's model type asks for."""
     config = _read_json(model.path / "config.json")
     text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
     facts = text_config or config
@@ -82,6 +85,7 @@ def model_info(model: hub.ResolvedModel) -> ServedModelInfo:
         max_context_length=int(max_context),
         eos_token_ids=eos_ids,
         tokenizer_dir=str(model.path) if (model.path / "tokenizer.json").is_file() else None,
+        engine_path=engine_path or preferred_path(config).value,
     )
 
 
@@ -178,7 +182,8 @@ def build(
         if keys is not None:
             api = dataclasses.replace(api, api_keys=keys)
         dispatch = InProcess(notifier, worker.accept, claim_for=worker.config.worker_id)
-        app = create_app(store, [model_info(m) for m in models], dispatch, api)
+        infos = [model_info(m, hosts[m.name].engine_path.value) for m in models]
+        app = create_app(store, infos, dispatch, api)
         mount_console(app, _console_config(models, worker))
     except BaseException:
         store.close()

@@ -30,7 +30,15 @@ def test_capabilities_list_served_models(api: Api) -> None:
     response = api.get("get_server_capabilities")
     assert response.status_code == 200
     assert response.json() == {
-        "supported_models": [{"model_name": MODEL, "max_context_length": 64, "trainable": True, "sampleable": True}]
+        "supported_models": [
+            {
+                "model_name": MODEL,
+                "max_context_length": 64,
+                "trainable": True,
+                "sampleable": True,
+                "engine_path": "packed",
+            }
+        ]
     }
 
 

@@ -44,3 +44,51 @@ def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 96, tie: 
     model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size, tie), dtype=torch.float32)
     model.eval()
     return model
+
+
+# Architectures the packed forward does not implement: they run on the generic path (the model's own forward).
+GENERIC_FAMILIES = ("phi", "olmo", "qwen3_moe", "qwen3_5", "qwen3_5_moe", "gpt_oss")
+
+
+def tiny_generic_config(family: str, vocab_size: int = 96) -> PretrainedConfig:
+    from transformers import AutoConfig, OlmoConfig, PhiConfig, Qwen3MoeConfig
+
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if family == "phi":  # a biased lm_head, partial rotary, fc1/fc2 MLP, "dense" attention output
+        return PhiConfig(**common)
+    if family == "olmo":  # non-parametric layer norm
+        return OlmoConfig(**common)
+    if family == "qwen3_moe":  # fused 3-D expert weights in transformers 5: LoRA reaches attention and lm_head
+        common.update(num_key_value_heads=1, head_dim=32)
+        return Qwen3MoeConfig(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, **common)
+    # Qwen3.5: gated delta-net (linear attention) layers beside full attention; its MoE adds a shared expert
+    linear: dict[str, Any] = dict(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16)
+    linear.update(linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"] * 2)
+    common.update(num_hidden_layers=4, num_key_value_heads=1, head_dim=32)
+    if family == "qwen3_5":
+        return AutoConfig.for_model("qwen3_5_text", **common, **linear)
+    if family == "qwen3_5_moe":
+        moe = dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+        return AutoConfig.for_model("qwen3_5_moe_text", **common, **linear, **moe)
+    if family == "gpt_oss":  # attention sinks, alternating sliding-window layers, fused experts with a router
+        common.update(intermediate_size=32, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2)
+        return AutoConfig.for_model("gpt_oss", num_local_experts=4, num_experts_per_tok=2, **common)
+    raise ValueError(family)
+
+
+def tiny_generic_model(family: str, seed: int = 0, vocab_size: int = 96) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_generic_config(family, vocab_size), dtype=torch.float32)
+    model.eval()
+    return model

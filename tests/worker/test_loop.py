@@ -16,6 +16,7 @@ from tinkerd.domain.ops import LoraConfig
 from tinkerd.domain.records import FutureState, RequestKind
 from tinkerd.domain.requests import CreateModel, PathResult
 from tinkerd.engine.config import EngineConfig
+from tinkerd.engine.transformer import Transformer
 from tinkerd.store import Store
 from tinkerd.worker.hosts import ModelHost
 from tinkerd.worker.loop import RESTART_MESSAGE, RESTART_TRAINING_MESSAGE, Worker
@@ -165,7 +166,9 @@ def test_a_host_from_a_model_directory_samples_in_its_own_dtype(tmp_path: Path) 
     assert host.decode_text is None  # no tokenizer saved: stop strings are refused, the rest works
     fp32: Any = tiny_model("llama")
     # the sampler's copy was taken before the cast to bf16: its weights are exactly the saved fp32 ones
-    torch.testing.assert_close(host.sample_transformer.embed.weight, fp32.get_input_embeddings().weight, atol=0, rtol=0)
+    sample = host.sample_transformer
+    assert isinstance(sample, Transformer)  # a Llama takes the packed path
+    torch.testing.assert_close(sample.embed.weight, fp32.get_input_embeddings().weight, atol=0, rtol=0)
 
 
 def test_requests_behind_a_seq_id_that_never_arrives_run_after_the_gap_timeout(api: Api, worker: Worker) -> None:

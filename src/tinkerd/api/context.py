@@ -33,6 +33,8 @@ class ServedModelInfo:
     # A local directory with the model's tokenizer.json (and chat template), for front ends that take text (the
     # OpenAI API). None: text requests are refused for this model.
     tokenizer_dir: str | None = None
+    # "packed" (tinkerd's own fast forward) or "generic" (the model's own forward): see domain.architectures
+    engine_path: str = "packed"
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ class SupportedModel(WireModel):
     max_context_length: int | None = None
     trainable: bool = True
     sampleable: bool = True
+    engine_path: str | None = None  # tinkerd's addition ("packed" | "generic"); the SDK ignores unknown fields
 
 
 class GetServerCapabilitiesResponse(WireModel):

@@ -29,7 +29,8 @@ from torch import nn
 from tinkerd.domain.errors import ConflictError, InvalidRequestError, NotFoundError
 from tinkerd.domain.ops import LoraConfig
 from tinkerd.engine import atomic_dir
-from tinkerd.engine.lora import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULE, LoraWeights, validate_lora_config
+from tinkerd.engine.lora import LoraWeights, validate_lora_config
+from tinkerd.engine.lora_targets import enabled_roles, module_role
 
 FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -72,7 +73,7 @@ def save_checkpoint(
     dest = Path(dest)
     if weights.rank != lora.rank or weights.alpha != lora.alpha:
         raise ValueError(f"weights (r={weights.rank}, alpha={weights.alpha}) disagree with {lora}")
-    _check_factors(weights, _enabled_leaves(lora))
+    _check_factors(weights, enabled_roles(lora))
     try:  # validate before touching the disk: a bad value is the user's, a half-written dir would be ours
         user_json = json.loads(json.dumps(dict(metadata), allow_nan=False))
     except (TypeError, ValueError) as exc:
@@ -172,7 +173,7 @@ def load_checkpoint(
         loaded = _with_metadata(_read_json(src, TINKERD_METADATA), weights)
     else:
         loaded = _plain_peft(config, weights, model)
-    _check_factors(loaded.weights, _enabled_leaves(loaded.lora))
+    _check_factors(loaded.weights, enabled_roles(loaded.lora))
     try:
         validate_lora_config(loaded.lora)
     except InvalidRequestError as exc:
@@ -186,8 +187,8 @@ def load_checkpoint(
 
 def _plain_peft(config: dict[str, object], weights: LoraWeights, model: nn.Module | None) -> LoadedCheckpoint:
     """An adapter PEFT wrote: infer what PEFT does not record."""
-    leaves = {name.rsplit(".", 1)[-1] for name in weights.a}
-    attn, mlp, unembed = bool(leaves & set(ATTN_MODULES)), bool(leaves & set(MLP_MODULES)), UNEMBED_MODULE in leaves
+    roles = {module_role(name) for name in weights.a}
+    attn, mlp, unembed = "attn" in roles, "mlp" in roles, "unembed" in roles
     lora = LoraConfig(weights.rank, weights.alpha, None, train_attn=attn, train_mlp=mlp, train_unembed=unembed)
     if model is not None:  # the order init_lora_weights uses, so a fresh optimizer enumerates the same way
         position = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -285,12 +286,7 @@ def _read_safetensors(src: Path, name: str, device: torch.device | str) -> dict[
 # -- checks and merging ----------------------------------------------------------------------------------------------
 
 
-def _enabled_leaves(lora: LoraConfig) -> set[str]:
-    unembed = (UNEMBED_MODULE,) if lora.train_unembed else ()
-    return {*(ATTN_MODULES if lora.train_attn else ()), *(MLP_MODULES if lora.train_mlp else ()), *unembed}
-
-
-def _check_factors(weights: LoraWeights, allowed_leaves: set[str]) -> None:
+def _check_factors(weights: LoraWeights, allowed_roles: frozenset[str]) -> None:
     """A and B pair up, have rank r, and sit only on modules the config trains (our forward applies no others)."""
     if not weights.a:
         raise InvalidRequestError("adapter has no LoRA weights")
@@ -301,7 +297,7 @@ def _check_factors(weights: LoraWeights, allowed_leaves: set[str]) -> None:
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != weights.rank or b.shape[1] != weights.rank:
             shapes = (tuple(a.shape), tuple(b.shape))
             raise InvalidRequestError(f"LoRA factors of {name!r} have shapes {shapes}, not rank {weights.rank}")
-        if name.rsplit(".", 1)[-1] not in allowed_leaves:
+        if module_role(name) not in allowed_roles:
             raise InvalidRequestError(f"adapter targets {name!r}, outside what this LoRA config trains")
 
 

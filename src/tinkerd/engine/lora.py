@@ -16,28 +16,17 @@ from torch import nn
 
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import MAX_LORA_RANK, LoraConfig
+from tinkerd.engine.lora_targets import enabled_roles, module_role
 
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-UNEMBED_MODULE = "lm_head"
 MAX_RANK = MAX_LORA_RANK
 
 
 def target_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
-    """The dotted names of the base linear layers this config trains, in model order."""
-    wanted: set[str] = set()
-    if config.train_attn:
-        wanted.update(ATTN_MODULES)
-    if config.train_mlp:
-        wanted.update(MLP_MODULES)
-    if config.train_unembed:
-        wanted.add(UNEMBED_MODULE)
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in wanted
+    """The dotted names of the base linear layers this config trains, in model order (see ``lora_targets``)."""
+    roles = enabled_roles(config)
+    return [
+        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module_role(name) in roles
     ]
-    return names
 
 
 def validate_lora_config(config: LoraConfig) -> None:
@@ -126,7 +115,11 @@ def init_lora_weights(model: nn.Module, config: LoraConfig, device: torch.device
     modules = dict(model.named_modules())
     a: dict[str, torch.Tensor] = {}
     b: dict[str, torch.Tensor] = {}
-    for name in target_module_names(model, config):
+    names = target_module_names(model, config)
+    if not names:
+        kind = type(model).__name__
+        raise InvalidRequestError(f"this LoRA config adapts no layer of {kind}; enable another of attn, mlp, unembed")
+    for name in names:
         linear = modules[name]
         assert isinstance(linear, nn.Linear)
         bound = 1.0 / math.sqrt(linear.in_features)  # kaiming_uniform_(a=sqrt(5)) reduces to this bound

@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from tinkerd.domain.errors import InvalidRequestError, NotFoundError
 from tinkerd.domain.ops import AdamParams, ArrayData, Datum, ForwardResult, LoraConfig, OptimStepResult
@@ -16,8 +14,8 @@ from tinkerd.engine.batching import Row, micro_batches, pack_rows, prepare_row
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.lora import LoraWeights, init_lora_weights
 from tinkerd.engine.losses import LossInputs, compute_loss, reduce_metrics, required_inputs
+from tinkerd.engine.model_paths import build_forward, load_hf_model
 from tinkerd.engine.optim import AdamState, adamw_step
-from tinkerd.engine.transformer import Transformer
 
 BASE_KEY = ""  # adapter key of the bare base model (forward only)
 
@@ -46,12 +44,6 @@ class ForwardJob:
     backward: bool = False
 
 
-def load_hf_model(path: Path, device: torch.device) -> torch.nn.Module:
-    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
-    model.to(device)
-    return model
-
-
 class ServedModel:
     """A frozen base model shared by many adapters. Not thread-safe: one worker drives it."""
 
@@ -61,7 +53,7 @@ class ServedModel:
         self.name = name
         self.config = config
         self.device = config.torch_device
-        self.train = Transformer(hf_model, config.train_torch_dtype)
+        self.train = build_forward(hf_model, config.train_torch_dtype)  # the packed or the generic forward
         self.adapters: dict[str, Adapter] = {}
 
     @staticmethod
@@ -176,8 +168,8 @@ class ServedModel:
         weights.update({k: a.weights for k, a in self.adapters.items()})
         packed = pack_rows(group, weights, self.device)
         with torch.set_grad_enabled(grad_mode):
-            h = self.train.packed_hidden([r.tokens for r in packed.rows], packed.routing)
-            logprobs_N_K = self.train.target_logprobs(h, packed.targets_N_K, packed.routing)
+            seqs = [r.tokens for r in packed.rows]
+            logprobs_N_K = self.train.sequence_logprobs(seqs, packed.targets_N_K, packed.routing)
             total: torch.Tensor | None = None
             for row, off in zip(packed.rows, packed.offsets, strict=True):
                 k = row.targets_T_K.shape[1]

@@ -210,6 +210,12 @@ class Transformer:
         segments, pairs = self._head_lora(h_N_d, routing)
         return chunked_logits(h_N_d, self.lm_head.weight, segments, pairs)
 
+    def sequence_logprobs(
+        self, seqs: Sequence[Sequence[int]], targets_N_K: torch.Tensor, routing: LoraRouting
+    ) -> torch.Tensor:
+        """fp32 [N, K] logprobs of targets for whole sequences packed back to back; differentiable into adapters."""
+        return self.target_logprobs(self.packed_hidden(seqs, routing), targets_N_K, routing)
+
     def logits(self, h_N_d: torch.Tensor, routing: LoraRouting) -> torch.Tensor:
         """Full fp32 logits [N, vocab]; for sampling and prompt top-k, never under autograd."""
         out = apply_linear(self.lm_head, "lm_head", h_N_d, routing)

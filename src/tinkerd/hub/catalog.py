@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinkerd.domain.architectures import architecture_of, preferred_path
 from tinkerd.domain.errors import ModelFetchError, NotFoundError
 from tinkerd.hub.layout import is_repo_id, model_dir, models_root, tree_size
 
@@ -59,6 +60,7 @@ class PulledModel:
     path: Path
     size_bytes: int
     architecture: str
+    engine_path: str = "?"  # which engine path serves it (domain.architectures), from its config
 
 
 def _has_config(path: Path) -> bool:
@@ -93,13 +95,15 @@ def resolve_model(name_or_path: str, cache_dir: Path) -> ResolvedModel:
     )
 
 
-def _architecture(config_path: Path) -> str:
+def _architecture(config_path: Path) -> tuple[str, str]:
+    """The architecture's name and the engine path its model type asks for ("?" for an unreadable config)."""
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError):
-        return "?"
-    architectures = config.get("architectures") or [config.get("model_type", "?")]
-    return str(architectures[0])
+        return "?", "?"
+    if not isinstance(config, dict):
+        return "?", "?"
+    return architecture_of(config), preferred_path(config).value
 
 
 def list_models(cache_dir: Path) -> list[PulledModel]:
@@ -111,12 +115,14 @@ def list_models(cache_dir: Path) -> list[PulledModel]:
         path = config_path.parent
         if path.name.startswith(".") or path.parent.name.startswith("."):
             continue
+        architecture, engine_path = _architecture(config_path)
         found.append(
             PulledModel(
                 name=f"{path.parent.name}/{path.name}",
                 path=path,
                 size_bytes=tree_size(path),
-                architecture=_architecture(config_path),
+                architecture=architecture,
+                engine_path=engine_path,
             )
         )
     return found

@@ -14,10 +14,14 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
+from tinkerd.domain.architectures import EnginePath
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.decode_layout import use_decode_layout
+from tinkerd.engine.generic_model import GenericTransformer
+from tinkerd.engine.generic_sampler import GenericSampler
+from tinkerd.engine.model_paths import Forward, load_hf_model, path_of
 from tinkerd.engine.sampler import Sampler
-from tinkerd.engine.served_model import ServedModel, load_hf_model
+from tinkerd.engine.served_model import ServedModel
 from tinkerd.engine.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -28,9 +32,7 @@ DecodeText = Callable[[list[int]], str]
 class ModelHost:
     """A base model's engines. The sampler can be rebuilt (after a failed step) without touching the adapters."""
 
-    def __init__(
-        self, served: ServedModel, sample_transformer: Transformer, decode_text: DecodeText | None = None
-    ) -> None:
+    def __init__(self, served: ServedModel, sample_transformer: Forward, decode_text: DecodeText | None = None) -> None:
         self.served = served
         self.sample_transformer = sample_transformer
         self.decode_text = decode_text
@@ -40,13 +42,16 @@ class ModelHost:
     def name(self) -> str:
         return self.served.name
 
+    @property
+    def engine_path(self) -> EnginePath:
+        return EnginePath.GENERIC if isinstance(self.sample_transformer, GenericTransformer) else EnginePath.PACKED
+
     def new_sampler(self) -> Sampler:
-        return Sampler(
-            self.sample_transformer,
-            self.decode_text,
-            max_batch=self.served.config.max_decode_batch,
-            scorer=self.served.train,  # samples report the trainer's logprobs (engine/rescoring.py)
-        )
+        batch = self.served.config.max_decode_batch
+        if isinstance(self.sample_transformer, GenericTransformer):
+            return GenericSampler(self.sample_transformer, self.decode_text, max_batch=batch)
+        # samples report the trainer's logprobs (engine/rescoring.py)
+        return Sampler(self.sample_transformer, self.decode_text, max_batch=batch, scorer=self.served.train)
 
     def reset_sampler(self) -> None:
         """Drop every queued and running sequence (after a step raised: the sampler's state is no longer known)."""
@@ -58,6 +63,10 @@ class ModelHost:
     ) -> ModelHost:
         """Host an already loaded fp32 Hugging Face model (tests, or callers that build models themselves)."""
         sample_hf = None
+        if path_of(hf_model) is EnginePath.GENERIC:
+            # one copy in the training dtype serves both, so the sampler's logprobs are the trainer's exactly
+            served = ServedModel(name, hf_model, config)
+            return ModelHost(served, served.train, decode_text)
         if config.sample_torch_dtype != config.train_torch_dtype:
             # Copy before ServedModel casts the original to the training dtype: a bf16 copy cast back up to fp32
             # would sample from rounded weights.

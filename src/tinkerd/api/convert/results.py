@@ -269,4 +269,5 @@ def supported_model(model: ServedModelInfo) -> rest_schemas.SupportedModel:
         max_context_length=model.max_context_length,
         trainable=model.trainable,
         sampleable=model.sampleable,
+        engine_path=model.engine_path,
     )

@@ -1,0 +1,106 @@
+"""The cost of the generic engine path: tokens/s of the packed forward vs the model's own forward, one family both run.
+
+SmolLM2-135M-Instruct (Llama layout, so both paths can serve it), LoRA rank 16 on attention, MLP and unembedding.
+Training: forward_backward of 8 sequences of 128 tokens through ``ServedModel``. Sampling: 8 sequences of 32 new
+tokens after 32-token prompts through the packed ``Sampler`` (KV cache) and the ``GenericSampler`` (recomputation).
+The generic path always computes in fp32, so the packed path is measured both in its default bf16 and in fp32.
+All sides run in this one process on the same inputs, alternating call by call.
+
+    .venv/bin/python -m bench.bench_generic_path [--model-dir DIR] [--repeats 3] [--seqs 8] [--tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from bench.common import default_model_dir, interleaved_medians
+from tinkerd.domain.ops import ArrayData, Datum, LoraConfig, SamplingParams
+from tinkerd.engine.config import EngineConfig
+from tinkerd.engine.generic_model import GenericTransformer
+from tinkerd.engine.generic_sampler import GenericSampler
+from tinkerd.engine.sampler import SampleJob, Sampler
+from tinkerd.engine.served_model import ForwardJob, ServedModel
+from tinkerd.engine.transformer import Transformer
+
+LORA = LoraConfig(rank=16, alpha=32.0, seed=0)
+
+
+def served(model_dir: Path, dtype: str, generic: bool) -> ServedModel:
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = ServedModel("m", hf, EngineConfig(train_dtype=dtype))
+    if generic:  # what a model of an unknown layout gets: the Hugging Face forward with LoRA hooks
+        fresh = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        model.train = GenericTransformer(fresh, torch.float32)
+    model.create_adapter("a", LORA)
+    return model
+
+
+def datums(vocab: int, n: int, length: int) -> list[Datum]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        s = torch.randint(3, vocab, (length + 1,), generator=g).tolist()
+        weights = ArrayData.of_floats([1.0] * length)
+        out.append(Datum(s[:-1], {"target_tokens": ArrayData.of_ints(s[1:]), "weights": weights}))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", type=Path, default=default_model_dir())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seqs", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per training sequence")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens sampled per sequence")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    sides = {
+        "packed bf16": served(args.model_dir, "bfloat16", generic=False),
+        "packed fp32": served(args.model_dir, "float32", generic=False),
+        "generic fp32": served(args.model_dir, "float32", generic=True),
+    }
+    batch = datums(sides["packed fp32"].vocab_size, args.seqs, args.tokens)
+    tokens = sum(len(d.tokens) for d in batch)
+
+    def train(model: ServedModel) -> None:
+        model.forward([ForwardJob("a", batch, "cross_entropy", backward=True)])
+        for p in model.adapter("a").weights.parameters():
+            p.grad = None
+
+    train_s = interleaved_medians({k: (lambda m=m: train(m)) for k, m in sides.items()}, args.repeats)
+    print(
+        f"forward_backward, {args.seqs} x {args.tokens} tokens, LoRA rank 16 (median of {args.repeats}, interleaved):"
+    )
+    for name, s in train_s.items():
+        print(f"  {name:13s} {tokens / s:8.0f} tokens/s   ({s:.2f} s)   x{train_s['generic fp32'] / s:.1f} generic")
+
+    samplers: dict[str, Sampler] = {}
+    for name, model in sides.items():
+        if isinstance(model.train, GenericTransformer):
+            samplers[name] = GenericSampler(model.train)
+        else:
+            assert isinstance(model.train, Transformer)
+            samplers[name] = Sampler(model.train)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 1000, (32,), generator=g).tolist() for _ in range(args.seqs)]
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=1.0, seed=3)
+
+    def sample(name: str) -> None:
+        weights = sides[name].snapshot("a")
+        samplers[name].run([SampleJob(p, params, 1, weights) for p in prompts])
+
+    sample_s = interleaved_medians({k: (lambda k=k: sample(k)) for k in sides}, args.repeats)
+    new = args.seqs * args.new_tokens
+    print(
+        f"sampling, {args.seqs} sequences x {args.new_tokens} new tokens after 32-token prompts ({args.repeats} runs):"
+    )
+    for name, s in sample_s.items():
+        print(f"  {name:13s} {new / s:8.0f} tokens/s   ({s:.2f} s)   x{sample_s['generic fp32'] / s:.1f} generic")
+
+
+if __name__ == "__main__":
+    main()

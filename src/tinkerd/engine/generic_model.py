@@ -1,0 +1,130 @@
+"""The generic engine path: any causal LM transformers can load, run by its own forward with LoRA on its linear layers.
+
+The packed forward (``transformer.py``) is fast but knows a few layouts. This path trades speed for coverage: each
+adapter's sequences run as one right-padded batch through the Hugging Face model itself, and forward hooks on the
+adapted ``nn.Linear`` modules add ``scale * (x @ A.T) @ B.T`` for the adapter of the current pass. Logprobs come from
+the model's own logits (so soft-capping, biases, logit scales and the rest are whatever the model does).
+
+Which linear layers a LoRA config trains is decided from module names alone (``module_role``), so checkpoints name
+the same modules PEFT would: a layer under an ``attn``/``attention`` module is attention, the output embedding is the
+unembedding, and the other linear layers of the decoder blocks are MLP. Mixture-of-experts routers are never adapted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinkerd.engine.lora import LoraRouting, LoraWeights
+from tinkerd.engine.lora_targets import module_role
+from tinkerd.engine.transformer import ModelShape
+
+
+def lora_candidates(model: nn.Module) -> list[str]:
+    """Every linear layer some LoRA config could adapt, in model order."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and module_role(n) is not None]
+
+
+def _shape_of(model: nn.Module) -> ModelShape:
+    cfg: Any = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+    hidden = int(getattr(cfg, "hidden_size", 0) or 0)
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+    return ModelShape(
+        num_layers=int(getattr(cfg, "num_hidden_layers", 1) or 1),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+        head_dim=int(getattr(cfg, "head_dim", None) or max(1, hidden // heads)),
+        vocab_size=int(model.get_output_embeddings().weight.shape[0]),  # type: ignore[union-attr]
+        max_positions=int(positions),
+        sliding_window=None,
+    )
+
+
+class GenericTransformer:
+    """A frozen Hugging Face causal LM run by its own forward; LoRA enters through hooks. Holds no per-run state."""
+
+    def __init__(self, hf_model: nn.Module, compute_dtype: torch.dtype) -> None:
+        hf_model.requires_grad_(False)
+        hf_model.eval()
+        self.hf = hf_model.to(compute_dtype)
+        self.dtype = compute_dtype
+        self.shape = _shape_of(hf_model)
+        self.device = next(hf_model.parameters()).device
+        self.attn_scale = 1.0  # unused: attention is the model's own
+        self._active: LoraWeights | None = None
+        modules = dict(hf_model.named_modules())
+        for name in lora_candidates(hf_model):
+            modules[name].register_forward_hook(self._lora_hook(name))
+
+    def _lora_hook(self, name: str) -> Any:
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
+            weights = self._active
+            factors = weights.factors(name, torch.float32) if weights is not None else None
+            if factors is None:
+                return None
+            assert weights is not None
+            a_r_in, b_out_r = factors
+            delta = (inputs[0].float() @ a_r_in.t()) @ (b_out_r.t() * weights.scale)  # the LoRA path in fp32
+            return out + delta.to(out.dtype)
+
+        return hook
+
+    @contextmanager
+    def _adapter(self, weights: LoraWeights | None) -> Iterator[None]:
+        self._active = weights
+        try:
+            yield
+        finally:
+            self._active = None
+
+    def padded_logits(self, seqs: Sequence[Sequence[int]], weights: LoraWeights | None) -> torch.Tensor:
+        """fp32 logits [B, T, vocab] of right-padded sequences, all through one adapter (None: the base model)."""
+        t = max(len(s) for s in seqs)
+        tokens_B_T = torch.zeros(len(seqs), t, dtype=torch.long, device=self.device)
+        mask_B_T = torch.zeros(len(seqs), t, dtype=torch.long, device=self.device)
+        for i, seq in enumerate(seqs):
+            tokens_B_T[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask_B_T[i, : len(seq)] = 1
+        with self._adapter(weights):
+            out: Any = self.hf(input_ids=tokens_B_T, attention_mask=mask_B_T, use_cache=False)
+        return out.logits.float()
+
+    def sequence_logprobs(
+        self, seqs: Sequence[Sequence[int]], targets_N_K: torch.Tensor, routing: LoraRouting
+    ) -> torch.Tensor:
+        """fp32 [N, K] logprobs of targets for sequences packed back to back; differentiable into the adapters."""
+        offsets = [0]
+        for seq in seqs:
+            offsets.append(offsets[-1] + len(seq))
+        groups: dict[int, tuple[LoraWeights | None, list[int]]] = {}
+        for i, start in enumerate(offsets[:-1]):
+            weights = next(s.weights for s in routing.segments if s.start <= start < s.end)
+            groups.setdefault(id(weights), (weights, []))[1].append(i)
+        pieces: list[torch.Tensor | None] = [None] * len(seqs)
+        for weights, members in groups.values():
+            logits_B_T_V = self.padded_logits([seqs[i] for i in members], weights)
+            for b, i in enumerate(members):
+                n = len(seqs[i])
+                logprobs_T_V = F.log_softmax(logits_B_T_V[b, :n], dim=-1)
+                pieces[i] = logprobs_T_V.gather(1, targets_N_K[offsets[i] : offsets[i] + n])
+        return torch.cat([p for p in pieces if p is not None], dim=0)
+
+    def last_logits(self, seqs: Sequence[Sequence[int]], weights: Sequence[LoraWeights | None]) -> torch.Tensor:
+        """fp32 next-token logits [B, vocab] after each sequence, each through its own adapter."""
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        groups: dict[int, tuple[LoraWeights | None, list[int]]] = {}
+        for i, w in enumerate(weights):
+            groups.setdefault(id(w), (w, []))[1].append(i)
+        for w, members in groups.values():
+            logits_B_T_V = self.padded_logits([seqs[i] for i in members], w)
+            for b, i in enumerate(members):
+                out[i] = logits_B_T_V[b, len(seqs[i]) - 1]
+        return torch.stack([o for o in out if o is not None])

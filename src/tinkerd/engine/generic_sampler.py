@@ -1,0 +1,65 @@
+"""Sampling on the generic path: the continuous-batching ``Sampler``'s bookkeeping, logits by recomputation.
+
+The packed sampler keeps every sequence's keys and values in its own cache layout, which needs our attention. A
+Hugging Face model's attention is its own, so this sampler recomputes each live sequence's whole prefix every step
+(one padded forward per adapter): quadratic in length, but exact and free of any model-specific cache format. The
+slot cache still hands out slots (it stores zero positions), so admission, stamping of samples, stop handling,
+seeds and prompt logprobs are the ``Sampler``'s own.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import cast
+
+import torch
+
+from tinkerd.domain.ops import SampleResult
+from tinkerd.engine.generic_model import GenericTransformer
+from tinkerd.engine.sampler import PROMPT_LOGPROB_CHUNK, Sampler, _JobState
+from tinkerd.engine.sampling_ops import prompt_logprobs
+from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES
+from tinkerd.engine.transformer import Transformer
+
+
+class GenericSampler(Sampler):
+    def __init__(
+        self,
+        model: GenericTransformer,
+        decode_text: Callable[[list[int]], str] | None = None,
+        max_batch: int = 64,
+        max_num_samples: int = MAX_NUM_SAMPLES,
+    ) -> None:
+        # The base class reads only shape, dtype and device of its model outside the methods overridden here.
+        super().__init__(cast(Transformer, model), decode_text, max_batch, max_num_samples)
+        self.model = model
+
+    def _prefill(self, batch: list[_JobState]) -> None:
+        m = self.model
+        s = m.shape
+        no_positions = torch.zeros(s.num_layers, s.num_kv_heads, 0, s.head_dim, dtype=m.dtype, device=m.device)
+        for state in batch:
+            job = state.job
+            logits_1_P_V = m.padded_logits([job.prompt], job.weights)
+            state.last_logits_1_V = logits_1_P_V[0, -1:]
+            state.k_L_G_P_D = state.v_L_G_P_D = no_positions  # nothing to copy into a slot: decode recomputes
+            if job.prompt_logprobs or job.topk_prompt_logprobs > 0:
+                targets_P = torch.tensor(job.prompt, dtype=torch.long, device=m.device)
+                chosen: list[float | None] = [None]
+                topk: list[list[tuple[int, float]] | None] = [None]
+                for a in range(0, len(job.prompt) - 1, PROMPT_LOGPROB_CHUNK):
+                    e = min(len(job.prompt) - 1, a + PROMPT_LOGPROB_CHUNK)
+                    lps, pairs = prompt_logprobs(
+                        logits_1_P_V[0, a:e], targets_P[a + 1 : e + 1], job.topk_prompt_logprobs
+                    )
+                    chosen += lps
+                    topk += pairs
+                state.prompt_logprobs = chosen if job.prompt_logprobs else None
+                state.topk_prompt_logprobs = topk if job.topk_prompt_logprobs > 0 else None
+
+    def _decode(self, done: list[tuple[int, SampleResult]]) -> None:
+        rows = list(self._rows)
+        seqs = [list(itertools.chain(r.job.job.prompt, r.tokens)) for r in rows]
+        logits_B_V = self.model.last_logits(seqs, [r.job.job.weights for r in rows])
+        self._advance(rows, logits_B_V, done)

@@ -1,0 +1,35 @@
+"""Which linear layers a LoRA config trains, decided from module names alone (as PEFT names them).
+
+A linear layer under an ``attn``/``attention`` module is attention, the top-level output embedding is the
+unembedding, and the other linear layers of the numbered decoder blocks are MLP (for the packed layouts: q/k/v/o_proj,
+gate/up/down_proj and lm_head). Mixture-of-experts routers are never adapted; neither is anything outside the blocks.
+"""
+
+from __future__ import annotations
+
+from tinkerd.domain.ops import LoraConfig
+
+UNEMBED_LEAVES = frozenset({"lm_head", "embed_out", "output"})
+ROUTER_LEAVES = frozenset({"gate", "router", "shared_expert_gate"})  # MoE routing: Tinker trains no LoRA there
+
+
+def module_role(name: str) -> str | None:
+    """'attn', 'mlp' or 'unembed' for a linear layer's dotted name; None for layers LoRA never targets."""
+    parts = name.split(".")
+    leaf = parts[-1]
+    if leaf in UNEMBED_LEAVES and len(parts) == 1:
+        return "unembed"
+    if leaf in ROUTER_LEAVES:
+        return None
+    if any("attn" in p or "attention" in p for p in parts[:-1]):
+        return "attn"
+    if not any(p.isdigit() for p in parts):  # outside the decoder blocks (e.g. a vision tower's projector)
+        return None
+    return "mlp"
+
+
+def enabled_roles(config: LoraConfig) -> frozenset[str]:
+    roles = {"attn"} if config.train_attn else set()
+    roles |= {"mlp"} if config.train_mlp else set()
+    roles |= {"unembed"} if config.train_unembed else set()
+    return frozenset(roles)
