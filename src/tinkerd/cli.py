@@ -400,4 +400,7 @@ def checkpoints_export(
 
 
 def main() -> None:
+    from tinkerd import cli_roles
+
+    cli_roles.register(app)  # api, trainer, sampler, status: the split deployment's commands
     app()
