@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import PurePath
 from typing import Any
 
+import typer
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -22,6 +23,14 @@ from tinkerd.domain.records import Checkpoint, TrainingRun
 
 def console(*, stderr: bool = False) -> Console:
     return Console(stderr=stderr, emoji=False, highlight=False)
+
+
+def fail(error: Exception) -> typer.Exit:
+    """Print a one-line error and return the exit (code 1) for the command to raise."""
+    message = Text("error: ", style="red")
+    message.append(str(error))  # as text: a run id like s:train:0 is not an emoji code, [x] not markup
+    console(stderr=True).print(message, soft_wrap=True)
+    return typer.Exit(code=1)
 
 
 def human_size(size_bytes: int) -> str:

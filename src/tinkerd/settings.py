@@ -1,32 +1,29 @@
 """The one typed configuration of a tinkerd process, read once by the CLI and passed down.
 
 Precedence: a command-line argument, then a `TINKERD_<FIELD>` environment variable, then the default.
-To add a setting: add a field, read it in `Settings.load`, and document its variable here.
 
-| field     | variable            | default                                                     |
-|-----------|---------------------|-------------------------------------------------------------|
-| cache_dir | TINKERD_CACHE_DIR   | the platform's user cache dir, e.g. ~/.cache/tinkerd         |
-| data_dir  | TINKERD_DATA_DIR    | the platform's user data dir, e.g. ~/.local/share/tinkerd    |
-| host      | TINKERD_HOST        | 127.0.0.1                                                   |
-| port      | TINKERD_PORT        | 8000                                                        |
-| models    | TINKERD_MODEL       | the embedded default model (comma-separated for several)    |
-| device    | TINKERD_DEVICE      | cpu                                                         |
-| dtype     | TINKERD_DTYPE       | the engine's default training dtype (bfloat16)              |
-| keys_file | TINKERD_KEYS        | none: single-user mode, any API key is accepted             |
-| threads   | TINKERD_THREADS     | torch's default (one per core)                              |
-| max_body_mb         | TINKERD_MAX_BODY_MB         | 256: larger request bodies get 413 (after zstd decompression) |
-| max_queued_per_user | TINKERD_MAX_QUEUED_PER_USER | 1024 unfinished requests per user; more get 429 (0: no cap)   |
-| max_runs_per_user   | TINKERD_MAX_RUNS_PER_USER   | 64 training runs in open sessions per user (0: no cap)        |
+Each setting is written once, as a `Settings` field whose metadata (`Setting`: flag, variable, help, default as
+shown) is the single source the rest derives from: `Settings.load` reads the variables by it, the `tinkerd serve`
+options are built from it (`cli_options.settings_options`), and the README's Settings table is generated from it
+(`settings_table()`; `scripts/settings_table.py` rewrites the README). To add a setting, add a field here with
+`setting(...)`, then use it where the process is composed (`server.build`); `tests/unit/test_settings.py` checks
+that the variable, the option and the README agree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import platformdirs
+
+from tinkerd.hub.catalog import DEFAULT_MODEL
 
 ENV_PREFIX = "TINKERD_"
 DEFAULT_HOST = "127.0.0.1"
@@ -49,97 +46,159 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Setting:
+    """What a user sees of one setting: its `serve` flag, its variable, what it does and its default in words."""
+
+    help: str
+    shown_default: str
+    flag: str = ""  # "" = --<field-name-with-dashes>
+    variable: str = ""  # "" = TINKERD_<FIELD_NAME>
+    minimum: int | None = None  # whole-number settings: the smallest accepted value
+    maximum: int | None = None
+    is_dir: bool = False  # a path that names a directory (the option refuses files)
+    fallback: Callable[[], Any] | None = None  # the default when neither the flag nor the variable is given
+
+
+def setting(default: Any, help: str, shown_default: str, **rest: Any) -> Any:
+    """A `Settings` field with its metadata: `name: type = setting(default, "what it does", "default in words")`."""
+    return dataclasses.field(default=default, metadata={"setting": Setting(help, shown_default, **rest)})
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
-    cache_dir: Path  # pulled models, the HF_HOME for clients, scratch space
-    data_dir: Path | None = None  # the database and checkpoints; None = default_data_dir()
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    models: tuple[str, ...] = ()  # served model names or local HF directories; () = the embedded default
-    device: str = "cpu"
-    dtype: str | None = None  # compute dtype of the frozen base for training; None = the engine's default
-    keys_file: Path | None = None
-    threads: int | None = None  # torch intra-op threads of the engine; None = torch's default
+    cache_dir: Path = setting(
+        dataclasses.MISSING,  # required: the CLI resolves it, and so must anyone who builds Settings by hand
+        "Where pulled models are kept (and the HF_HOME clients can use).",
+        "the user cache dir, e.g. ~/.cache/tinkerd",
+        is_dir=True,
+        fallback=default_cache_dir,
+    )
+    data_dir: Path | None = setting(
+        None,
+        "Database and checkpoints.",
+        "the user data dir, e.g. ~/.local/share/tinkerd",
+        is_dir=True,
+        fallback=default_data_dir,
+    )
+    host: str = setting(DEFAULT_HOST, "Address to listen on.", DEFAULT_HOST)
+    port: int = setting(DEFAULT_PORT, "Port to listen on.", str(DEFAULT_PORT), minimum=0, maximum=65535)
+    models: tuple[str, ...] = setting(
+        (),
+        "A pulled model id or a local Hugging Face model directory; repeat the flag (or separate by commas in the "
+        "variable) to serve several.",
+        f"the embedded default model, {DEFAULT_MODEL}",
+        flag="--model",
+        variable="TINKERD_MODEL",
+    )
+    device: str = setting("cpu", "Torch device of the engine.", "cpu")
+    dtype: str | None = setting(None, "Training compute dtype of the frozen base model.", "bfloat16")
+    keys_file: Path | None = setting(
+        None,
+        "File of '<api-key> <user>' lines; unknown keys get 401.",
+        "none: single user, any API key is accepted",
+        flag="--keys",
+        variable="TINKERD_KEYS",
+    )
+    threads: int | None = setting(None, "Torch intra-op threads of the engine.", "one per core", minimum=1)
     # Limits instead of crashes (see the README's "Limits"): request size, and per-user caps on queued work and runs.
-    max_body_mb: int = DEFAULT_MAX_BODY_MB
-    max_queued_per_user: int = DEFAULT_MAX_QUEUED_PER_USER  # 0: no cap
-    max_runs_per_user: int = DEFAULT_MAX_RUNS_PER_USER  # 0: no cap
+    max_body_mb: int = setting(
+        DEFAULT_MAX_BODY_MB,
+        "Largest request body in MiB (after zstd decompression); larger get 413.",
+        str(DEFAULT_MAX_BODY_MB),
+        minimum=1,
+    )
+    max_queued_per_user: int = setting(
+        DEFAULT_MAX_QUEUED_PER_USER,
+        "Unfinished requests per user; more get 429 and the SDK retries later (0: no cap).",
+        str(DEFAULT_MAX_QUEUED_PER_USER),
+        minimum=0,
+    )
+    max_runs_per_user: int = setting(
+        DEFAULT_MAX_RUNS_PER_USER,
+        "Training runs in open sessions per user; more get 429, not retryable (0: no cap).",
+        str(DEFAULT_MAX_RUNS_PER_USER),
+        minimum=0,
+    )
 
     @property
     def resolved_data_dir(self) -> Path:
         return self.data_dir if self.data_dir is not None else default_data_dir().absolute()
 
     @classmethod
-    def load(
-        cls,
-        environ: Mapping[str, str] | None = None,
-        *,
-        cache_dir: Path | None = None,
-        data_dir: Path | None = None,
-        host: str | None = None,
-        port: int | None = None,
-        models: Sequence[str] | None = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        keys_file: Path | None = None,
-        threads: int | None = None,
-        max_body_mb: int | None = None,
-        max_queued_per_user: int | None = None,
-        max_runs_per_user: int | None = None,
-    ) -> Settings:
-        """Build settings from explicit arguments (None = not given), else `environ` (default os.environ)."""
+    def load(cls, environ: Mapping[str, str] | None = None, /, **given: Any) -> Settings:
+        """Build settings from keyword arguments named like the fields (None = not given), else `environ` (default
+        os.environ), else the fields' defaults."""
         env = os.environ if environ is None else environ
+        known = {f.name: f for f in fields()}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise TypeError(f"Settings.load got unknown settings: {', '.join(unknown)}")
+        values = {name: _read(field, given.get(name), env) for name, field in known.items()}
+        return cls(**values)
 
-        def from_env(name: str) -> str | None:
-            value = env.get(f"{ENV_PREFIX}{name}")
-            return value if value else None
 
-        def int_from_env(name: str) -> int | None:
-            raw = from_env(name)
+def fields() -> tuple[dataclasses.Field[Any], ...]:
+    """The settings in declaration order (each carries a `Setting` in its metadata)."""
+    return dataclasses.fields(Settings)
+
+
+def meta(field: dataclasses.Field[Any]) -> Setting:
+    return field.metadata["setting"]
+
+
+def flag_of(field: dataclasses.Field[Any]) -> str:
+    return meta(field).flag or "--" + field.name.replace("_", "-")
+
+
+def variable_of(field: dataclasses.Field[Any]) -> str:
+    return meta(field).variable or ENV_PREFIX + field.name.upper()
+
+
+def value_type(field: dataclasses.Field[Any]) -> type:
+    """The type a setting holds, without `| None`: Path, str, int, or tuple for a list of strings."""
+    hint = typing.get_type_hints(Settings)[field.name]
+    if isinstance(hint, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def _read(field: dataclasses.Field[Any], given: Any, env: Mapping[str, str]) -> Any:
+    """One setting's value: the argument, else the variable, else the fallback or the field's default; checked."""
+    spec, variable, kind = meta(field), variable_of(field), value_type(field)
+    value: Any = given if given not in (None, (), []) else None
+    if value is None and env.get(variable):
+        raw = env[variable]
+        if kind is int:
             try:
-                return int(raw) if raw else None
+                value = int(raw)
             except ValueError:
-                raise SettingsError(f"{ENV_PREFIX}{name} must be a whole number, got {raw!r}") from None
-
-        def count(name: str, given: int | None, default: int, minimum: int) -> int:
-            """A whole-number setting: the argument, else the variable, else the default; at least `minimum`."""
-            if given is None:
-                from_variable = int_from_env(name)
-                given = default if from_variable is None else from_variable
-            if given < minimum:
-                raise SettingsError(f"{name.lower()} must be at least {minimum}, got {given}")
-            return given
-
-        if cache_dir is None:
-            cache_dir = Path(from_env("CACHE_DIR") or default_cache_dir())
-        if data_dir is None:
-            data_dir = Path(from_env("DATA_DIR") or default_data_dir())
-
-        if port is None:
-            from_port = int_from_env("PORT")
-            port = DEFAULT_PORT if from_port is None else from_port
-        if not 0 <= port <= 65535:
-            raise SettingsError(f"port must be between 0 and 65535, got {port}")
-        if not models:
-            models = [m.strip() for m in (from_env("MODEL") or "").split(",") if m.strip()]
-        if keys_file is None:
-            raw_keys = from_env("KEYS")
-            keys_file = Path(raw_keys) if raw_keys else None
-        if threads is None:
-            threads = int_from_env("THREADS")
-        if threads is not None and threads < 1:
-            raise SettingsError(f"threads must be at least 1, got {threads}")
+                raise SettingsError(f"{variable} must be a whole number, got {raw!r}") from None
+        elif kind is tuple:
+            value = [part.strip() for part in raw.split(",") if part.strip()]
+        else:
+            value = raw
+    if value is None:
+        value = spec.fallback() if spec.fallback is not None else field.default
+    if value is None or value is dataclasses.MISSING:
+        return None
+    if kind is int:
+        low, high = spec.minimum, spec.maximum
+        if low is not None and high is not None and not low <= value <= high:
+            raise SettingsError(f"{field.name} must be between {low} and {high}, got {value}")
+        if low is not None and value < low:
+            raise SettingsError(f"{field.name} must be at least {low}, got {value}")
+    if kind is tuple:
+        return tuple(value)
+    if kind is Path:
         # Absolute, because the CLI hands paths under them to other processes (HF_HOME for clients, the server).
-        return cls(
-            cache_dir=cache_dir.expanduser().absolute(),
-            data_dir=data_dir.expanduser().absolute(),
-            host=host or from_env("HOST") or DEFAULT_HOST,
-            port=port,
-            models=tuple(models),
-            device=device or from_env("DEVICE") or "cpu",
-            dtype=dtype or from_env("DTYPE"),
-            keys_file=keys_file.expanduser().absolute() if keys_file is not None else None,
-            threads=threads,
-            max_body_mb=count("MAX_BODY_MB", max_body_mb, DEFAULT_MAX_BODY_MB, 1),
-            max_queued_per_user=count("MAX_QUEUED_PER_USER", max_queued_per_user, DEFAULT_MAX_QUEUED_PER_USER, 0),
-            max_runs_per_user=count("MAX_RUNS_PER_USER", max_runs_per_user, DEFAULT_MAX_RUNS_PER_USER, 0),
-        )
+        return Path(value).expanduser().absolute()
+    return value
+
+
+def settings_table() -> str:
+    """The README's Settings table (markdown), from the fields' metadata."""
+    rows = ["| flag | variable | default | what it sets |", "|---|---|---|---|"]
+    for field in fields():
+        spec = meta(field)
+        rows.append(f"| `{flag_of(field)}` | `{variable_of(field)}` | {spec.shown_default} | {spec.help} |")
+    return "\n".join(rows) + "\n"

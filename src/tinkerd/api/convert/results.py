@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from tinkerd.api import schemas
+from tinkerd.api import rest_schemas, schemas
 from tinkerd.api.context import ServedModelInfo
 from tinkerd.api.proto import tinker_public_pb2 as pb
 from tinkerd.domain import ops
@@ -173,8 +173,8 @@ def _string_map(value: dict[str, Any]) -> dict[str, str]:
     return {str(k): v if isinstance(v, str) else str(v) for k, v in value.items()}
 
 
-def checkpoint_to_wire(checkpoint: Checkpoint) -> schemas.Checkpoint:
-    return schemas.Checkpoint(
+def checkpoint_to_wire(checkpoint: Checkpoint) -> rest_schemas.Checkpoint:
+    return rest_schemas.Checkpoint(
         checkpoint_id=checkpoint.path.checkpoint_id,
         checkpoint_type=_CHECKPOINT_TYPE[checkpoint.kind],
         time=checkpoint.created_at,
@@ -188,8 +188,8 @@ def checkpoint_to_wire(checkpoint: Checkpoint) -> schemas.Checkpoint:
 
 def training_run_to_wire(
     run: TrainingRun, last_checkpoint: Checkpoint | None, last_sampler_checkpoint: Checkpoint | None
-) -> schemas.TrainingRun:
-    return schemas.TrainingRun(
+) -> rest_schemas.TrainingRun:
+    return rest_schemas.TrainingRun(
         training_run_id=run.id,
         base_model=run.base_model,
         model_owner=run.owner,
@@ -218,8 +218,8 @@ def get_info(run: TrainingRun, model: ServedModelInfo | None) -> schemas.GetInfo
     )
 
 
-def weights_info(run: TrainingRun) -> schemas.WeightsInfoResponse:
-    return schemas.WeightsInfoResponse(
+def weights_info(run: TrainingRun) -> rest_schemas.WeightsInfoResponse:
+    return rest_schemas.WeightsInfoResponse(
         base_model=run.base_model,
         is_lora=run.is_lora,
         lora_rank=run.lora.rank,
@@ -230,8 +230,8 @@ def weights_info(run: TrainingRun) -> schemas.WeightsInfoResponse:
     )
 
 
-def supported_model(model: ServedModelInfo) -> schemas.SupportedModel:
-    return schemas.SupportedModel(
+def supported_model(model: ServedModelInfo) -> rest_schemas.SupportedModel:
+    return rest_schemas.SupportedModel(
         model_name=model.name,
         max_context_length=model.max_context_length,
         trainable=model.trainable,

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from tinkerd.api import schemas
+from tinkerd.api import rest_schemas
 from tinkerd.api.auth import API_KEY_HEADER
 from tinkerd.api.routes.common import Context, Owner, json_response
 from tinkerd.domain.errors import InvalidRequestError, NotFoundError
@@ -29,12 +29,12 @@ def api_key_me(request: Request, owner: Owner) -> Response:
     digest, so it is stable for a key and reveals nothing of it; the "e-mail" is the owner's user name."""
     digest = hashlib.sha256(request.headers.get(API_KEY_HEADER, "").encode("utf-8")).digest()
     key_id = int.from_bytes(digest[:6], "big")
-    details = schemas.ApiKeyDetails(
-        org_details=schemas.ApiKeyOrgDetails(name=ORG_NAME),
-        user_details=schemas.ApiKeyUserDetails(email=owner),
+    details = rest_schemas.ApiKeyDetails(
+        org_details=rest_schemas.ApiKeyOrgDetails(name=ORG_NAME),
+        user_details=rest_schemas.ApiKeyUserDetails(email=owner),
     )
     return json_response(
-        schemas.SelfApiKeyResponse(key_id=key_id, name=f"tinkerd key of {owner}", note="", details=details)
+        rest_schemas.SelfApiKeyResponse(key_id=key_id, name=f"tinkerd key of {owner}", note="", details=details)
     )
 
 
@@ -44,10 +44,10 @@ def checkpoint_storage(ctx: Context, owner: Owner, project_id: Annotated[str | N
     if project_id is not None:
         raise InvalidRequestError("tinkerd does not group checkpoint storage by project; ask without project_id")
     count, size = ctx.store.checkpoints.storage_usage(owner)
-    row = schemas.CheckpointStorageRow(
+    row = rest_schemas.CheckpointStorageRow(
         org_user_urn=owner, user_name=owner, checkpoint_count=count, size_bytes=size, size_gigabytes=size / _GIGABYTE
     )
-    return json_response(schemas.CurrentCheckpointStorageUsageResponse(data=[row] if count else []))
+    return json_response(rest_schemas.CurrentCheckpointStorageUsageResponse(data=[row] if count else []))
 
 
 @router.get("/billing/usage/events")

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from tinkerd.api import schemas
+from tinkerd.api import rest_schemas
 from tinkerd.api.convert.results import supported_model
 from tinkerd.api.routes.common import Context, Owner, json_response
 
@@ -47,7 +47,7 @@ async def telemetry(_owner: Owner) -> dict[str, str]:
 @router.get("/get_server_capabilities")
 async def get_server_capabilities(ctx: Context, _owner: Owner) -> Response:
     models = [supported_model(model) for model in ctx.models.values()]
-    return json_response(schemas.GetServerCapabilitiesResponse(supported_models=models))
+    return json_response(rest_schemas.GetServerCapabilitiesResponse(supported_models=models))
 
 
 @router.get("/healthz")

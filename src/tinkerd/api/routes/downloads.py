@@ -18,7 +18,7 @@ from typing import Annotated, BinaryIO
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 
-from tinkerd.api import schemas
+from tinkerd.api import rest_schemas
 from tinkerd.api.context import ApiContext
 from tinkerd.api.routes.common import JSON, Context, Owner, json_response
 from tinkerd.api.routes.rest import checkpoint_path
@@ -90,14 +90,14 @@ def external_weights_urls(
     _, signer = ctx.downloads()
     expires = signer.expiry(ctx.settings.download_url_ttl_s)
     page = stored[page_token : page_token + page_size]
-    entries: list[schemas.CheckpointFile] = []
+    entries: list[rest_schemas.CheckpointFile] = []
     for item in page:
         resource = _resource(path, item.relpath)
         url = str(
             request.url_for("download_file", run_id=path.run_id, kind=path.kind, name=path.name, relpath=item.relpath)
         )
         entries.append(
-            schemas.CheckpointFile(
+            rest_schemas.CheckpointFile(
                 relative_file_name=item.relpath,
                 url=_signed(url, signer, FILE_PURPOSE, resource, expires),
                 size_bytes=item.size_bytes,
@@ -107,7 +107,7 @@ def external_weights_urls(
     end = page_token + len(page)
     # Serialised with its nulls: a paging client reads `next_page_token: null` as "last page".
     return Response(
-        schemas.ExternalWeightsUrlsResponse(
+        rest_schemas.ExternalWeightsUrlsResponse(
             urls={entry.relative_file_name: entry.url for entry in entries},
             expires=_expires_at(expires),
             files=entries,
@@ -128,7 +128,7 @@ def checkpoint_archive(run_id: str, kind: str, name: str, request: Request, ctx:
     expires = signer.expiry(ctx.settings.download_url_ttl_s)
     url = str(request.url_for("download_archive", run_id=path.run_id, kind=path.kind, name=path.name))
     signed = _signed(url, signer, ARCHIVE_PURPOSE, _resource(path), expires)
-    body = schemas.CheckpointArchiveUrlResponse(url=signed, expires=_expires_at(expires))
+    body = rest_schemas.CheckpointArchiveUrlResponse(url=signed, expires=_expires_at(expires))
     response = json_response(body, status_code=302)
     response.headers["location"] = signed
     response.headers["expires"] = format_datetime(_expires_at(expires), usegmt=True)

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 
-from tinkerd.api import schemas
+from tinkerd.api import rest_schemas
 from tinkerd.api.context import ApiContext
 from tinkerd.api.convert import requests as convert
 from tinkerd.api.convert import results
@@ -26,7 +26,7 @@ Limit = Annotated[int, Query()]
 Offset = Annotated[int, Query()]
 
 
-def _run_to_wire(ctx: ApiContext, run: TrainingRun, owner: str) -> schemas.TrainingRun:
+def _run_to_wire(ctx: ApiContext, run: TrainingRun, owner: str) -> rest_schemas.TrainingRun:
     return results.training_run_to_wire(
         run,
         ctx.store.checkpoints.latest(run.id, owner, "weights"),
@@ -40,9 +40,9 @@ def list_training_runs(
 ) -> Response:
     page = ctx.store.runs.list_for_owner(owner, limit=limit, offset=offset, accessible=access_scope == "accessible")
     return json_response(
-        schemas.TrainingRunsResponse(
+        rest_schemas.TrainingRunsResponse(
             training_runs=[_run_to_wire(ctx, run, owner) for run in page.items],
-            cursor=schemas.Cursor(offset=page.offset, limit=page.limit, total_count=page.total_count),
+            cursor=rest_schemas.Cursor(offset=page.offset, limit=page.limit, total_count=page.total_count),
         )
     )
 
@@ -53,9 +53,9 @@ def get_training_run(run_id: str, ctx: Context, owner: Owner, access_scope: Acce
     return json_response(_run_to_wire(ctx, run, owner))
 
 
-def _checkpoints_response(page_items: list[schemas.Checkpoint], offset: int, limit: int, total: int) -> Response:
-    cursor = schemas.Cursor(offset=offset, limit=limit, total_count=total)
-    return json_response(schemas.CheckpointsListResponse(checkpoints=page_items, cursor=cursor))
+def _checkpoints_response(page_items: list[rest_schemas.Checkpoint], offset: int, limit: int, total: int) -> Response:
+    cursor = rest_schemas.Cursor(offset=offset, limit=limit, total_count=total)
+    return json_response(rest_schemas.CheckpointsListResponse(checkpoints=page_items, cursor=cursor))
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
@@ -73,7 +73,7 @@ def list_user_checkpoints(ctx: Context, owner: Owner, limit: Limit = 100, offset
 
 
 @router.post("/weights_info")
-def weights_info(body: schemas.WeightsInfoRequest, ctx: Context, owner: Owner) -> Response:
+def weights_info(body: rest_schemas.WeightsInfoRequest, ctx: Context, owner: Owner) -> Response:
     checkpoint = ctx.store.checkpoints.get(parse_tinker_path(body.tinker_path), owner)
     run = ctx.store.runs.get(checkpoint.run_id, owner, accessible=True)
     return json_response(results.weights_info(run))
@@ -99,7 +99,7 @@ def unpublish_checkpoint(run_id: str, kind: str, name: str, ctx: Context, owner:
 
 @router.put("/training_runs/{run_id}/checkpoints/{kind}/{name}/ttl")
 def set_checkpoint_ttl(
-    run_id: str, kind: str, name: str, body: schemas.SetTtlRequest, ctx: Context, owner: Owner
+    run_id: str, kind: str, name: str, body: rest_schemas.SetTtlRequest, ctx: Context, owner: Owner
 ) -> Response:
     ttl = body.ttl_seconds
     if ttl is not None and not 1 <= ttl <= convert.MAX_TTL_SECONDS:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from tinkerd.api import schemas
+from tinkerd.api import rest_schemas, schemas
 from tinkerd.api.convert import requests as convert
 from tinkerd.api.errors import error_response
 from tinkerd.api.routes.common import Context, Owner, json_response
@@ -41,7 +41,7 @@ def finish_session(session_id: str, body: schemas.FinishSessionRequest, ctx: Con
 def get_session(session_id: str, ctx: Context, owner: Owner) -> Response:
     session = ctx.store.sessions.get(validate_session_id(session_id), owner)
     return json_response(
-        schemas.GetSessionResponse(
+        rest_schemas.GetSessionResponse(
             training_run_ids=ctx.store.runs.ids_for_session(session.id, owner),
             sampler_ids=ctx.store.samplers.ids_for_session(session.id, owner),
             user_metadata={k: str(v) for k, v in session.user_metadata.items()},
@@ -55,4 +55,4 @@ def list_sessions(
     ctx: Context, owner: Owner, limit: Annotated[int, Query()] = 20, offset: Annotated[int, Query()] = 0
 ) -> Response:
     page = ctx.store.sessions.list_for_owner(owner, limit=limit, offset=offset)
-    return json_response(schemas.ListSessionsResponse(sessions=[session.id for session in page.items]))
+    return json_response(rest_schemas.ListSessionsResponse(sessions=[session.id for session in page.items]))
