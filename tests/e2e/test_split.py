@@ -88,8 +88,8 @@ def deployment(postgres_server: PostgresServer, tiny_model_dir: Path, tmp_path: 
 
 def test_the_sdk_trains_and_samples_across_api_trainers_and_sampler(deployment: Deployment) -> None:
     service = tinker.ServiceClient(base_url=deployment.url, api_key=API_KEY)
-    first = service.create_lora_training_client(base_model=deployment.model, rank=4, seed=1)
-    second = service.create_lora_training_client(base_model=deployment.model, rank=4, seed=2)
+    first = service.create_lora_training_client(base_model=deployment.model, rank=4, seed=1).result()
+    second = service.create_lora_training_client(base_model=deployment.model, rank=4, seed=2).result()
 
     store = Store.open(deployment.database_url)
     registry = WorkerRegistry(store.db)

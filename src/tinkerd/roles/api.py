@@ -4,6 +4,7 @@ registered."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -16,6 +17,8 @@ from tinkerd.api import ApiSettings, ServedModelInfo, ThroughLedger, create_app,
 from tinkerd.roles.settings import RoleSettings, check_storage, open_ledger
 from tinkerd.settings import Settings
 from tinkerd.store.workers import WorkerRegistry, sorted_base_models
+
+log = logging.getLogger(__name__)
 
 _MODELS_TTL_S = 1.0
 
@@ -105,4 +108,4 @@ def _heartbeat(registry: WorkerRegistry, worker_id: str, roles: RoleSettings, st
                 )  # fmt: skip
             registry.reap()
         except Exception:  # the database restarting: try again at the next beat
-            pass
+            log.warning("api heartbeat failed; retrying", exc_info=True)
