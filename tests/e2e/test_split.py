@@ -107,12 +107,14 @@ def test_the_sdk_trains_and_samples_across_api_trainers_and_sampler(deployment: 
     params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=11, stop=[])
     prompt = types.ModelInput.from_ints(PROMPT)
     saved = first.save_weights_for_sampler("split-e2e").result()
-    named = service.create_sampling_client(model_path=saved.path).sample(prompt, 1, params).result().sequences[0]
-    ephemeral_client = first.save_weights_and_get_sampling_client()
+    named = (
+        service.create_sampling_client(model_path=saved.path).result().sample(prompt, 1, params).result().sequences[0]
+    )
+    ephemeral_client = first.save_weights_and_get_sampling_client().result()
     ephemeral = ephemeral_client.sample(prompt, 1, params).result().sequences[0]
     assert (named.tokens, named.logprobs) == (ephemeral.tokens, ephemeral.logprobs)
     # The other run's weights differ: its snapshot samples differently (never the wrong weights).
-    other = second.save_weights_and_get_sampling_client().sample(prompt, 1, params).result().sequences[0]
+    other = second.save_weights_and_get_sampling_client().result().sample(prompt, 1, params).result().sequences[0]
     assert other.logprobs != ephemeral.logprobs
 
     # Each request ran where it belongs: training on the run's trainer, sampling on the sampler.
