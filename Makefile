@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 # which PyPI does not have; the rest of its dependencies come from the "cookbook" extra (see pyproject.toml).
 COOKBOOK := tinker-cookbook==0.6.1
 
-.PHONY: install test test-slow lint serve pull bench clean
+.PHONY: install browser test test-fast test-slow lint serve pull bench clean
+
+# The tiers `make test-fast` leaves out (the markers are described in pyproject.toml and CONTRIBUTING.md).
+NOT_FAST := slow or e2e or oldsdk or cookbook or integration or fuzz or weights or heavy or postgres or vllm or browser or loops or openai
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,14 +24,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The console's browser tests drive Debian's chromium (Playwright's own browser builds are never downloaded).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench scripts examples
 	$(VENV)/bin/ruff format --check src tests bench scripts examples
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pyright
 
-test: lint
+test: lint browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# The inner loop: unit tests only (domain, store, planner, api, engine, cli), no lint; about a minute.
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m 'not ($(NOT_FAST))'
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tinkerd import __version__, hub
+from tinkerd import __version__, cli_metrics, hub
 from tinkerd import cli_views as views
 from tinkerd.cli_options import CacheDirOption, settings_options
 from tinkerd.cli_runs import checkpoints_app, runs_app
@@ -94,6 +94,9 @@ def serve(given: dict[str, Any]) -> None:
         run_server(settings, announce=lambda line: typer.echo(line))
     except (TinkerdError, SettingsError) as error:
         raise views.fail(error) from error
+
+
+runs_app.command("metrics")(cli_metrics.runs_metrics)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import socket
 import threading
@@ -28,6 +29,7 @@ import uvicorn
 
 from tinkerd import hub
 from tinkerd.api import ApiSettings, FutureNotifier, InProcess, ServedModelInfo, create_app, load_keys_file
+from tinkerd.console import ConsoleConfig, mount_console
 from tinkerd.domain.errors import ModelFetchError
 from tinkerd.hub.layout import is_repo_id
 from tinkerd.settings import Settings, SettingsError
@@ -166,10 +168,24 @@ def build(
             api = dataclasses.replace(api, api_keys=keys)
         dispatch = InProcess(notifier, worker.accept, claim_for=worker.config.worker_id)
         app = create_app(store, [model_info(m) for m in models], dispatch, api)
+        mount_console(app, _console_config(models, worker))
     except BaseException:
         store.close()
         raise
     return Components(settings, store, notifier, models, app, worker, threading.Event())
+
+
+def _console_config(models: Sequence[hub.ResolvedModel], worker: Worker) -> ConsoleConfig:
+    names = [m.name for m in models]
+
+    def roles() -> list[dict[str, Any]]:
+        # One process plays every role here: the api, and one worker thread owning the engine and all models.
+        return [
+            {"role": "api", "id": f"pid {os.getpid()}", "detail": "Tinker API and console", "models": names},
+            {"role": "worker", "id": worker.config.worker_id, "detail": "trainer and sampler", "models": names},
+        ]
+
+    return ConsoleConfig(tokenizer_dirs={m.name: m.path for m in models if _has_tokenizer(m.path)}, roles=roles)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -235,6 +251,7 @@ def serve(settings: Settings, announce: Announce = print) -> None:
         announce(f"  serving {model.name}  ({model.path})")
     if any(m.name in hub.CATALOG for m in components.models):
         announce(f"  tokenizers for clients, offline: HF_HOME={hub.hf_home(settings.cache_dir)} HF_HUB_OFFLINE=1")
+    announce(f"  console: {url}/console/")
     announce(f"  data in {settings.resolved_data_dir}")
     announce("  auth: " + (f"keys from {settings.keys_file}" if settings.keys_file else "single user, any key"))
     # uvicorn restores the previous handlers and re-raises the signal after its graceful shutdown; SIGTERM's default

@@ -23,6 +23,7 @@ from typing import Any
 
 import platformdirs
 
+from tinkerd.domain.errors import SettingsError as SettingsError  # where callers of the settings look for it
 from tinkerd.hub.catalog import DEFAULT_MODEL
 
 ENV_PREFIX = "TINKERD_"
@@ -39,10 +40,6 @@ def default_cache_dir() -> Path:
 
 def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("tinkerd"))
-
-
-class SettingsError(ValueError):
-    """A setting has a value that cannot be used (e.g. a port that is not a number)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,8 @@ def test_users_cannot_see_or_touch_each_others_work(make_api: MakeApi) -> None:
     assert api.forward_backward(model_id, 3).status_code == 404
     assert api.post("retrieve_future", {"request_id": request_id}).status_code == 404
     assert api.get(f"training_runs/{model_id}").status_code == 404
+    assert api.get(f"training_runs/{model_id}/metrics").status_code == 404
+    assert api.get(f"training_runs/{model_id}/metrics", params={"format": "csv"}).status_code == 404
     assert api.get("training_runs").json()["training_runs"] == []
     assert api.get("checkpoints").json()["checkpoints"] == []
     assert api.post("session_heartbeat", {"session_id": alice_session}).status_code == 404

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.cookbook.conftest import RENDERER, assert_finite, recipe_env, run_recipe
 from tests.e2e.conftest import Server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.cookbook]
 
 
 def test_math_rl_with_default_loss_trains_and_checkpoints(server: Server, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from tests.e2e.conftest import Server, start_server, stop_server
 from tinkerd import hub
 from tinkerd.settings import Settings
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.cookbook, pytest.mark.slow]
 
 MATH_RL = "tinker_cookbook.recipes.math_rl.train"
 CHAT_SL = "tinker_cookbook.recipes.chat_sl.train"

@@ -26,6 +26,8 @@ import pytest
 from tests.e2e.conftest import Server
 from tests.e2e.sdk_venvs import SdkVenvError, clean_env, sdk_python
 
+pytestmark = [pytest.mark.e2e, pytest.mark.oldsdk]
+
 CLIENT = Path(__file__).with_name("old_sdk_client.py")
 PROMPT_LEN = 7  # old_sdk_client.PROMPT
 CLIENT_TIMEOUT_S = 600

@@ -23,6 +23,8 @@ from typer.testing import CliRunner
 from tests.e2e.conftest import API_KEY, Server, start_server, stop_server
 from tinkerd.cli import app
 
+pytestmark = pytest.mark.e2e
+
 WAIT_S = 120.0  # bound on every SDK wait: a hang fails the test instead of stalling it
 STEPS = 6
 FIRST_SAVE = 2  # the run saves its state after this many steps, then the server gets SIGTERM

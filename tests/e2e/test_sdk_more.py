@@ -15,6 +15,8 @@ from tinker import types
 from tests.e2e.conftest import API_KEY, Server
 from tests.e2e.test_sdk_training import PROMPT, datum
 
+pytestmark = pytest.mark.e2e
+
 CHOSEN = [1, 17, 300, 4000, 42, 7, 99, 5]
 REJECTED = [1, 17, 300, 4000, 42, 8, 123, 6]
 

@@ -13,6 +13,8 @@ from tinker import types
 from tests.e2e.conftest import API_KEY, SMOLLM2_VOCAB, Server
 from tests.e2e.test_sdk_training import PROMPT, datum
 
+pytestmark = pytest.mark.e2e
+
 PROMPT_INPUT = types.ModelInput.from_ints(PROMPT)
 
 

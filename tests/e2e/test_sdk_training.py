@@ -13,6 +13,8 @@ from tinker import types
 
 from tests.e2e.conftest import API_KEY, Server
 
+pytestmark = pytest.mark.e2e
+
 PROMPT = [1, 17, 300, 4000, 42, 7, 99]
 
 

@@ -10,6 +10,8 @@ import tinker
 
 from tests.e2e.conftest import free_port, start_server, stop_server
 
+pytestmark = pytest.mark.e2e
+
 
 def test_keys_env_settings_banner_and_sigterm(tmp_path: Path, tiny_model_dir: Path) -> None:
     keys = tmp_path / "keys"

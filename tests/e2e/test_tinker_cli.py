@@ -25,6 +25,8 @@ from tinker import types
 
 from tests.e2e.conftest import API_KEY, Server
 
+pytestmark = pytest.mark.e2e
+
 TINKER = Path(sys.executable).parent / "tinker"
 TOKENS = [1, 17, 300, 4000, 42, 7, 99]
 

@@ -115,6 +115,7 @@ RANDOM_PARAMS: list[dict[str, object]] = [
 # -- parity with the slow twins -----------------------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kv_cache_decode_equals_full_recompute(family: str) -> None:
     t = engine(family)
@@ -128,6 +129,7 @@ def test_kv_cache_decode_equals_full_recompute(family: str) -> None:
         assert seq.stop_reason == "length"
 
 
+@pytest.mark.heavy
 def test_the_cache_grows_past_its_first_capacity_without_losing_anything() -> None:
     t = engine("mistral")
     first = job(PROMPTS[2], max_tokens=150, temperature=0.0)  # one slot of 64 positions at first, then 128, 256
@@ -164,6 +166,7 @@ def test_sampled_logprobs_are_tempered_logprobs_of_a_full_forward(temperature: f
     assert len({tuple(s.tokens) for s in result.sequences}) == 3  # the samples of one request differ
 
 
+@pytest.mark.heavy
 def test_a_batch_equals_its_requests_run_one_at_a_time() -> None:
     t = engine()
     jobs = [job(p, num_samples=2, max_tokens=12, base=kw) for p in PROMPTS for kw in RANDOM_PARAMS]
@@ -188,6 +191,7 @@ def test_mixed_adapters_equal_separate_runs() -> None:
     torch.testing.assert_close(torch.tensor(seq.logprobs), expected, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.heavy
 def test_same_seed_gives_same_tokens_whatever_shares_the_batch() -> None:
     t = engine()
     target = job(PROMPTS[1], num_samples=3, max_tokens=16, temperature=1.0, top_p=0.95, seed=123)
@@ -202,6 +206,7 @@ def test_same_seed_gives_same_tokens_whatever_shares_the_batch() -> None:
     assert Sampler(t).run([unseeded])[0].sequences[0].tokens != Sampler(t).run([unseeded])[0].sequences[0].tokens
 
 
+@pytest.mark.heavy
 def test_joining_a_running_batch_changes_nothing_for_those_running() -> None:
     t = engine()
     first = job(PROMPTS[0], num_samples=2, max_tokens=15, temperature=1.0, seed=9)
@@ -222,6 +227,7 @@ def test_joining_a_running_batch_changes_nothing_for_those_running() -> None:
     assert_same_results([finished[x] for x in late_tickets], Sampler(t).run(late))
 
 
+@pytest.mark.heavy
 def test_more_samples_than_slots_share_one_prefill_and_match_a_wide_batch() -> None:
     t = engine()
     jobs = [job(PROMPTS[0], num_samples=5, max_tokens=7, seed=1), job(PROMPTS[1], num_samples=3, max_tokens=4, seed=2)]
@@ -229,6 +235,7 @@ def test_more_samples_than_slots_share_one_prefill_and_match_a_wide_batch() -> N
     assert_same_results(narrow, Sampler(t).run(jobs))
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("pack", [True, False], ids=["onednn-packed", "column-major"])
 def test_the_decode_layout_changes_storage_not_results(pack: bool) -> None:
     t = Transformer(sharp_model("qwen2"), torch.float32)  # its own copy (changed in place); q,k,v have biases
@@ -347,6 +354,7 @@ def test_prompt_logprobs_and_topk_equal_a_full_forward() -> None:
     assert topk_only.topk_prompt_logprobs is not None and len(topk_only.topk_prompt_logprobs[1] or []) == 2
 
 
+@pytest.mark.heavy
 def test_a_frozen_snapshot_samples_the_same_after_the_live_adapter_changes() -> None:
     t = engine()
     live = init_lora_weights(t.hf, LoraConfig(rank=4, seed=3), t.device)

@@ -80,6 +80,15 @@ def test_mixed_adapter_batch_equals_separate_runs_outputs_and_gradients() -> Non
         model.create_adapter(name, LoraConfig(rank=4 if name == "a" else 8, seed=seed, train_unembed=name == "a"))
         randomize_b(model, name, seed)
     data_a, data_b = batch(1), batch(2, lengths=(4, 11))
+
+    # The guard: were the adapters no-ops, mixed and separate runs would agree without proving anything. Each adapter
+    # must move its outputs off the base's by far more than the tolerance below, and the two must differ.
+    def flat(adapter: str | None, data: list[Datum]) -> torch.Tensor:
+        return torch.cat([torch.tensor(row) for row in logprobs(model, adapter, data)])
+
+    for name, data in (("a", data_a), ("b", data_b)):
+        assert (flat(name, data) - flat(None, data)).abs().max() > 1e-2, name
+    assert (flat("a", data_b) - flat("b", data_b)).abs().max() > 1e-2
     mixed = model.forward(
         [
             ForwardJob("a", data_a, "cross_entropy", backward=True),
@@ -88,6 +97,7 @@ def test_mixed_adapter_batch_equals_separate_runs_outputs_and_gradients() -> Non
         ]
     )
     mixed_grads = {name: grads(model, name) for name in ("a", "b")}
+    assert all(any(g.abs().max() > 0 for g in mixed_grads[name]) for name in ("a", "b"))  # gradients that say something
     for adapter in model.adapters.values():
         for p in adapter.weights.parameters():
             p.grad = None
@@ -104,6 +114,7 @@ def test_mixed_adapter_batch_equals_separate_runs_outputs_and_gradients() -> Non
             torch.testing.assert_close(m, s, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.heavy
 def test_training_one_adapter_never_moves_another() -> None:
     model = served()
     model.create_adapter("a", LoraConfig(rank=8, seed=1))
@@ -147,6 +158,7 @@ def test_micro_batches_give_the_same_gradients_as_one_pass() -> None:
         torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.heavy
 def test_training_lowers_the_loss_of_what_it_trains_on() -> None:
     model = served()
     model.create_adapter("a", LoraConfig(rank=8, seed=1))

@@ -13,6 +13,8 @@ from transformers import AutoTokenizer
 from examples import pig_latin
 from tests.e2e.conftest import API_KEY, Server
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.mark.parametrize(
     ("word", "expected"),

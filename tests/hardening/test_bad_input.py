@@ -17,6 +17,8 @@ from tests.hardening.protos import fwdbwd_bytes, valid_inputs
 from tests.worker.harness import BASE, VOCAB
 from tinkerd.api.proto import tinker_public_pb2 as pb
 
+pytestmark = pytest.mark.integration
+
 
 def _fb(run_id: str, tokens: list[int], **inputs: pb.Tensor) -> bytes:
     message = pb.ForwardBackwardRequest(model_id=run_id, seq_id=0, loss_fn="cross_entropy")

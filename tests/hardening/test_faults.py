@@ -27,6 +27,8 @@ from tinkerd.engine.served_model import ForwardJob
 from tinkerd.store import Store, default_url
 from tinkerd.store.db import RetryPolicy
 
+pytestmark = pytest.mark.integration
+
 
 def _version(dest: Path) -> int | None:
     """The version of the checkpoint at dest (None if there is none); fails unless every tensor agrees with it."""

@@ -25,6 +25,8 @@ from tests.hardening.strategies import Resolver, encode, garbage_bodies, hostile
 from tinkerd.api import create_app
 from tinkerd.store import Store
 
+pytestmark = [pytest.mark.integration, pytest.mark.fuzz]
+
 # Raw-body routes (no schema in the document) have their own fuzz module: test_fuzz_training.
 _RAW_BODY = {"/api/v1/forward_backward", "/api/v1/forward"}
 EXAMPLES = int(os.environ.get("TINKERD_FUZZ_EXAMPLES", "80"))

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
@@ -26,6 +27,8 @@ from tests.hardening.protos import corrupted, fwdbwd_bytes, fwdbwd_messages, tok
 from tests.hardening.strategies import EDGE_INTS, edge_floats, edge_ints, hostile_text, json_values, mostly
 from tests.worker.harness import BASE
 from tinkerd.store.tables import futures
+
+pytestmark = [pytest.mark.integration, pytest.mark.fuzz]
 
 EXAMPLES = int(os.environ.get("TINKERD_FUZZ_EXAMPLES", "80"))
 # CI replays the same cases every run (a landing must not depend on luck); TINKERD_FUZZ_RANDOM=1 explores new ones.

@@ -17,6 +17,8 @@ from tests.hardening.live import ALICE, BOB, PROTOBUF, Live, start_live
 from tests.hardening.protos import fwdbwd_bytes
 from tests.worker.harness import BASE
 
+pytestmark = pytest.mark.integration
+
 
 def _bob_state(live: Live, world: World) -> Any:
     """What alice must never change: bob's futures, runs, checkpoints (with their flags), samplers, sessions."""

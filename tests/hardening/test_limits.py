@@ -16,6 +16,8 @@ from tests.worker.harness import BASE
 from tinkerd.cli import app
 from tinkerd.settings import Settings, SettingsError
 
+pytestmark = pytest.mark.integration
+
 LIMIT = 4096
 
 

@@ -25,6 +25,8 @@ from tinkerd.server import running
 from tinkerd.store import Store, default_url
 from tinkerd.store.tables import futures
 
+pytestmark = pytest.mark.e2e
+
 KEY = "tml-hardening"
 
 

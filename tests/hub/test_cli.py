@@ -47,6 +47,7 @@ def test_pulling_an_unknown_model_fails_with_a_message(tmp_path: Path) -> None:
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+@pytest.mark.weights
 def test_pull_of_a_pulled_model_returns_at_once(pulled: PullResult, pulled_cache_dir: Path) -> None:
     result = runner.invoke(app, ["models", "pull", "--cache-dir", str(pulled_cache_dir)])
     assert result.exit_code == 0, result.output

@@ -21,6 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from tinkerd.hub import DEFAULT_MODEL, PullResult, pull, resolve_model
 from tinkerd.hub.hfcache import HUB_FILES
 
+pytestmark = pytest.mark.weights
+
 CAPITAL_QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 SAMPLE_TEXTS = [
     "Hello world!",

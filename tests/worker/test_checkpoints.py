@@ -10,6 +10,8 @@ from tinkerd.domain.requests import PathResult
 from tinkerd.engine.checkpoint import ADAPTER_WEIGHTS, OPTIMIZER_STATE
 from tinkerd.worker.loop import Worker
 
+pytestmark = pytest.mark.integration
+
 
 def train_steps(api: Api, run: str, seeds: range) -> list[str]:
     """forward_backward + optim_step per seed; returns the forward_backward request ids."""

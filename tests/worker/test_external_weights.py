@@ -11,6 +11,8 @@ from tinkerd.domain.requests import PathResult, SaveWeights
 from tinkerd.engine.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER_STATE
 from tinkerd.worker.loop import Worker
 
+pytestmark = pytest.mark.integration
+
 
 def export(api: Api, run: str, name: str, ttl_seconds: int | None = None) -> str:
     request = SaveWeights(run, "external_weights", name, ttl_seconds=ttl_seconds)

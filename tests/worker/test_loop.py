@@ -20,6 +20,8 @@ from tinkerd.store import Store
 from tinkerd.worker.hosts import ModelHost
 from tinkerd.worker.loop import RESTART_MESSAGE, RESTART_TRAINING_MESSAGE, Worker
 
+pytestmark = pytest.mark.integration
+
 
 def test_an_engine_exception_is_a_server_failure_and_the_loop_carries_on(
     api: Api, worker: Worker, host: ModelHost, monkeypatch: pytest.MonkeyPatch, store: Store

@@ -172,6 +172,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     return Scenario(list(order), ModelCursorState(next_seq, frozenset(busy)), limits, ready)
 
 
+@pytest.mark.heavy
 @settings(max_examples=300, deadline=None)
 @given(scenarios())
 def test_plan_properties(scenario: Scenario) -> None:

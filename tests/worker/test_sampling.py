@@ -12,6 +12,8 @@ from tinkerd.domain.requests import PathResult, SamplerResult
 from tinkerd.store import Store
 from tinkerd.worker.loop import Worker
 
+pytestmark = pytest.mark.integration
+
 PROMPT = [1, 5, 9, 33, 4]
 
 

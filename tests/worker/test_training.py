@@ -17,6 +17,8 @@ from tinkerd.store import Store
 from tinkerd.worker.hosts import ModelHost
 from tinkerd.worker.loop import Worker
 
+pytestmark = pytest.mark.integration
+
 
 def spy_forward(monkeypatch: pytest.MonkeyPatch, served: ServedModel) -> list[list[ForwardJob]]:
     calls: list[list[ForwardJob]] = []

@@ -13,6 +13,7 @@ import typing
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from tinkerd.domain import ops, requests
+from tinkerd.domain.errors import InvalidRequestError
 
 T = TypeVar("T")
 
@@ -71,6 +72,8 @@ def _from_json(hint: Any, raw: Any) -> Any:
                 continue
             try:
                 return _from_json(arg, raw)
+            except InvalidRequestError:  # a ValueError too, but a refusal of the value, not a mismatch of the type
+                raise
             except (TypeError, KeyError, ValueError):
                 continue
         return raw

@@ -1,15 +1,20 @@
-"""The one error hierarchy. The API maps these to HTTP status codes in one place."""
+"""The one error hierarchy. The API maps these to HTTP status codes in one place (api/errors.py); the CLI turns
+them into a one-line message and exit code 1.
+
+An error that stands for a builtin one also subclasses it, so code and libraries that catch the builtin catch it too:
+an invalid request is a ValueError, a missing thing a LookupError (not KeyError, whose message is the repr of a key).
+"""
 
 
 class TinkerdError(Exception):
     """Base class of every error tinkerd raises on purpose."""
 
 
-class InvalidRequestError(TinkerdError):
+class InvalidRequestError(TinkerdError, ValueError):
     """The user sent something we cannot act on (maps to 400)."""
 
 
-class NotFoundError(TinkerdError):
+class NotFoundError(TinkerdError, LookupError):
     """A named model, run, sampler or checkpoint does not exist (maps to 404)."""
 
 
@@ -31,3 +36,7 @@ class LimitExceededError(CapacityError):
 
 class ModelFetchError(TinkerdError):
     """A model could not be fetched or converted."""
+
+
+class SettingsError(TinkerdError, ValueError):
+    """A setting has a value that cannot be used (e.g. a port that is not a number); the CLI says which and exits."""

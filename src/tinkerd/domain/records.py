@@ -194,3 +194,23 @@ class Page(Generic[T]):
     def next_offset(self) -> int | None:
         end = self.offset + len(self.items)
         return end if end < self.total_count and self.items else None
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """The metrics one training request of a run returned (forward_backward or optim_step), kept for curves.
+
+    ``metrics`` are the request's own, as its client saw them ('loss:sum', 'grad_norm', 'learning_rate', ...);
+    ``loss_weight`` is the sum of the batch's loss weights (tokens that count), so loss per token is
+    ``metrics['loss:sum'] / loss_weight``; ``step`` counts the run's optim_steps recorded before this one.
+    """
+
+    run_id: str
+    owner: str
+    kind: RequestKind
+    seq_id: int | None
+    metrics: dict[str, float]
+    loss_weight: float | None
+    recorded_at: datetime
+    step: int = 0  # filled in when read
+    id: int = 0  # the row's position in the run's history, filled in when read (poll with ``after=id``)

@@ -244,6 +244,8 @@ def _with_metadata(info: dict[str, object], weights: LoraWeights) -> LoadedCheck
         lora = LoraConfig(**{f.name: raw[f.name] for f in dataclasses.fields(LoraConfig)})
         created_at = datetime.fromisoformat(str(info["created_at"]))
         agree = lora.rank == weights.rank and math.isclose(lora.alpha, weights.alpha, rel_tol=1e-9)
+    except InvalidRequestError:  # a ValueError too, and already says what is wrong
+        raise
     except (KeyError, TypeError, ValueError):
         raise InvalidRequestError(f"{TINKERD_METADATA} is malformed") from None
     if not agree:

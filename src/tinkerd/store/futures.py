@@ -30,6 +30,7 @@ from tinkerd.domain.records import (
     FutureRecord,
     FutureState,
     RequestKind,
+    StepMetrics,
     is_ordered,
     utc_now,
 )
@@ -49,6 +50,7 @@ from tinkerd.store.future_rows import (
     full_rows,
     load,
 )
+from tinkerd.store.metrics import record as record_metrics
 from tinkerd.store.sequencing import (
     FINISHED_STATES,
     ClaimScope,
@@ -269,8 +271,9 @@ class FuturesLedger:
             return Claim(futures=(), next_seq={})
         return self._db.write(txn)
 
-    def complete(self, request_id: str, result: bytes) -> FutureRecord:
-        return self._finish(request_id, FutureState.COMPLETED, {"result": result})
+    def complete(self, request_id: str, result: bytes, *, metrics: StepMetrics | None = None) -> FutureRecord:
+        """Record a result; ``metrics`` (a training step's) are written in the same transaction (store.metrics)."""
+        return self._finish(request_id, FutureState.COMPLETED, {"result": result}, metrics)
 
     def fail(self, request_id: str, message: str, category: ErrorCategory) -> FutureRecord:
         """Fail one request; its model goes on with the next seq_id (a failing request fails only itself)."""
@@ -339,7 +342,9 @@ class FuturesLedger:
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
-    def _finish(self, request_id: str, state: FutureState, values: dict[str, Any]) -> FutureRecord:
+    def _finish(
+        self, request_id: str, state: FutureState, values: dict[str, Any], metrics: StepMetrics | None = None
+    ) -> FutureRecord:
         def txn(conn: Connection) -> FutureRecord:
             row = conn.execute(BY_ID, {"request_id": request_id}).mappings().first()
             if row is None:
@@ -353,6 +358,8 @@ class FuturesLedger:
             if row["ordered"]:
                 advance_cursor(conn, row["model_id"])
                 events.send(conn, events.SUBMITTED, row["model_id"])  # the run's next request may run now
+            if metrics is not None:
+                record_metrics(conn, metrics)
             events.send(conn, events.FINISHED, request_id)  # wakes long-polls in other processes
             return future_from_row({**row, **finished, "state": state.value, "finished_at": now})
 

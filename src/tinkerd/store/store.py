@@ -9,6 +9,8 @@ from tinkerd.store.admission import Admission
 from tinkerd.store.checkpoints import CheckpointRepository
 from tinkerd.store.db import Database, RetryPolicy
 from tinkerd.store.futures import FuturesLedger
+from tinkerd.store.metrics import MetricsRepository
+from tinkerd.store.overview import Overview
 from tinkerd.store.runs import RunRepository
 from tinkerd.store.samplers import SamplerRepository
 from tinkerd.store.sessions import SessionRepository
@@ -23,6 +25,8 @@ class Store:
     checkpoints: CheckpointRepository
     samplers: SamplerRepository
     admission: Admission
+    metrics: MetricsRepository
+    overview: Overview
 
     @classmethod
     def open(
@@ -46,6 +50,8 @@ class Store:
             checkpoints=CheckpointRepository(db, clock),
             samplers=SamplerRepository(db),
             admission=Admission(db, clock),
+            metrics=MetricsRepository(db),
+            overview=Overview(db),
         )
 
     def close(self) -> None:

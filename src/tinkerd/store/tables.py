@@ -31,8 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 2
-SCHEMA_HEAD = "0002_roles"  # the newest Alembic revision (store/migrations/versions)
+SCHEMA_VERSION = 3
+SCHEMA_HEAD = "0003_step_metrics"  # the newest Alembic revision (store/migrations/versions)
 
 ID = 200  # ids are at most 128 characters (domain.ids); the slack is free
 OWNER = 255
@@ -180,6 +180,23 @@ futures = Table(
     UniqueConstraint("model_id", "seq_id", name="uq_futures_model_seq"),
     Index("ix_futures_claim", "state", "ordered", "model_id", "seq_id"),
     Index("ix_futures_finished", "state", "finished_at"),
+)
+
+# The metrics each finished forward_backward and optim_step returned, for curves (console, `tinkerd runs metrics`).
+# Written in the transaction that completes the request. No foreign key: a row outlives nothing it needs, and a run
+# deleted with its metrics left behind is harmless (only its owner could read them).
+step_metrics = Table(
+    "step_metrics",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),  # insertion order = completion order
+    Column("run_id", String(ID), nullable=False),
+    Column("owner", String(OWNER), nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("seq_id", BigInteger),
+    Column("metrics", JSON, nullable=False),
+    Column("loss_weight", Float),
+    Column("recorded_at", UtcDateTime, nullable=False),
+    Index("ix_step_metrics_run", "run_id", "id"),
 )
 
 # Per ordered model: the seq_id it will execute next. Kept apart from the futures rows so that purging old

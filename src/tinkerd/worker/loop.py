@@ -34,6 +34,7 @@ from tinkerd.worker.housekeeping import Housekeeper, HousekeepingConfig
 from tinkerd.worker.planner import Job, JobKind, ModelCursorState, PendingWork, PlanLimits, plan
 from tinkerd.worker.runtime import Runtime
 from tinkerd.worker.sampling import SamplingService
+from tinkerd.worker.step_metrics import step_metrics_of
 
 log = logging.getLogger(__name__)
 
@@ -301,14 +302,14 @@ class Worker:
                     self._finish(c.future, RuntimeError(f"{type(c.request).__name__} planned as a forward pass"))
             results = run_forward_batch(self.runtime, forward)
             for i, (item, outcome) in enumerate(results):
-                self._finish(item.future, outcome, last=i == len(results) - 1)
+                self._finish(item.future, outcome, last=i == len(results) - 1, request=item.request)
             return
         for i, c in enumerate(items):  # SINGLE jobs hold one request; anything else would run in order too
             try:
                 outcome: Outcome = self.handlers.execute(c.future, c.request)
             except Exception as exc:
                 outcome = exc
-            self._finish(c.future, outcome, last=i == len(items) - 1)
+            self._finish(c.future, outcome, last=i == len(items) - 1, request=c.request)
 
     def _sample_for(self, budget_s: float) -> None:
         """Decode steps until ``budget_s`` of wall time is used or nothing is left (at least one step)."""
@@ -319,7 +320,9 @@ class Worker:
             if time.perf_counter() >= deadline:
                 break
 
-    def _finish(self, future: FutureRecord, outcome: Outcome, *, last: bool = False) -> None:
+    def _finish(
+        self, future: FutureRecord, outcome: Outcome, *, last: bool = False, request: Request | None = None
+    ) -> None:
         """Hand the outcome to the api (which may answer its client at once), then record it in the ledger.
 
         The ledger write follows the hand-off, on this thread and before anything else runs, so the next request
@@ -328,7 +331,8 @@ class Worker:
         result, at worst an error for an answer already given.
 
         ``last``: the job's last request. If nothing else waits for this thread then, it lets a waiting poll send
-        the answer before it writes the ledger (``WorkerConfig.answer_wait_s``).
+        the answer before it writes the ledger (``WorkerConfig.answer_wait_s``). ``request``: the request that ran,
+        when known; a training step's metrics are recorded with its result (``step_metrics_of``).
         """
         finished, value = self._finished_record(future, outcome)
         if self.notify is not None:
@@ -341,7 +345,8 @@ class Worker:
                 log.exception("notify(%s) failed", future.request_id)
         try:
             if finished.state is FutureState.COMPLETED:
-                self.store.futures.complete(future.request_id, finished.result or b"")
+                metrics = step_metrics_of(future, request, value, finished.finished_at or self._clock())
+                self.store.futures.complete(future.request_id, finished.result or b"", metrics=metrics)
             else:
                 self.store.futures.fail(
                     future.request_id, finished.error_message or "request failed", finished.error_category or "server"

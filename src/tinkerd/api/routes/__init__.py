@@ -2,7 +2,18 @@
 
 from fastapi import APIRouter
 
-from tinkerd.api.routes import account, client, downloads, futures, rest, sampling, sessions, training, unsupported
+from tinkerd.api.routes import (
+    account,
+    client,
+    downloads,
+    futures,
+    metrics,
+    rest,
+    sampling,
+    sessions,
+    training,
+    unsupported,
+)
 
 ROUTERS: tuple[APIRouter, ...] = (
     client.router,
@@ -11,6 +22,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     sampling.router,
     futures.router,
     rest.router,
+    metrics.router,
     downloads.router,
     account.router,
     unsupported.router,  # last: catches requests to endpoints no other router has
