@@ -101,4 +101,7 @@ runs_app.command("metrics")(cli_metrics.runs_metrics)
 
 
 def main() -> None:
+    from tinkerd import cli_roles
+
+    cli_roles.register(app)  # api, trainer, sampler, status: the split deployment's commands
     app()

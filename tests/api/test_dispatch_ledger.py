@@ -14,6 +14,7 @@ from tests.api.fake_worker import FakeWorker
 from tests.pg_server import PostgresServer
 from tinkerd.api import ApiSettings, ThroughLedger, create_app
 from tinkerd.store import Store
+from tinkerd.store.workers import WorkerRegistry
 
 pytestmark = pytest.mark.postgres
 
@@ -24,10 +25,11 @@ def split_api(postgres_server: PostgresServer) -> Iterator[Api]:
     api_store = Store.open(url)
     worker_store = Store.open(url)  # its own engine and connections, as another process would have
     worker = FakeWorker(worker_store, lambda _request_id: None)  # nothing in memory reaches the api
-    # The ledger is re-read only every 30 s: a prompt answer can only come from the NOTIFY.
-    app = create_app(
-        api_store, SERVED, ThroughLedger(api_store.db.url), ApiSettings(long_poll_s=20.0, poll_interval_s=30.0)
+    WorkerRegistry(worker_store.db).register(
+        worker_id="fake", role="trainer", host="h", pid=1, base_models={SERVED[0].name: {}}, lease_s=600, capacity=1
     )
+    # The ledger is re-read only every 30 s: a prompt answer can only come from the NOTIFY.
+    app = create_app(api_store, SERVED, ThroughLedger(api_store), ApiSettings(long_poll_s=20.0, poll_interval_s=30.0))
     with TestClient(app, headers={"X-API-Key": "tml-test"}) as client:
         worker.start()
         try:
@@ -56,3 +58,33 @@ def test_no_request_is_claimed_for_a_worker_at_submit(split_api: Api) -> None:
     assert split_api.store.futures.get(request_id, "local").state.value == "pending"
     split_api.worker.resume()
     assert split_api.result(request_id)["model_id"]
+
+
+def test_new_runs_are_placed_on_the_least_loaded_live_trainer(split_api: Api) -> None:
+    registry = WorkerRegistry(split_api.store.db)
+    facts = {SERVED[0].name: {}}
+    for trainer in ("t1", "t2"):
+        registry.register(worker_id=trainer, role="trainer", host="h", pid=1, base_models=facts, lease_s=60)
+    registry.register(worker_id="t3", role="trainer", host="h", pid=1, base_models={"other/model": {}}, lease_s=60)
+    runs = [split_api.model() for _ in range(4)]
+    held = {trainer: registry.runs_of(trainer) for trainer in ("fake", "t1", "t2", "t3")}
+    # Least loaded first (ties by name); "fake" has room for one run only, t3 serves another model.
+    assert {trainer: len(r) for trainer, r in held.items()} == {"fake": 1, "t1": 2, "t2": 1, "t3": 0}
+    assert sorted(run for r in held.values() for run in r) == sorted(runs)
+
+
+def test_a_run_whose_trainer_lost_its_lease_fails_with_advice_to_resume(split_api: Api) -> None:
+    registry = WorkerRegistry(split_api.store.db)
+    registry.stop("fake")  # the fixture's trainer leaves: t1 is the only one
+    registry.register(worker_id="t1", role="trainer", host="h", pid=1, base_models={SERVED[0].name: {}}, lease_s=60)
+    model_id = split_api.model()
+    split_api.worker.pause()
+    queued = split_api.forward_backward(model_id, 1).json()["request_id"]
+    registry.stop("t1")  # its lease ends now
+    assert registry.reap() == {"fake": [], "t1": [model_id]}
+    body = split_api.retrieve(queued).json()
+    assert "create_training_client_from_state_with_optimizer" in body["error"]
+    later = split_api.forward_backward(model_id, 2).json()["request_id"]
+    registry.reap()  # any live worker's next heartbeat
+    assert "lease expired" in split_api.retrieve(later).json()["error"]
+    split_api.worker.resume()

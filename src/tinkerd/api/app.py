@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -34,7 +34,7 @@ API_PREFIX = "/api/v1"
 
 def create_app(
     store: Store,
-    models: Sequence[ServedModelInfo],
+    models: Sequence[ServedModelInfo] | Mapping[str, ServedModelInfo],
     dispatch: Dispatch | None = None,
     settings: ApiSettings | None = None,
 ) -> FastAPI:
@@ -42,9 +42,11 @@ def create_app(
     worker, records requests in the ledger for whoever claims them."""
     dispatch = dispatch or InProcess(FutureNotifier())
     settings = settings or ApiSettings()
-    names = [model.name for model in models]
-    if len(set(names)) != len(names):
-        raise ValueError(f"served model names must be unique, got {names}")
+    if not isinstance(models, Mapping):  # a Mapping may be live (the split api's view of its trainers' models)
+        names = [model.name for model in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"served model names must be unique, got {names}")
+        models = {model.name: model for model in models}
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -69,7 +71,7 @@ def create_app(
     data_dir = settings.data_dir
     app.state.ctx = ApiContext(
         store=store,
-        models={model.name: model for model in models},
+        models=models,
         dispatch=dispatch,
         settings=settings,
         deliveries=deliveries,

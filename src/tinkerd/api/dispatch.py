@@ -14,15 +14,18 @@ Routes and the long-poll use only this interface; neither knows which implementa
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Protocol
-
-from sqlalchemy.engine import URL
 
 from tinkerd.api.notify import FutureNotifier
 from tinkerd.domain.records import FutureRecord
 from tinkerd.domain.requests import Request
+from tinkerd.store import Store
 from tinkerd.store.events import Callbacks, LedgerListener
+from tinkerd.store.workers import WorkerRegistry
+
+log = logging.getLogger(__name__)
 
 Accept = Callable[[FutureRecord, Request], None]
 
@@ -40,6 +43,11 @@ class Dispatch(Protocol):
 
     def submitted(self, record: FutureRecord, request: Request) -> None:
         """`record` (with its decoded `request`) was just created in the ledger. Called once, never for a repeat."""
+        ...
+
+    def place(self, run_id: str, base_model: str) -> None:
+        """A new training run's row was created: give it to a trainer (split deployment). Raises CapacityError
+        when no trainer can take it."""
         ...
 
     def start(self) -> None:
@@ -75,6 +83,9 @@ class InProcess:
         self._notifier.expect(record.request_id)  # before the hand-over, so that its notification comes after
         self._accept(record, request)
 
+    def place(self, run_id: str, base_model: str) -> None:
+        pass  # the one worker runs every run
+
     def start(self) -> None:
         pass
 
@@ -85,10 +96,11 @@ class InProcess:
 class ThroughLedger:
     """Workers in other processes: the ledger announces requests to them, and their results to us (LISTEN)."""
 
-    def __init__(self, url: URL, notifier: FutureNotifier | None = None) -> None:
+    def __init__(self, store: Store, notifier: FutureNotifier | None = None) -> None:
         self._notifier = notifier or FutureNotifier()
+        self._workers = WorkerRegistry(store.db)
         self._listener = LedgerListener(
-            url,
+            store.db.url,
             Callbacks(on_finished=self._notifier.notify, on_reconnect=self._notifier.wake_all),
             name="tinkerd-api-listen",
         )
@@ -103,6 +115,10 @@ class ThroughLedger:
 
     def submitted(self, record: FutureRecord, request: Request) -> None:
         pass  # the ledger's submit transaction announced it (store.events.SUBMITTED)
+
+    def place(self, run_id: str, base_model: str) -> None:
+        trainer = self._workers.place(run_id, base_model)
+        log.info("training run %s (%s) placed on trainer %s", run_id, base_model, trainer)
 
     def start(self) -> None:
         self._listener.start()

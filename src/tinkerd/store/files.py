@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from tinkerd.domain.errors import NotFoundError
+from tinkerd.domain.ids import validate_sampler_id
 from tinkerd.domain.paths import TinkerPath
 
 
@@ -36,6 +37,15 @@ class CheckpointFiles:
         # Belt and braces: the segments are validated, but a symlinked run directory must not lead elsewhere either.
         if not directory.resolve().is_relative_to(self.root.resolve()):
             raise ValueError(f"checkpoint directory of {path} escapes the checkpoints root")
+        return directory
+
+    def snapshot_dir(self, sampler_id: str) -> Path:
+        """Where a trainer of a split deployment leaves the weights of a save_weights_and_get_sampling_client
+        snapshot, for a sampler in another process (never listed as a checkpoint)."""
+        safe = validate_sampler_id(sampler_id).replace(":", "_")
+        directory = self.root.parent / "snapshots" / safe
+        if not directory.resolve().is_relative_to(self.root.parent.resolve()):
+            raise ValueError(f"snapshot directory of {sampler_id!r} escapes the data directory")
         return directory
 
     def list_files(self, path: TinkerPath) -> list[StoredFile]:

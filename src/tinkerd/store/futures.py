@@ -53,6 +53,7 @@ from tinkerd.store.future_rows import (
 from tinkerd.store.metrics import record as record_metrics
 from tinkerd.store.sequencing import (
     FINISHED_STATES,
+    ClaimScope,
     advance_cursor,
     cursor_of,
     ensure_cursor,
@@ -231,19 +232,26 @@ class FuturesLedger:
     # -- the worker's side ---------------------------------------------------------------------------------------
 
     def claim_ready(
-        self, *, worker_id: str = "local", per_model_limit: int = 64, unordered_limit: int = 64, look_first: bool = True
+        self,
+        *,
+        worker_id: str = "local",
+        per_model_limit: int = 64,
+        unordered_limit: int = 64,
+        look_first: bool = True,
+        scope: ClaimScope | None = None,
     ) -> Claim:
         """Mark running, and return, everything that may run now.
 
         For each ordered model with nothing running: its pending requests from the model's next seq_id on, up to
         the first gap (a missing seq_id means wait) or `per_model_limit`. Plus up to `unordered_limit` unordered
         requests, oldest first. `look_first` checks for work without the write lock first (for idle polling);
-        pass False when work is known to be waiting.
+        pass False when work is known to be waiting. `scope` limits the claim to one role's requests (split
+        deployment).
         """
 
         def txn(conn: Connection) -> Claim:
-            ordered_ids, next_seq = ready_chains(conn, per_model_limit)
-            unordered_ids = ready_unordered(conn, unordered_limit)
+            ordered_ids, next_seq = ready_chains(conn, per_model_limit, scope)
+            unordered_ids = ready_unordered(conn, unordered_limit, scope)
             ids = ordered_ids + unordered_ids
             now = self._clock()
             for chunk in chunks(ids):
@@ -256,7 +264,7 @@ class FuturesLedger:
             return Claim(futures=tuple(future_from_row(rows[rid]) for rid in ids), next_seq=next_seq)
 
         def anything_ready(conn: Connection) -> bool:
-            return bool(ready_chains(conn, 1)[0] or ready_unordered(conn, min(unordered_limit, 1)))
+            return bool(ready_chains(conn, 1, scope)[0] or ready_unordered(conn, min(unordered_limit, 1), scope))
 
         # The worker polls this; look first without the write lock, so an idle poll never blocks a submit.
         if look_first and not self._db.read(anything_ready):

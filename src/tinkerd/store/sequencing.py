@@ -6,10 +6,15 @@ building a SQLAlchemy statement costs more than SQLite takes to run it, and thes
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, bindparam, exists, insert, select, update
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from tinkerd.domain.records import FutureState
-from tinkerd.store.tables import futures, model_cursors
+from sqlalchemy import ColumnElement, Connection, Select, bindparam, exists, insert, select, update
+
+from tinkerd.domain.records import FutureState, RequestKind
+from tinkerd.store.tables import futures, model_cursors, samplers, training_runs
+
+SelectT = TypeVar("SelectT", bound=Select[Any, Any, Any, Any] | Select[Any])
 
 FINISHED_STATES = (FutureState.COMPLETED.value, FutureState.FAILED.value)
 
@@ -53,6 +58,26 @@ _READY_UNORDERED = (
 )
 
 
+@dataclass(frozen=True)
+class ClaimScope:
+    """Which requests a worker of a split deployment claims (None, in one process: everything)."""
+
+    trainer_id: str | None = None  # a trainer: the requests of the runs it holds
+    sample_base_models: tuple[str, ...] | None = None  # a sampler: sampling requests of these base models
+
+    def condition(self) -> ColumnElement[bool]:
+        if self.trainer_id is not None:
+            held = select(training_runs.c.id).where(training_runs.c.trainer_id == self.trainer_id)
+            return futures.c.model_id.in_(held) & (futures.c.kind != RequestKind.SAMPLE.value)
+        bases = self.sample_base_models or ()
+        served = select(samplers.c.id).where(samplers.c.base_model.in_(bases))
+        return futures.c.model_id.in_(served) & (futures.c.kind == RequestKind.SAMPLE.value)
+
+
+def _scoped(query: SelectT, scope: ClaimScope | None) -> SelectT:
+    return query if scope is None else query.where(scope.condition())
+
+
 def cursor_of(conn: Connection, model_id: str) -> int | None:
     """The seq_id the model executes next, or None for a model with no ordered request yet."""
     return conn.execute(_CURSOR, {"model_id": model_id}).scalar_one_or_none()
@@ -85,14 +110,16 @@ def advance_cursor(conn: Connection, model_id: str) -> None:
         conn.execute(_SET_CURSOR, {"b_model_id": model_id, "next": new_cursor})
 
 
-def ready_chains(conn: Connection, per_model_limit: int) -> tuple[list[str], dict[str, int]]:
+def ready_chains(
+    conn: Connection, per_model_limit: int, scope: ClaimScope | None = None
+) -> tuple[list[str], dict[str, int]]:
     """For each ordered model with nothing running, the request ids of its pending requests from its cursor on, up
     to the first gap or `per_model_limit`; and, per model with a chain, the seq_id the chain starts at."""
     ids: list[str] = []
     starts: dict[str, int] = {}
     expected: dict[str, int] = {}
     taken: dict[str, int] = {}
-    for request_id, model_id, seq_id, cursor in conn.execute(_READY_CHAINS).all():
+    for request_id, model_id, seq_id, cursor in conn.execute(_scoped(_READY_CHAINS, scope)).all():
         want = expected.setdefault(model_id, cursor)
         if seq_id == want and taken.get(model_id, 0) < per_model_limit:
             ids.append(request_id)
@@ -104,8 +131,8 @@ def ready_chains(conn: Connection, per_model_limit: int) -> tuple[list[str], dic
     return ids, starts
 
 
-def ready_unordered(conn: Connection, limit: int) -> list[str]:
+def ready_unordered(conn: Connection, limit: int, scope: ClaimScope | None = None) -> list[str]:
     """Up to `limit` pending unordered request ids, oldest first."""
     if limit <= 0:
         return []
-    return list(conn.execute(_READY_UNORDERED, {"limit": limit}).scalars())
+    return list(conn.execute(_scoped(_READY_UNORDERED, scope), {"limit": limit}).scalars())

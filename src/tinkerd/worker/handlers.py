@@ -50,6 +50,8 @@ class Handlers:
     runtime: Runtime
     files: CheckpointFiles
     clock: Clock = utc_now
+    # Split deployment: samplers are other processes, so a snapshot for a sampler is also written to storage.
+    share_snapshots: bool = False
 
     def execute(self, future: FutureRecord, request: Request) -> Result:
         """Run a single (non-forward, non-sample) request."""
@@ -142,8 +144,10 @@ class Handlers:
         return PathResult(path=str(path), model_id=run.run_id, size_bytes=size, step=adapter.optimizer.step)
 
     def snapshot_for_sampler(self, future: FutureRecord, req: SnapshotForSampler) -> SamplerResult:
-        run, host, _ = self.runtime.training(req.run_id, future.owner)
+        run, host, adapter = self.runtime.training(req.run_id, future.owner)
         snapshot = host.served.snapshot(run.run_id)  # an immutable copy: training on does not change this sampler
+        if self.share_snapshots:
+            save_checkpoint(self.files.snapshot_dir(req.sampler_id), snapshot, adapter.config, host.name, None, {})
         record = Sampler(
             id=req.sampler_id,
             session_id=run.session_id,

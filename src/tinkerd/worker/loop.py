@@ -25,6 +25,7 @@ from tinkerd.domain.errors import TinkerdError
 from tinkerd.domain.records import Clock, ErrorCategory, FutureRecord, FutureState, utc_now
 from tinkerd.domain.requests import CreateModel, Finished, ForwardBackward, LoadWeights, Request, Result, Sample
 from tinkerd.store.files import CheckpointFiles
+from tinkerd.store.sequencing import ClaimScope
 from tinkerd.store.store import Store
 from tinkerd.worker.forward_batch import ForwardItem, run_forward_batch
 from tinkerd.worker.handlers import Handlers
@@ -63,6 +64,10 @@ class WorkerConfig:
     max_samples_in_flight: int = 256  # sampling requests queued or decoding; more wait in the ledger
     weights_cache_size: int = 8  # sampler checkpoints kept in memory
     plan_limits: PlanLimits = field(default_factory=PlanLimits)
+    # Split deployment: which requests this worker claims (a trainer's runs, a sampler's base models; None: all),
+    # and whether snapshots for samplers go to storage too (samplers are other processes).
+    scope: ClaimScope | None = None
+    share_snapshots: bool = False
     housekeeping: HousekeepingConfig = field(default_factory=HousekeepingConfig)
 
 
@@ -93,7 +98,7 @@ class Worker:
         self._clock = clock
         self.runtime = Runtime(hosts, self.config.weights_cache_size)
         self.files = CheckpointFiles(data_dir)
-        self.handlers = Handlers(store, self.runtime, self.files, clock)
+        self.handlers = Handlers(store, self.runtime, self.files, clock, share_snapshots=self.config.share_snapshots)
         # Streaming clients in this process see tokens as they come (``watching``/``on_progress``, the notifier's).
         self.sampling = SamplingService(store, self.runtime, self.files, watching=watching, on_progress=on_progress)
         self.housekeeper = Housekeeper(store, self.runtime, self.files, self.config.housekeeping)
@@ -225,6 +230,7 @@ class Worker:
             per_model_limit=self.config.per_model_limit,
             unordered_limit=room,
             look_first=look_first,
+            scope=self.config.scope,
         )
         if not claim.futures:
             return took

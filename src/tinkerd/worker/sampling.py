@@ -98,6 +98,13 @@ class SamplingService:
     def _source_from_store(self, sampler_id: str, owner: str) -> SamplerSource:
         record = self.store.samplers.get(sampler_id, owner)
         if record.run_id is not None:
+            shared = self.files.snapshot_dir(sampler_id)
+            if shared.is_dir():  # a trainer in another process wrote it (split deployment)
+                host = self.runtime.host(record.base_model)
+                loaded = load_checkpoint(shared, host.sample_transformer.device, load_optimizer=False)
+                w = loaded.weights
+                snapshot = LoraWeights(w.rank, w.alpha, w.a, w.b, frozen=True)
+                return SamplerSource(sampler_id, owner, record.session_id, record.base_model, snapshot=snapshot)
             raise NotFoundError(
                 f"sampler {sampler_id!r} sampled an in-memory snapshot of training run {record.run_id!r}, which "
                 "this server no longer holds (it restarted, or the session ended); save the weights with "

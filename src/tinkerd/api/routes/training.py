@@ -111,6 +111,7 @@ def create_model(body: schemas.CreateModelRequest, ctx: Context, owner: Owner) -
     _admit_new_run(ctx, owner, run.id, RequestKind.CREATE_MODEL)
     # The row exists from submit on, so get_info and the REST views see the run before the worker has built it.
     run = ctx.store.runs.create(run, exist_ok=True)
+    ctx.dispatch.place(run.id, run.base_model)
     record = submit(
         ctx, owner, model_id=run.id, seq_id=FIRST_SEQ_ID, kind=RequestKind.CREATE_MODEL, payload=request,
         admitted=True,
@@ -253,6 +254,7 @@ def load_weights(body: schemas.LoadWeightsRequest, ctx: Context, owner: Owner) -
     new_run, request = convert.create_via_load(body, source, owner, utc_now())
     _admit_new_run(ctx, owner, new_run.id, kind)
     new_run = ctx.store.runs.create(new_run, exist_ok=True)
+    ctx.dispatch.place(new_run.id, new_run.base_model)
     record = submit(ctx, owner, model_id=new_run.id, seq_id=FIRST_SEQ_ID, kind=kind, payload=request, admitted=True)
     return future_response(schemas.UntypedAPIFuture(request_id=record.request_id, model_id=new_run.id))
 

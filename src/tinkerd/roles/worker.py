@@ -1,0 +1,121 @@
+"""`tinkerd trainer` and `tinkerd sampler`: the engine and a worker loop in a process of their own.
+
+A trainer claims only the requests of the runs placed on it; a sampler only sampling requests of the base models it
+serves. Both register in the ledger, keep their lease with heartbeats (and reap workers whose lease ran out), wake
+on the ledger's NOTIFY of new requests rather than polling it, and answer GET /healthz.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, Literal
+
+from tinkerd.roles.health import HealthServer
+from tinkerd.roles.settings import RoleSettings, check_storage, open_ledger
+from tinkerd.server import model_info, resolve_models
+from tinkerd.settings import Settings, SettingsError
+from tinkerd.store.events import Callbacks, LedgerListener
+from tinkerd.store.sequencing import ClaimScope
+from tinkerd.store.workers import WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+Role = Literal["trainer", "sampler"]
+# Without an event (a lost NOTIFY), the ledger is still read this often: a safety net, not the wake-up path.
+_SAFETY_POLL_S = 5.0
+
+
+def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Callable[[str], None] = print) -> None:
+    """Run one trainer or sampler in the foreground until SIGTERM / Ctrl-C (or its lease is lost)."""
+    from tinkerd.engine.config import EngineConfig
+    from tinkerd.worker.hosts import ModelHost
+    from tinkerd.worker.loop import Worker, WorkerConfig
+
+    storage = check_storage(roles.storage_dir)
+    store = open_ledger(roles.database_url)
+    worker_id = roles.id_for(role)
+    stop = threading.Event()
+    try:
+        models = resolve_models(settings, announce)
+        engine = EngineConfig(device=settings.device, num_threads=settings.threads)
+        if settings.dtype:
+            engine = dataclasses.replace(engine, train_dtype=settings.dtype)
+        hosts = {}
+        for model in models:
+            announce(f"{role} {worker_id}: loading {model.name} from {model.path}")
+            try:
+                hosts[model.name] = ModelHost.from_directory(model.name, model.path, engine)
+            except Exception as exc:
+                raise SettingsError(f"cannot load base model {model.name} from {model.path}: {exc}") from exc
+        scope = ClaimScope(trainer_id=worker_id) if role == "trainer" else ClaimScope(sample_base_models=tuple(hosts))
+        config = WorkerConfig(
+            worker_id=worker_id, poll_interval_s=_SAFETY_POLL_S, scope=scope, share_snapshots=role == "trainer"
+        )
+        worker = Worker(store, hosts, storage, config=config)
+        registry = WorkerRegistry(store.db)
+
+        def report() -> dict[str, Any]:
+            runs = registry.runs_of(worker_id) if role == "trainer" else []
+            return {"status": "ok", "role": role, "id": worker_id, "models": sorted(hosts), "runs": runs}
+
+        health = HealthServer(roles.host, roles.port, report)
+        health.start()
+        facts = {m.name: dataclasses.asdict(model_info(m)) for m in models}
+        registry.register(
+            worker_id=worker_id, role=role, host=socket.gethostname(), pid=os.getpid(), base_models=facts,
+            lease_s=roles.lease_s, capacity=roles.capacity if role == "trainer" else 0, health_url=health.url,
+        )  # fmt: skip
+        listener = LedgerListener(
+            store.db.url, Callbacks(on_submitted=lambda _model: worker.wake(), on_reconnect=worker.wake)
+        )
+        listener.start()
+        beats = threading.Thread(
+            target=_heartbeat, args=(registry, worker_id, roles, stop, worker.wake), name="tinkerd-heartbeat"
+        )
+        beats.daemon = True
+        beats.start()
+        announce(f"{role} {worker_id} serving {', '.join(hosts)}; health at {health.url}")
+        previous = signal.signal(signal.SIGTERM, lambda _s, _f: _stop(stop, worker.wake))
+        try:
+            worker.start()
+            worker.run_forever(stop)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop.set()
+            signal.signal(signal.SIGTERM, previous)
+            registry.stop(worker_id)
+            listener.close()
+            health.close()
+            announce(f"{role} {worker_id}: stopped")
+    finally:
+        store.close()
+
+
+def _stop(stop: threading.Event, wake: Callable[[], None], _frame: FrameType | None = None) -> None:
+    stop.set()
+    wake()
+
+
+def _heartbeat(
+    registry: WorkerRegistry, worker_id: str, roles: RoleSettings, stop: threading.Event, wake: Callable[[], None]
+) -> None:
+    """Keep the lease; reap workers whose lease ran out. A worker whose own lease was taken stops (its runs have
+    been failed and may be resumed elsewhere: running on would be two owners of one run)."""
+    while not stop.wait(roles.heartbeat_s):
+        try:
+            if not registry.heartbeat(worker_id, roles.lease_s):
+                log.error("worker %s lost its lease (it was silent past %.0f s); stopping", worker_id, roles.lease_s)
+                _stop(stop, wake)
+                return
+            for trainer, runs in registry.reap().items():
+                log.warning("trainer %s lost its lease; its runs %s failed (resume them from a save)", trainer, runs)
+        except Exception:
+            log.exception("heartbeat failed; retrying")  # the database restarting: the lease has some slack
