@@ -56,6 +56,7 @@ class GenericTransformer:
         hf_model.eval()
         self.hf = hf_model.to(compute_dtype)
         self.dtype = compute_dtype
+        self.act_dtype = compute_dtype  # what the Sampler's (unused, zero-position) KV slots are kept in
         self.shape = _shape_of(hf_model)
         self.device = next(hf_model.parameters()).device
         self.attn_scale = 1.0  # unused: attention is the model's own

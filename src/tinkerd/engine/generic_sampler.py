@@ -16,9 +16,9 @@ from typing import cast
 import torch
 
 from tinkerd.domain.ops import SampleResult
+from tinkerd.engine import prompt_scoring
 from tinkerd.engine.generic_model import GenericTransformer
 from tinkerd.engine.sampler import PROMPT_LOGPROB_CHUNK, Sampler, _JobState
-from tinkerd.engine.sampling_ops import prompt_logprobs
 from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES
 from tinkerd.engine.transformer import Transformer
 
@@ -44,19 +44,13 @@ class GenericSampler(Sampler):
             logits_1_P_V = m.padded_logits([job.prompt], job.weights)
             state.last_logits_1_V = logits_1_P_V[0, -1:]
             state.k_L_G_P_D = state.v_L_G_P_D = no_positions  # nothing to copy into a slot: decode recomputes
-            if job.prompt_logprobs or job.topk_prompt_logprobs > 0:
-                targets_P = torch.tensor(job.prompt, dtype=torch.long, device=m.device)
-                chosen: list[float | None] = [None]
-                topk: list[list[tuple[int, float]] | None] = [None]
-                for a in range(0, len(job.prompt) - 1, PROMPT_LOGPROB_CHUNK):
-                    e = min(len(job.prompt) - 1, a + PROMPT_LOGPROB_CHUNK)
-                    lps, pairs = prompt_logprobs(
-                        logits_1_P_V[0, a:e], targets_P[a + 1 : e + 1], job.topk_prompt_logprobs
-                    )
-                    chosen += lps
-                    topk += pairs
-                state.prompt_logprobs = chosen if job.prompt_logprobs else None
-                state.topk_prompt_logprobs = topk if job.topk_prompt_logprobs > 0 else None
+            questions = job.prompt_questions()
+            if questions.any():
+
+                def logits_of(a: int, e: int, logits_P_V: torch.Tensor = logits_1_P_V[0]) -> torch.Tensor:
+                    return logits_P_V[a:e]
+
+                state.prompt = prompt_scoring.answer(job.prompt, job.params, questions, logits_of, PROMPT_LOGPROB_CHUNK)
 
     def _decode(self, done: list[tuple[int, SampleResult]]) -> None:
         rows = list(self._rows)
