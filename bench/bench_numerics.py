@@ -21,6 +21,7 @@ from tinkerd.domain.ops import AdamParams, LoraConfig, SamplingParams
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.sampler import SampleJob, Sampler
 from tinkerd.engine.served_model import ForwardJob
+from tinkerd.engine.transformer import Transformer
 from tinkerd.worker.hosts import ModelHost
 
 
@@ -35,6 +36,7 @@ def gaps(model_dir: Path, dtype: str, prompts: int, max_tokens: int) -> dict[str
     params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=7)
     jobs = [SampleJob(prompt=p, params=params, num_samples=2, weights=weights) for p in prompt_seqs]
     reported = host.new_sampler().run(jobs)
+    assert isinstance(host.sample_transformer, Transformer)  # the packed path: this bench measures its decoder
     decoder = Sampler(host.sample_transformer, host.decode_text).run(jobs)
     seqs: list[list[int]] = []
     for p, res in zip(prompt_seqs, reported, strict=True):

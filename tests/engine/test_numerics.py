@@ -18,6 +18,7 @@ from tinkerd.domain.ops import AdamParams, ArrayData, Datum, LoraConfig, SampleR
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.sampler import SampleJob
 from tinkerd.engine.served_model import ForwardJob, ServedModel
+from tinkerd.engine.transformer import Transformer
 from tinkerd.worker.hosts import ModelHost
 
 VOCAB = 96
@@ -120,6 +121,7 @@ def test_prompt_logprobs_and_tempered_logprobs_come_from_the_training_forward() 
     assert with_prompt.prompt_logprobs == [None, *forward["logprobs"].values[: len(prompt) - 1]]
     # tempered: log_softmax(logits / T) of the trainer's logits, which a naive computation reproduces closely
     t = host.served.train
+    assert isinstance(t, Transformer)
     from tinkerd.engine.lora import LoraRouting
 
     with torch.inference_mode():

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tinkerd.domain.ops import SampleResult, SamplingParams
+from tinkerd.domain.ops import LogprobDistribution, SampleResult, SamplingParams
 from tinkerd.engine import reported_logprobs
 from tinkerd.engine.lora import LoraRouting, LoraWeights, Segment
 from tinkerd.engine.sampling_ops import MIN_TEMPERATURE
@@ -140,8 +140,9 @@ def _score_group(
                 chosen = tempered.gather(1, targets_C_1)[:, 0].tolist()
             else:  # "sampled": the kept set recomputed from the trainer's logits
                 n = logits_C_V.shape[0]
+                modes: list[LogprobDistribution] = [mode] * n
                 reported_C_V = reported_logprobs.reported_logprobs(
-                    logits_C_V, [temperature] * n, [params.top_k] * n, [params.top_p] * n, [mode] * n
+                    logits_C_V, [temperature] * n, [params.top_k] * n, [params.top_p] * n, modes
                 )
                 decoded = item.result.sequences[row.sample].logprobs
                 chosen = [

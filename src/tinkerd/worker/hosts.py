@@ -50,8 +50,9 @@ class ModelHost:
         batch = self.served.config.max_decode_batch
         if isinstance(self.sample_transformer, GenericTransformer):
             return GenericSampler(self.sample_transformer, self.decode_text, max_batch=batch)
-        # samples report the trainer's logprobs (engine/rescoring.py)
-        return Sampler(self.sample_transformer, self.decode_text, max_batch=batch, scorer=self.served.train)
+        # samples report the trainer's logprobs (engine/rescoring.py); a packed sampler has a packed trainer
+        scorer = self.served.train if isinstance(self.served.train, Transformer) else None
+        return Sampler(self.sample_transformer, self.decode_text, max_batch=batch, scorer=scorer)
 
     def reset_sampler(self) -> None:
         """Drop every queued and running sequence (after a step raised: the sampler's state is no longer known)."""
