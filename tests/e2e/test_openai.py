@@ -162,14 +162,16 @@ def test_logprobs_equal_the_tinker_samplers(trained: Trained) -> None:
         tokens = tokens[:-1]  # the end-of-turn token ends the answer, it is not part of it
     assert [e.token for e in content] == [trained.tokenizer.decode([t]) for t in tokens]
     assert [e.logprob for e in content] == pytest.approx(tinker_seq.logprobs[: len(tokens)], abs=1e-5)
+    # top_logprobs come from the prompt scoring of the fp32 decoder, the chosen tokens' logprobs from the training
+    # forward (engine/rescoring.py, bf16 base matmuls by default): the two agree to bf16 rounding, not bit for bit
     for entry in content:
         assert len(entry.top_logprobs) == 3
         values = [t.logprob for t in entry.top_logprobs]
         assert values == sorted(values, reverse=True)
-        assert entry.logprob <= values[0] + 1e-5
+        assert entry.logprob <= values[0] + 1e-3
         same = [t.logprob for t in entry.top_logprobs if t.token == entry.token]
         if same:  # temperature 1, top_p 1: the sampled token's logprob is the model's
-            assert same[0] == pytest.approx(entry.logprob, abs=1e-4)
+            assert same[0] == pytest.approx(entry.logprob, abs=1e-3)
 
     # the prompt's logprobs through echo, as evaluation harnesses ask for them
     scored = oai.completions.create(model=trained.path, prompt=trained.prompt, max_tokens=0, echo=True, logprobs=1)

@@ -21,7 +21,11 @@ from tinkerd.domain.ops import LogprobDistribution
 
 PROMPT = [1, 17, 300, 4000, 42, 7, 99, 5]
 HEADER = "X-Tinkerd-Sample-Logprobs"
-TOL = 1e-3  # the server samples in fp32; this test's reference is a plain fp32 transformers forward
+TOL = 1e-3  # the server decodes in fp32; this test's reference is a plain fp32 transformers forward
+# A sampled token's own logprob is the training forward's (engine/rescoring.py: bf16 base matmuls in the default
+# configuration), so it sits within bf16 rounding of the fp32 reference; its equality with forward() is exact and is
+# tested in test_sdk_numerics.py. The top-k lists come from the fp32 decoder and keep TOL.
+CHOSEN_TOL = 2e-2
 
 
 @functools.cache
@@ -72,7 +76,7 @@ def test_sampled_logprobs_are_under_the_distribution_each_client_asks_for(
             assert len(seq.topk_logprobs) == len(seq.tokens)
             for pos, token in enumerate(seq.tokens):
                 naive = naive_distribution(every[pos], temperature, top_k, top_p, mode)
-                assert seq.logprobs[pos] == pytest.approx(float(naive[token]), abs=TOL), (mode, pos)
+                assert seq.logprobs[pos] == pytest.approx(float(naive[token]), abs=CHOSEN_TOL), (mode, pos)
                 row = seq.topk_logprobs[pos]
                 assert row is not None
                 want = [i for i in torch.argsort(naive, descending=True)[:k].tolist() if naive[i] > -np.inf]
