@@ -154,7 +154,8 @@ def test_the_tinker_shim_runs_a_short_sft_loop(server: Server, tmp_path: Path) -
     losses = out["losses"]
     assert all(later < earlier for earlier, later in itertools.pairwise(losses)), losses
     samples = out["samples"]
-    assert len(samples) == 2 and samples[0] == samples[1] and len(samples[0]) == 5  # greedy
+    # greedy: both samples alike; at most max_tokens, fewer when the model ends its turn (the sampler stops at eos)
+    assert len(samples) == 2 and samples[0] == samples[1] and 1 <= len(samples[0]) <= 5
     assert "adapter_model.safetensors" in out["files"]
     routes = _check_wire(wire)
     assert routes["trainer:/forward_backward"] == 4 and routes["trainer:/optim_step"] == 4
