@@ -18,7 +18,8 @@ runner = CliRunner()
 def test_models_list_shows_a_table_of_pulled_models(tmp_path: Path, fake_model: FakeModel) -> None:
     fake_model(tmp_path, DEFAULT_MODEL)
     fake_model(tmp_path, "someone/other", "Qwen3ForCausalLM")
-    result = runner.invoke(app, ["models", "list", "--cache-dir", str(tmp_path)])
+    # a terminal wide enough for the four columns (name, architecture, engine path, size): rich truncates to fit
+    result = runner.invoke(app, ["models", "list", "--cache-dir", str(tmp_path)], env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
     assert DEFAULT_MODEL in result.output
     assert "someone/other" in result.output
