@@ -9,25 +9,24 @@ prompt + completion of all its samples. Both are batch-invariant (see ``lora.MIN
 of a sample are bit-identical to ``forward()`` on the same tokens, whatever shared either batch. The cost is one
 prefill-sized pass per finished request (about the cost of its prompt's prefill, in bf16).
 
-Which distribution (``SamplingParams.logprobs_of``, see engine/reported_logprobs.py), always from the trainer's logits:
-"tempered" (the default) reports ``log_softmax(logits)[token]`` for a row sampled at temperature 1 (or greedily) and
-``log_softmax(logits / temperature)[token]`` at another temperature; "model" reports ``log_softmax(logits)[token]``
-whatever the temperature; "sampled" the tempered distribution cut to what top-k/top-p keep (should the trainer's
-logits put a drawn token outside that set, the decoder's own value is kept). Prompt logprobs (the chosen token at
-each prompt position) come from the same pass, and only the positions the request asked for are replaced.
+Which distribution (``SamplingParams.logprobs_of``, see engine/reported_logprobs.py): "tempered" (the default)
+reports the trainer's ``log_softmax(logits)[token]`` for a row sampled at temperature 1 (or greedily) and
+``log_softmax(logits / temperature)[token]`` at another temperature; "model" the trainer's ``log_softmax(logits)``
+whatever the temperature; "sampled" (tempered, cut to what top-k/top-p kept) keeps the decoder's own values: it is
+by definition the distribution the decoder drew from, and a cut recomputed from other logits can move a boundary
+token. Prompt logprobs (the chosen token at each prompt position) come from the same pass, and only the positions
+the request asked for are replaced.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
-from tinkerd.domain.ops import LogprobDistribution, SampleResult, SamplingParams
-from tinkerd.engine import reported_logprobs
+from tinkerd.domain.ops import SampleResult, SamplingParams
 from tinkerd.engine.lora import LoraRouting, LoraWeights, Segment
 from tinkerd.engine.sampling_ops import MIN_TEMPERATURE
 from tinkerd.engine.transformer import Transformer
@@ -129,28 +128,18 @@ def _score_group(
         params = item.params
         temperature = params.temperature
         mode = params.logprobs_of
-        if mode == "model" or (mode == "tempered" and temperature in (0.0, 1.0)):
+        if mode == "sampled":
+            # the distribution the token was drawn from is the decoder's own, cut to what top-k/top-p kept there:
+            # recomputing the cut from the trainer's logits can move a boundary token in or out and renormalise
+            # differently, so these keep the decoder's values
+            chosen = list(item.result.sequences[row.sample].logprobs)
+        elif mode == "model" or temperature in (0.0, 1.0):
             chosen = logprobs_N[off + p - 1 : end].tolist()
         else:
             h_C_d = h_N_d[off + p - 1 : end]
             logits_C_V = t.scoring_logits(h_C_d, LoraRouting.single(h_C_d.shape[0], item.weights))
-            targets_C_1 = targets_N_1[off + p - 1 : end]
-            if mode == "tempered":
-                tempered = torch.log_softmax(logits_C_V / max(temperature, MIN_TEMPERATURE), dim=-1)
-                chosen = tempered.gather(1, targets_C_1)[:, 0].tolist()
-            else:  # "sampled": the kept set recomputed from the trainer's logits
-                n = logits_C_V.shape[0]
-                modes: list[LogprobDistribution] = [mode] * n
-                reported_C_V = reported_logprobs.reported_logprobs(
-                    logits_C_V, [temperature] * n, [params.top_k] * n, [params.top_p] * n, modes
-                )
-                decoded = item.result.sequences[row.sample].logprobs
-                chosen = [
-                    value if math.isfinite(value) else old
-                    for value, old in zip(
-                        reported_logprobs.chosen(reported_C_V, targets_C_1[:, 0]), decoded, strict=True
-                    )
-                ]
+            tempered = torch.log_softmax(logits_C_V / max(temperature, MIN_TEMPERATURE), dim=-1)
+            chosen = tempered.gather(1, targets_N_1[off + p - 1 : end])[:, 0].tolist()
         new_logprobs[(row.item, row.sample)] = chosen
         asked = item.result.prompt_logprobs
         if asked is not None and row.item not in new_prompt:
