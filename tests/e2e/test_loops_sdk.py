@@ -8,7 +8,6 @@ the test fails with pip's output rather than skipping (a skipped compatibility t
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 from collections import Counter
@@ -152,7 +151,8 @@ def test_the_tinker_shim_runs_a_short_sft_loop(server: Server, tmp_path: Path) -
     out, wire = _drive(python, HERE / "loops_shim_client.py", server, tmp_path)
     assert out["shim_version"] == SHIM[1].split("==")[1]
     losses = out["losses"]
-    assert all(later < earlier for earlier, later in itertools.pairwise(losses)), losses
+    # 4 Adam steps at lr 0.01 from a random adapter seed: the loss falls over the loop, though a step may overshoot
+    assert losses[-1] < losses[0] - 0.1 and min(losses) < losses[0], losses
     samples = out["samples"]
     # greedy: both samples alike; at most max_tokens, fewer when the model ends its turn (the sampler stops at eos)
     assert len(samples) == 2 and samples[0] == samples[1] and 1 <= len(samples[0]) <= 5
