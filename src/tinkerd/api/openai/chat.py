@@ -83,15 +83,7 @@ def prepare(ctx: ApiContext, codecs: TextCodecs, owner: str, body: ChatCompletio
         raise OpenAIError("tools (function calling) are not supported by tinkerd", param="tools")
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise OpenAIError("only response_format {'type': 'text'} is supported by tinkerd", param="response_format")
-    options = check_options(
-        n=body.n,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        stop=body.stop,
-        ignore_eos=body.ignore_eos,
-    )
+    options = check_options(body)
     top = body.top_logprobs or 0
     if not 0 <= top <= MAX_TOP_LOGPROBS:
         raise OpenAIError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top}", param="top_logprobs")

@@ -77,15 +77,7 @@ def prepare(ctx: ApiContext, codecs: TextCodecs, owner: str, body: CompletionReq
         raise OpenAIError("suffix is not supported by tinkerd", param="suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise OpenAIError("best_of is not supported by tinkerd; leave it unset or equal to n", param="best_of")
-    options = check_options(
-        n=body.n,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        stop=body.stop,
-        ignore_eos=body.ignore_eos,
-    )
+    options = check_options(body)
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise OpenAIError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {body.logprobs}", param="logprobs")
     target = resolve(ctx, owner, body.model)

@@ -17,6 +17,7 @@ from typing import TypeVar
 from tinkerd.api.context import ApiContext
 from tinkerd.api.openai.errors import OpenAIError
 from tinkerd.api.openai.models import Target
+from tinkerd.api.openai.schemas import SamplingFields
 from tinkerd.api.submit import in_thread, submit
 from tinkerd.domain import codec
 from tinkerd.domain.errors import CapacityError, TinkerdError
@@ -53,17 +54,10 @@ class Options:
     ignore_eos: bool = False
 
 
-def check_options(
-    *,
-    n: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    seed: int | None,
-    stop: str | list[str] | None,
-    ignore_eos: bool | None = False,
-) -> Options:
+def check_options(body: SamplingFields) -> Options:
     """Everything but max_tokens (which depends on the prompt); OpenAIError naming the bad parameter."""
+    n, temperature, top_p, top_k = body.n, body.temperature, body.top_p, body.top_k
+    seed, stop, ignore_eos = body.seed, body.stop, body.ignore_eos
     n = 1 if n is None else n
     if not 1 <= n <= MAX_N:
         raise OpenAIError(f"n must be between 1 and {MAX_N}, got {n}", param="n")
