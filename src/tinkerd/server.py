@@ -157,6 +157,8 @@ def build(
     store = Store.open(default_url(data_dir))
     try:
         hosts: dict[str, ModelHost] = {}
+        if announce is not None:
+            announce(f"Engine on {engine.device}, {engine.train_dtype_note()}")
         for model in models:
             if announce is not None:
                 announce(f"Loading {model.name} from {model.path}")

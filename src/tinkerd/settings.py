@@ -90,7 +90,12 @@ class Settings:
         variable="TINKERD_MODEL",
     )
     device: str = setting("cpu", "Torch device of the engine.", "cpu")
-    dtype: str | None = setting(None, "Training compute dtype of the frozen base model.", "bfloat16")
+    dtype: str | None = setting(
+        None,
+        "Training compute dtype of the frozen base model: auto, bfloat16, float32 or float16. auto takes bfloat16 "
+        "where the device multiplies it natively (CUDA, CPUs with AMX or AVX512-BF16) and float32 elsewhere.",
+        "auto",
+    )
     keys_file: Path | None = setting(
         None,
         "File of '<api-key> <user>' lines; unknown keys get 401.",

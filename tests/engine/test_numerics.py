@@ -59,7 +59,7 @@ def first_steps(model: ServedModel, data: list[Datum], steps: int, lr: float) ->
     return moved
 
 
-def test_the_default_bf16_engine_moves_the_model_as_far_as_fp32_per_step() -> None:
+def test_the_bf16_engine_moves_the_model_as_far_as_fp32_per_step() -> None:
     hf = tiny_model("llama")
     with torch.no_grad():
         for p in hf.parameters():
@@ -67,7 +67,7 @@ def test_the_default_bf16_engine_moves_the_model_as_far_as_fp32_per_step() -> No
                 p.normal_(0, 0.3)
     data = datums(seqs_of([32] * 4, seed=1))
     ref = first_steps(ServedModel("m", copy.deepcopy(hf), EngineConfig(train_dtype="float32")), data, 2, 1e-4)
-    got = first_steps(ServedModel("m", hf, EngineConfig()), data, 2, 1e-4)
+    got = first_steps(ServedModel("m", hf, EngineConfig(train_dtype="bfloat16")), data, 2, 1e-4)
     assert all(r > 0 for r in ref), ref
     for step, (g, r) in enumerate(zip(got, ref, strict=True), start=1):
         assert abs(g - r) <= 0.1 * abs(r), f"step {step}: bf16 moved {g:.3e}, fp32 {r:.3e}"

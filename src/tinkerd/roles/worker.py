@@ -47,6 +47,7 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
         engine = EngineConfig(device=settings.device, num_threads=settings.threads)
         if settings.dtype:
             engine = dataclasses.replace(engine, train_dtype=settings.dtype)
+        announce(f"{role} {worker_id}: engine on {engine.device}, {engine.train_dtype_note()}")
         hosts = {}
         for model in models:
             announce(f"{role} {worker_id}: loading {model.name} from {model.path}")
