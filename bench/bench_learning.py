@@ -1,10 +1,10 @@
-"""How far the same optimizer steps move the model: tinkerd (default bf16, and fp32) against a PEFT fp32 loop.
+"""How far the same optimizer steps move the model: tinkerd (bf16 base matmuls, and fp32) against a PEFT fp32 loop.
 
 Every side starts from the same adapter (A from tinkerd's seeded init, B = 0), trains the same batch with Adam at
 lr 1e-4 for a few steps, and after each step scores the batch again; the figure is the change of the mean target
 logprob since step 0. An engine that rounds small LoRA updates away moves less than the fp32 reference.
 
-    .venv/bin/python -m bench.bench_learning [--model-dir DIR] [--steps 3]
+    .venv/bin/python -m bench.bench_learning [--model-dir DIR] [--steps 3] [--rows 8]
 """
 
 from __future__ import annotations
@@ -82,11 +82,12 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=default_model_dir())
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--rows", type=int, default=8, help="rows of 128 tokens (bf16 on a CPU without it is slow)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    seqs = make_batch([128] * 8, 49152)
+    seqs = make_batch([128] * args.rows, 49152)
     curves: dict[str, list[float]] = {}
-    curves["tinkerd bf16 (default)"], initial = engine_curve(args.model_dir, "bfloat16", seqs, args.steps)
+    curves["tinkerd bf16"], initial = engine_curve(args.model_dir, "bfloat16", seqs, args.steps)
     curves["tinkerd fp32"], _ = engine_curve(args.model_dir, "float32", seqs, args.steps)
     if not args.no_peft:
         curves["PEFT fp32"] = peft_curve(args.model_dir, initial, seqs, args.steps)

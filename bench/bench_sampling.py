@@ -22,9 +22,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tinkerd.domain.ops import SamplingParams
+from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.decode_layout import use_decode_layout
 from tinkerd.engine.sampler import SampleJob, Sampler
 from tinkerd.engine.transformer import Transformer
+from tinkerd.worker.hosts import ModelHost
 
 DEFAULT_MODEL_DIR = Path.home() / ".cache/tinkerd/models/HuggingFaceTB/SmolLM2-135M-Instruct"
 QUESTIONS = [
@@ -149,6 +151,11 @@ def main() -> None:
         help="comma-separated fp32 weight layouts to run: packed (oneDNN, the default), column, row (as loaded)",
     )
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument(
+        "--no-served",
+        action="store_true",
+        help="skip the sampler as `tinkerd serve` builds it (decode, then rescoring with the training forward)",
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="BATCH", help="profile decode steps at this batch")
     args = parser.parse_args()
     if not (args.model_dir / "config.json").exists():
@@ -172,6 +179,9 @@ def main() -> None:
     engines = {"tinkerd fp32" + ("" if lay == layouts[0] else f" {lay}"): engine(torch.float32, lay) for lay in layouts}
     if args.bf16:
         engines["tinkerd bf16"] = engine(torch.bfloat16, layouts[0])
+    if not args.no_served:  # what a sample costs through the server: the decoder plus rescoring (engine/rescoring.py)
+        host = ModelHost.from_directory("m", args.model_dir, EngineConfig(max_decode_batch=max(batches)))
+        engines["tinkerd served (decode + rescore)"] = host.new_sampler()
 
     if args.profile:
         profile(engines["tinkerd fp32"], all_prompts[: args.profile], steps=16, top_k=args.top_k)

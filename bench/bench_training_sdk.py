@@ -38,9 +38,15 @@ def sdk_datums(seqs: list[list[int]]) -> list[tinker.Datum]:
     ]
 
 
+def served_model(service: tinker.ServiceClient) -> str:
+    """The one base model the bench's server serves (named by its directory)."""
+    return service.get_server_capabilities().supported_models[0].model_name or DEFAULT_MODEL
+
+
 def sdk_trainer(url: str) -> tinker.TrainingClient:
     service = tinker.ServiceClient(base_url=url, api_key="tml-bench")
-    return service.create_lora_training_client(base_model=DEFAULT_MODEL, rank=32, seed=0, train_unembed=False)
+    base = served_model(service)
+    return service.create_lora_training_client(base_model=base, rank=32, seed=0, train_unembed=False)
 
 
 def sdk_step(trainer: tinker.TrainingClient, datums: list[tinker.Datum]) -> Callable[[], object]:
@@ -57,7 +63,7 @@ def throughput(model_dir: Path, steps: int, serve_args: list[str]) -> None:
     torch.set_num_threads(2)
     batches = {"8 x 128": make_batch([128] * 8, 49152), "ragged 16-512": make_batch(RAGGED, 49152, seed=1)}
     peft = PeftLoop(model_dir)
-    engine = EngineLoop(model_dir, "bfloat16")
+    engine = EngineLoop(model_dir, "auto")  # the engine in its default configuration, as `tinkerd serve` runs it
     rows = []
     with tempfile.TemporaryDirectory() as tmp, serving(model_dir, Path(tmp), *serve_args) as (url, _):
         trainer = sdk_trainer(url)
@@ -93,7 +99,7 @@ def learning(model_dir: Path, steps: int) -> None:
     for label, args in (("default (bf16)", []), ("--dtype float32", ["--dtype", "float32"])):
         with tempfile.TemporaryDirectory() as tmp, serving(model_dir, Path(tmp), *args) as (url, _):
             service = tinker.ServiceClient(base_url=url, api_key="tml-bench")
-            trainer = service.create_lora_training_client(base_model=DEFAULT_MODEL, rank=32, seed=0)
+            trainer = service.create_lora_training_client(base_model=served_model(service), rank=32, seed=0)
 
             def mean_logprob(t: tinker.TrainingClient = trainer) -> float:
                 out = t.forward(datums, "cross_entropy").result().loss_fn_outputs
