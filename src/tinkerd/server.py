@@ -40,6 +40,7 @@ from tinkerd.store import Store, default_url
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from tinkerd.engine.config import EngineConfig
     from tinkerd.worker.loop import Worker
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,16 @@ def model_info(model: hub.ResolvedModel, engine_path: str | None = None) -> Serv
         tokenizer_dir=str(model.path) if (model.path / "tokenizer.json").is_file() else None,
         engine_path=engine_path or preferred_path(config).value,
     )
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's configuration from the server's settings (serve and the trainer/sampler roles alike)."""
+    from tinkerd.engine.config import EngineConfig  # torch loads here, not at import
+
+    engine = EngineConfig(
+        device=settings.device, num_threads=settings.threads, rescore_samples=settings.sample_scores == "trainer"
+    )
+    return dataclasses.replace(engine, train_dtype=settings.dtype) if settings.dtype else engine
 
 
 def resolve_models(settings: Settings, announce: Announce | None = None) -> list[hub.ResolvedModel]:
@@ -143,7 +154,6 @@ def build(
 ) -> Components:
     """Open the store, load the models onto the engine, and build the worker and the app (nothing runs yet)."""
     # torch loads here, not at import: `tinkerd --help` and the API module stay light.
-    from tinkerd.engine.config import EngineConfig
     from tinkerd.worker.hosts import ModelHost
     from tinkerd.worker.loop import Worker
 
@@ -151,9 +161,7 @@ def build(
     data_dir.mkdir(parents=True, exist_ok=True)
     models = resolve_models(settings, announce)
     keys = load_keys_file(settings.keys_file) if settings.keys_file is not None else None
-    engine = EngineConfig(device=settings.device, num_threads=settings.threads)
-    if settings.dtype:
-        engine = dataclasses.replace(engine, train_dtype=settings.dtype)
+    engine = engine_config(settings)
     store = Store.open(default_url(data_dir))
     try:
         hosts: dict[str, ModelHost] = {}

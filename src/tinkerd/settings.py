@@ -132,6 +132,15 @@ class Settings:
         choices=LOGPROB_DISTRIBUTIONS,
     )
 
+    sample_scores: str = setting(
+        "trainer",
+        "Where sampled tokens' logprobs come from: trainer (each finished sample rescored by the training forward, so "
+        "they equal forward()'s bit for bit; costs one forward pass per sample) or decoder (the fp32 decoder's own "
+        "values: no extra pass; within ~1e-4 of forward() when training runs in fp32, up to ~0.2 with bf16).",
+        "trainer",
+        choices=("trainer", "decoder"),
+    )
+
     @property
     def resolved_data_dir(self) -> Path:
         return self.data_dir if self.data_dir is not None else default_data_dir().absolute()

@@ -16,7 +16,7 @@ import torch
 from tests.engine.tiny_models import FAMILIES, tiny_model
 from tinkerd.domain.ops import AdamParams, ArrayData, Datum, LoraConfig, SampleResult, SamplingParams
 from tinkerd.engine.config import EngineConfig
-from tinkerd.engine.sampler import SampleJob
+from tinkerd.engine.sampler import SampleJob, Sampler
 from tinkerd.engine.served_model import ForwardJob, ServedModel
 from tinkerd.engine.transformer import Transformer
 from tinkerd.worker.hosts import ModelHost
@@ -183,3 +183,29 @@ def test_sample_logprobs_are_bit_identical_alone_and_in_a_mixed_batch() -> None:
     mixed = host.new_sampler().run([others[0], mine, *others[1:]])[1]
     assert mixed.sequences[0].tokens == alone.sequences[0].tokens
     assert mixed.sequences[0].logprobs == alone.sequences[0].logprobs
+
+
+def test_without_rescoring_samples_report_the_decoders_own_logprobs() -> None:
+    """``--sample-scores decoder``: no rescoring pass; the values are the fp32 decoder's, which a bf16 trainer's
+    forward does not reproduce exactly (with rescoring, the default, it does, bit for bit)."""
+    rescored, decoded = (host_of("llama", train_dtype="bfloat16", rescore_samples=r) for r in (True, False))
+    for host in (rescored, decoded):
+        trained(host, "run", seed=0)
+    prompt = seqs_of([7], seed=6)[0]
+    params = SamplingParams(max_tokens=10, seed=3)
+    results = []
+    for host in (rescored, decoded):
+        job = SampleJob(prompt=prompt, params=params, num_samples=2, weights=host.served.snapshot("run"))
+        results.append(host.new_sampler().run([job])[0])
+        assert isinstance(host.sample_transformer, Transformer)
+        decoder_only = Sampler(host.sample_transformer, host.decode_text).run([job])[0]
+        assert [s.tokens for s in decoder_only.sequences] == [s.tokens for s in results[-1].sequences]
+    with_rescoring, without = results
+    assert [s.logprobs for s in with_rescoring.sequences] == forward_logprobs(rescored, "run", prompt, with_rescoring)
+    assert [s.logprobs for s in without.sequences] == [s.logprobs for s in decoder_only.sequences]
+    gaps = [
+        abs(a - b)
+        for s, f in zip(without.sequences, forward_logprobs(decoded, "run", prompt, without), strict=True)
+        for a, b in zip(s.logprobs, f, strict=True)
+    ]
+    assert 0 < max(gaps) < 0.5, gaps

@@ -60,6 +60,8 @@ class EngineConfig:
     # Sequences decoded together by the sampler.
     max_decode_batch: int = 64
     num_threads: int | None = None
+    # Samples report the training forward's logprobs (engine/rescoring.py); False: the decoder's own values.
+    rescore_samples: bool = True
     # Re-store the sampling copy's weights for decoding (oneDNN-packed on CPU); see engine/decode_layout.py.
     decode_layout: bool = True
 

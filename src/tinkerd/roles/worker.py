@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from tinkerd.roles.health import HealthServer
 from tinkerd.roles.settings import RoleSettings, check_storage, open_ledger
-from tinkerd.server import model_info, resolve_models
+from tinkerd.server import engine_config, model_info, resolve_models
 from tinkerd.settings import Settings, SettingsError
 from tinkerd.store.events import Callbacks, LedgerListener
 from tinkerd.store.sequencing import ClaimScope
@@ -34,7 +34,6 @@ _SAFETY_POLL_S = 5.0
 
 def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Callable[[str], None] = print) -> None:
     """Run one trainer or sampler in the foreground until SIGTERM / Ctrl-C (or its lease is lost)."""
-    from tinkerd.engine.config import EngineConfig
     from tinkerd.worker.hosts import ModelHost
     from tinkerd.worker.loop import Worker, WorkerConfig
 
@@ -44,9 +43,7 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
     stop = threading.Event()
     try:
         models = resolve_models(settings, announce)
-        engine = EngineConfig(device=settings.device, num_threads=settings.threads)
-        if settings.dtype:
-            engine = dataclasses.replace(engine, train_dtype=settings.dtype)
+        engine = engine_config(settings)
         announce(f"{role} {worker_id}: engine on {engine.device}, {engine.train_dtype_note()}")
         hosts = {}
         for model in models:

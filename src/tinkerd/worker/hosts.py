@@ -51,7 +51,8 @@ class ModelHost:
         if isinstance(self.sample_transformer, GenericTransformer):
             return GenericSampler(self.sample_transformer, self.decode_text, max_batch=batch)
         # samples report the trainer's logprobs (engine/rescoring.py); a packed sampler has a packed trainer
-        scorer = self.served.train if isinstance(self.served.train, Transformer) else None
+        train = self.served.train
+        scorer = train if self.served.config.rescore_samples and isinstance(train, Transformer) else None
         return Sampler(self.sample_transformer, self.decode_text, max_batch=batch, scorer=scorer)
 
     def reset_sampler(self) -> None:
