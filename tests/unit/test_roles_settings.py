@@ -35,6 +35,7 @@ def test_unusable_storage_is_named(tmp_path: Path) -> None:
     assert check_storage(tmp_path / "new").is_dir()
 
 
+@pytest.mark.heavy  # a `tinkerd trainer` subprocess: seconds of torch import
 def test_a_trainer_with_a_model_it_cannot_find_exits_with_the_reason(tmp_path: Path) -> None:
     done = subprocess.run(
         [
