@@ -9,6 +9,7 @@ from pathlib import Path
 
 import tinker
 from tinker import types
+from transformers import AutoTokenizer
 
 HERE = Path(__file__).parent
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -32,7 +33,9 @@ def datum(tokenizer: object, prompt: str, answer: str) -> types.Datum:
 def main() -> None:
     service = tinker.ServiceClient(base_url=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
     training = service.create_lora_training_client(base_model=MODEL, rank=8, seed=0).result()
-    tokenizer = training.get_tokenizer()
+    # The tokenizer of the pulled model (the SDK's get_tokenizer() would ask the Hugging Face hub for it).
+    cache = Path(os.environ.get("TINKERD_CACHE_DIR", Path.home() / ".cache" / "tinkerd"))
+    tokenizer = AutoTokenizer.from_pretrained(cache / "models" / MODEL)
     rows = [json.loads(line) for line in (HERE / "capitals_train.jsonl").read_text().splitlines()]
     batch = [datum(tokenizer, f"Q: What is the capital of {r['country']}?\nA:", r["answer"]) for r in rows]
     for step in range(int(os.environ.get("CAPITALS_STEPS", "12"))):
