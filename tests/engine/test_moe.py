@@ -155,7 +155,7 @@ def test_mixed_runs_in_bf16_are_bit_identical_to_separate_ones_and_training_move
             ForwardJob("b", [datum(s) for s in SEQS[1:]], "cross_entropy"),
         ]
     )
-    for want, result in zip(alone, mixed, strict=True):
+    for want, result in zip(alone[:2], mixed, strict=True):
         for w, out in zip(want, result.loss_fn_outputs, strict=True):
             torch.testing.assert_close(torch.tensor(out["logprobs"].values), w, atol=0, rtol=0)
     torch.testing.assert_close(alone[2][0], alone[0][1], atol=0, rtol=0)  # alone or with a longer sequence
@@ -164,14 +164,15 @@ def test_mixed_runs_in_bf16_are_bit_identical_to_separate_ones_and_training_move
         return -sum(float(t.sum()) for t in logprobs(model, "a", SEQS))
 
     before, b_before = loss(), logprobs(model, "b", SEQS)
+    experts_before = {n: a.detach().clone() for n, a in model.adapter("a").weights.a.items() if ".experts." in n}
     for _ in range(4):
         (result,) = model.forward([ForwardJob("a", [datum(s) for s in SEQS], "cross_entropy", backward=True)])
         model.optim_step("a", AdamParams(learning_rate=1e-2))
         assert 0 < result.metrics["router_aux_loss:mean"] <= 8
         assert 1 <= result.metrics["router_load_max_over_mean:mean"] <= result.metrics["router_load_max_over_mean:max"]
     assert loss() < before - 1.0
-    grads = {n: a.grad for n, a in model.adapter("a").weights.a.items() if n.endswith("experts.gate_up_proj")}
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())  # the experts' adapters train
+    after = model.adapter("a").weights.a
+    assert len(experts_before) == 6 and all(not torch.equal(after[n], a) for n, a in experts_before.items())
     for got, want in zip(logprobs(model, "b", SEQS), b_before, strict=True):  # training a never moves b
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
