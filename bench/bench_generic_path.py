@@ -6,16 +6,22 @@ tokens after 32-token prompts through the packed ``Sampler`` (KV cache) and the 
 The generic path always computes in fp32, so the packed path is measured both in its default bf16 and in fp32.
 All sides run in this one process on the same inputs, alternating call by call.
 
+``--tiny FAMILY`` builds a tiny random model instead (``llama`` or the mixture of experts ``qwen3_moe``), to prove
+the script runs in seconds; its figures mean nothing. For a mixture of experts the LoRA leaves the MLP out, since the
+generic path cannot adapt fused experts and both sides should do the same work.
+
     .venv/bin/python -m bench.bench_generic_path [--model-dir DIR] [--repeats 3] [--seqs 8] [--tokens 128]
+    .venv/bin/python -m bench.bench_generic_path --tiny llama --repeats 1 --seqs 2 --tokens 16 --new-tokens 4
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from bench.common import default_model_dir, interleaved_medians
 from tinkerd.domain.ops import ArrayData, Datum, LoraConfig, SamplingParams
@@ -26,17 +32,26 @@ from tinkerd.engine.sampler import SampleJob, Sampler
 from tinkerd.engine.served_model import ForwardJob, ServedModel
 from tinkerd.engine.transformer import Transformer
 
-LORA = LoraConfig(rank=16, alpha=32.0, seed=0)
 
-
-def served(model_dir: Path, dtype: str, generic: bool) -> ServedModel:
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+def served(model_dir: Path, dtype: str, generic: bool, lora: LoraConfig) -> ServedModel:
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
     model = ServedModel("m", hf, EngineConfig(train_dtype=dtype))
     if generic:  # what a model of an unknown layout gets: the Hugging Face forward with LoRA hooks
-        fresh = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        fresh = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
         model.train = GenericTransformer(fresh, torch.float32)
-    model.create_adapter("a", LORA)
+    model.create_adapter("a", lora)
     return model
+
+
+def tiny_model_dir(family: str, root: Path) -> Path:
+    """A tiny random model of ``family`` saved under ``root`` (the tests' configs, with a 1000-token vocabulary)."""
+    from tests.engine.tiny_models import tiny_config, tiny_moe_config
+
+    config = tiny_moe_config(family, vocab_size=1000) if family == "qwen3_moe" else tiny_config(family, 1000)
+    torch.manual_seed(0)
+    out = root / f"tiny-{family}"
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    return out
 
 
 def datums(vocab: int, n: int, length: int) -> list[Datum]:
@@ -56,12 +71,22 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per training sequence")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens sampled per sequence")
+    parser.add_argument("--tiny", choices=["llama", "qwen3_moe"], help="a tiny random model, to prove the script runs")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = tiny_model_dir(args.tiny, Path(tmp)) if args.tiny else args.model_dir
+        run(model_dir, args)
+
+
+def run(model_dir: Path, args: argparse.Namespace) -> None:
+    moe = "moe" in str(AutoConfig.from_pretrained(str(model_dir), local_files_only=True).model_type)
+    lora = LoraConfig(rank=16, alpha=32.0, seed=0, train_mlp=not moe)
+    print(f"model {model_dir.name}; LoRA rank 16 on attention, {'' if lora.train_mlp else 'no '}MLP, unembedding")
     torch.manual_seed(0)
     sides = {
-        "packed bf16": served(args.model_dir, "bfloat16", generic=False),
-        "packed fp32": served(args.model_dir, "float32", generic=False),
-        "generic fp32": served(args.model_dir, "float32", generic=True),
+        "packed bf16": served(model_dir, "bfloat16", generic=False, lora=lora),
+        "packed fp32": served(model_dir, "float32", generic=False, lora=lora),
+        "generic fp32": served(model_dir, "float32", generic=True, lora=lora),
     }
     batch = datums(sides["packed fp32"].vocab_size, args.seqs, args.tokens)
     tokens = sum(len(d.tokens) for d in batch)
@@ -72,9 +97,7 @@ def main() -> None:
             p.grad = None
 
     train_s = interleaved_medians({k: (lambda m=m: train(m)) for k, m in sides.items()}, args.repeats)
-    print(
-        f"forward_backward, {args.seqs} x {args.tokens} tokens, LoRA rank 16 (median of {args.repeats}, interleaved):"
-    )
+    print(f"forward_backward, {args.seqs} x {args.tokens} tokens (median of {args.repeats}, interleaved):")
     for name, s in train_s.items():
         print(f"  {name:13s} {tokens / s:8.0f} tokens/s   ({s:.2f} s)   x{train_s['generic fp32'] / s:.1f} generic")
 
@@ -86,7 +109,8 @@ def main() -> None:
             assert isinstance(model.train, Transformer)
             samplers[name] = Sampler(model.train)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 1000, (32,), generator=g).tolist() for _ in range(args.seqs)]
+    vocab = min(1000, sides["packed fp32"].vocab_size)
+    prompts = [torch.randint(3, vocab, (32,), generator=g).tolist() for _ in range(args.seqs)]
     params = SamplingParams(max_tokens=args.new_tokens, temperature=1.0, seed=3)
 
     def sample(name: str) -> None:

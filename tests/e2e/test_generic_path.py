@@ -1,5 +1,6 @@
-"""The issue's own case through the real SDK: a tiny random Qwen3-MoE served by `tinkerd serve` (generic path) trains,
-samples and saves; a model neither path can serve is refused at start with its architecture named."""
+"""The issue's own case through the real SDK: a tiny random Qwen3-MoE served by `tinkerd serve` (the packed path, LoRA
+on its experts, router load metrics) trains, samples and saves, and so does a Phi (the generic path); a model neither
+path can serve is refused at start with its architecture named."""
 
 from __future__ import annotations
 
@@ -17,15 +18,19 @@ from tests.e2e.conftest import API_KEY, SMOLLM2_VOCAB, TOKENIZER_FILES, start_se
 PROMPT = [1, 17, 300, 4000, 42, 7, 99, 512, 8]
 
 
-@pytest.fixture(scope="module")
-def moe_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_source: Path) -> Path:
+@pytest.fixture(scope="module", params=["qwen3_moe", "phi"])
+def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tokenizer_source: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tests.engine.tiny_models import tiny_generic_config
+    from tests.engine.tiny_models import tiny_generic_config, tiny_moe_config
 
-    out = tmp_path_factory.mktemp("models") / "tiny-qwen3-moe"
-    config = tiny_generic_config("qwen3_moe", vocab_size=SMOLLM2_VOCAB)
+    family = str(request.param)
+    out = tmp_path_factory.mktemp("models") / f"tiny-{family}"
+    if family == "qwen3_moe":
+        config = tiny_moe_config(family, vocab_size=SMOLLM2_VOCAB)
+    else:
+        config = tiny_generic_config(family, vocab_size=SMOLLM2_VOCAB)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
     for name in TOKENIZER_FILES:
@@ -45,20 +50,26 @@ def _datum(tokens: list[int]) -> types.Datum:
     )
 
 
-def test_a_qwen3_moe_trains_and_samples_through_the_sdk(tmp_path: Path, moe_model_dir: Path) -> None:
-    server = start_server(tmp_path, moe_model_dir)
+def test_a_qwen3_moe_and_a_phi_train_and_sample_through_the_sdk(tmp_path: Path, model_dir: Path) -> None:
+    moe = model_dir.name == "tiny-qwen3_moe"
+    server = start_server(tmp_path, model_dir)
     service = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
     try:
         import httpx
 
         capabilities = httpx.get(f"{server.url}/api/v1/get_server_capabilities", headers={"X-API-Key": API_KEY})
         (listed,) = capabilities.json()["supported_models"]
-        assert (listed["model_name"], listed["engine_path"]) == (server.model, "generic")
+        assert (listed["model_name"], listed["engine_path"]) == (server.model, "packed" if moe else "generic")
         training = service.create_lora_training_client(base_model=server.model, rank=4, seed=1).result()
         before = training.forward([_datum(PROMPT)], "cross_entropy").result().metrics["loss:sum"]
         for _ in range(4):
-            training.forward_backward([_datum(PROMPT)], "cross_entropy").result()
+            step = training.forward_backward([_datum(PROMPT)], "cross_entropy").result()
             training.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+            if moe:  # the router's load-balancing statistics of the step's tokens
+                assert 0.0 < step.metrics["router_aux_loss:mean"] <= 8  # at most E; k = 2 when balanced
+                assert 1.0 <= step.metrics["router_load_max_over_mean:max"] <= 8 / 2  # at most E / k
+            else:
+                assert "router_aux_loss:mean" not in step.metrics
         after = training.forward([_datum(PROMPT)], "cross_entropy").result()
         assert after.metrics["loss:sum"] < before - 0.5
 

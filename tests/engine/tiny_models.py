@@ -46,12 +46,59 @@ def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 96, tie: 
     return model
 
 
+# Mixture-of-experts layouts the packed forward runs (transformers 5's fused expert weights).
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe")
+
+
+def tiny_moe_config(family: str = "qwen3_moe", vocab_size: int = 96) -> PretrainedConfig:
+    """8 experts, 2 per token, every layer sparse (as in Qwen3-30B-A3B); Qwen3-MoE renormalises the top-2 weights,
+    Qwen2-MoE keeps the raw softmax weights and adds a sigmoid-gated shared expert."""
+    from transformers import Qwen2MoeConfig, Qwen3MoeConfig
+
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if family == "qwen3_moe":
+        common.update(head_dim=16, norm_topk_prob=True)
+        return Qwen3MoeConfig(**common)
+    if family == "qwen2_moe":
+        common.update(shared_expert_intermediate_size=48, norm_topk_prob=False)
+        return Qwen2MoeConfig(**common)
+    raise ValueError(family)
+
+
+def tiny_moe_model(family: str = "qwen3_moe", seed: int = 0, vocab_size: int = 96) -> torch.nn.Module:
+    """Router weights are scaled up from their 0.02 init so that routing is decisive (no near-ties whose order float
+    rounding could flip) and tokens really spread over different experts."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config(family, vocab_size), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(50.0)
+    model.eval()
+    return model
+
+
 # Architectures the packed forward does not implement: they run on the generic path (the model's own forward).
-GENERIC_FAMILIES = ("phi", "olmo", "qwen3_moe", "qwen3_5", "qwen3_5_moe", "gpt_oss")
+GENERIC_FAMILIES = ("phi", "olmo", "qwen3_5", "qwen3_5_moe", "gpt_oss")
 
 
 def tiny_generic_config(family: str, vocab_size: int = 96) -> PretrainedConfig:
-    from transformers import AutoConfig, OlmoConfig, PhiConfig, Qwen3MoeConfig
+    from transformers import AutoConfig, OlmoConfig, PhiConfig
 
     common: dict[str, Any] = dict(
         vocab_size=vocab_size,
@@ -69,9 +116,6 @@ def tiny_generic_config(family: str, vocab_size: int = 96) -> PretrainedConfig:
         return PhiConfig(**common)
     if family == "olmo":  # non-parametric layer norm
         return OlmoConfig(**common)
-    if family == "qwen3_moe":  # fused 3-D expert weights in transformers 5: LoRA reaches attention and lm_head
-        common.update(num_key_value_heads=1, head_dim=32)
-        return Qwen3MoeConfig(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, **common)
     # Qwen3.5: gated delta-net (linear attention) layers beside full attention; its MoE adds a shared expert
     linear: dict[str, Any] = dict(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16)
     linear.update(linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"] * 2)

@@ -1,11 +1,11 @@
 """Which engine path serves a model architecture: facts read from a model's ``config.json``, no torch.
 
-Two paths run a causal LM. The **packed** path is our own forward (``engine/transformer.py``): tokens of many
-sequences packed with no padding, many LoRA adapters in one pass, a KV cache for decoding; it knows the layouts
-listed in ``PACKED_MODEL_TYPES``. The **generic** path (``engine/generic_model.py``) runs the Hugging Face model's own
-forward with LoRA on its linear layers: slower (padded batches, one pass per adapter, sampling by recomputation) but
-correct for any causal LM transformers can load. The engine confirms the packed choice against the loaded modules and
-falls back to the generic path when a layout differs from what its model type promises.
+Two paths run a causal LM. The **packed** path is our own forward (``engine/transformer.py``, mixture-of-experts blocks
+in ``engine/moe.py``): tokens of many sequences packed with no padding, many LoRA adapters in one pass, a KV cache for
+decoding; it knows the layouts listed in ``PACKED_MODEL_TYPES``. The **generic** path (``engine/generic_model.py``) runs
+the Hugging Face model's own forward with LoRA on its linear layers: slower (padded batches, one pass per adapter,
+sampling by recomputation) but correct for any causal LM transformers can load. The engine confirms the packed choice
+against the loaded modules and falls back to the generic path when a layout differs from what its model type promises.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ class EnginePath(StrEnum):
     GENERIC = "generic"
 
 
-# Hugging Face model_type -> the dense decoder layouts the packed forward implements.
-PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Hugging Face model_type -> the decoder layouts the packed forward implements (dense, and mixture of experts with
+# transformers 5's fused expert weights).
+PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe"})
 
 
 class UnsupportedModelError(TinkerdError, ValueError):

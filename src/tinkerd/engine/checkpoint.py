@@ -7,6 +7,9 @@ A checkpoint is a directory that PEFT and vLLM load as it is::
     optimizer.safetensors       the optimizer's flat tensor dict (only in `weights/` checkpoints)
     tinkerd_checkpoint.json     what PEFT has no field for: seed, train_* flags, module order, sizes, user metadata
 
+The adapters of MoE experts are written one module per expert, ``<block>.experts.<e>.gate_proj`` (see
+``expert_lora.py``).
+
 A save writes a hidden sibling directory and swaps it into place, so readers see the old checkpoint or the new one,
 never a mix. Directories whose names start with "." beside checkpoints are ours (in-flight or stale saves).
 """
@@ -29,8 +32,9 @@ from torch import nn
 from tinkerd.domain.errors import ConflictError, InvalidRequestError, NotFoundError
 from tinkerd.domain.ops import LoraConfig
 from tinkerd.engine import atomic_dir
+from tinkerd.engine.expert_lora import check_expert_compatible, merge_experts, per_expert, stack_experts
 from tinkerd.engine.lora import LoraWeights, validate_lora_config
-from tinkerd.engine.lora_targets import enabled_roles, module_role
+from tinkerd.engine.lora_targets import enabled_roles, is_expert_param, module_role
 
 FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -120,8 +124,10 @@ def save_checkpoint(
 def _peft_tensors(weights: LoraWeights) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name in weights.a:
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = _owned_cpu(weights.a[name]).float()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = _owned_cpu(weights.b[name]).float()
+        a, b = weights.a[name], weights.b[name]
+        for module, (a_r_in, b_out_r) in (per_expert(name, a, b) if is_expert_param(name) else {name: (a, b)}).items():
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = _owned_cpu(a_r_in).float()
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = _owned_cpu(b_out_r).float()
     return tensors
 
 
@@ -221,6 +227,7 @@ def _weights_from_peft(tensors: dict[str, torch.Tensor], config: dict[str, objec
             continue  # PEFT copies the (frozen) base embedding into adapters that target lm_head; we use the base
         else:
             raise InvalidRequestError(f"{ADAPTER_WEIGHTS}: unsupported tensor {key!r} (only LoRA A/B of linear layers)")
+    stack_experts(a, b)  # one module per expert on disk, stacked per projection in memory
     names = sorted(a, key=_natural_key)  # safetensors sorts keys as strings: put layer 10 after layer 9
     return LoraWeights(rank=rank, alpha=alpha, a={n: a[n] for n in names}, b=dict(sorted(b.items())))
 
@@ -294,7 +301,11 @@ def _check_factors(weights: LoraWeights, allowed_roles: frozenset[str]) -> None:
         raise InvalidRequestError(f"adapter has unpaired LoRA factors: {sorted(set(weights.a) ^ set(weights.b))}")
     for name, a in weights.a.items():
         b = weights.b[name]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != weights.rank or b.shape[1] != weights.rank:
+        # the experts of a sparse block stack one adapter per expert: A [E, r, in], B [E, out, r]
+        dims = 3 if is_expert_param(name) else 2
+        stacked = dims == 2 or (a.dim() == b.dim() == 3 and a.shape[0] == b.shape[0])
+        ranked = a.dim() == b.dim() == dims and a.shape[-2] == b.shape[-1] == weights.rank
+        if not (stacked and ranked):
             shapes = (tuple(a.shape), tuple(b.shape))
             raise InvalidRequestError(f"LoRA factors of {name!r} have shapes {shapes}, not rank {weights.rank}")
         if module_role(name) not in allowed_roles:
@@ -305,6 +316,9 @@ def check_compatible(weights: LoraWeights, model: nn.Module) -> None:
     """Every adapted module exists in ``model`` as a linear layer with matching in/out features."""
     modules = dict(model.named_modules())
     for name, a_r_in in weights.a.items():
+        if is_expert_param(name):
+            check_expert_compatible(name, weights, modules)
+            continue
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
             raise InvalidRequestError(f"adapter targets {name!r}, which the base model has no linear layer for")
@@ -323,6 +337,9 @@ def merge_into(model: nn.Module, weights: LoraWeights) -> None:
     untied = False
     with torch.no_grad():
         for name in weights.a:
+            if is_expert_param(name):
+                merge_experts(model, weights, name)
+                continue
             linear = model.get_submodule(name)
             assert isinstance(linear, nn.Linear)
             if uses[id(linear.weight)] > 1:

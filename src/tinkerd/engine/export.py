@@ -23,6 +23,7 @@ from tinkerd.domain.errors import ConflictError, InvalidRequestError
 from tinkerd.engine import atomic_dir
 from tinkerd.engine.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_checkpoint, merge_into
 from tinkerd.engine.lora import LoraWeights
+from tinkerd.engine.lora_targets import EXPERT_PROJECTIONS, is_expert_param
 
 # (what is happening, steps done, steps in all): called as an export moves on, for a progress bar.
 ExportProgress = Callable[[str, int, int], None]
@@ -51,8 +52,20 @@ def _no_progress(_what: str, _done: int, _total: int) -> None:
 
 
 def export_peft(checkpoint_dir: Path, out: Path, *, overwrite: bool = False) -> list[Path]:
-    """Write ``checkpoint_dir``'s LoRA adapter as a plain PEFT adapter directory at ``out``; the files written."""
-    load_checkpoint(checkpoint_dir, "cpu", load_optimizer=False)  # a corrupt checkpoint fails here, clearly
+    """Write ``checkpoint_dir``'s LoRA adapter as a plain PEFT adapter directory at ``out``; the files written.
+
+    Refuses (InvalidRequestError) an adapter of MoE experts that also adapts other ``gate_proj``/``up_proj``/
+    ``down_proj`` layers (Qwen2-MoE's shared expert): PEFT (0.21, with transformers 5) reads every such target of
+    these models as the experts' and would silently drop the others. Export a merged model for those."""
+    loaded = load_checkpoint(checkpoint_dir, "cpu", load_optimizer=False)  # a corrupt checkpoint fails here, clearly
+    names = list(loaded.weights.a)
+    if any(is_expert_param(n) for n in names):
+        shadowed = [n for n in names if not is_expert_param(n) and n.rsplit(".", 1)[-1] in EXPERT_PROJECTIONS]
+        if shadowed:
+            raise InvalidRequestError(
+                f"this adapter trains MoE experts and also {shadowed[0]!r} (a shared expert or dense MLP), which PEFT "
+                "would drop when it loads it onto transformers 5's fused experts: export a merged model instead"
+            )
     _check_out(out, overwrite)
 
     def write(tmp: Path) -> None:

@@ -60,6 +60,8 @@ class GenericTransformer:
         self.shape = _shape_of(hf_model)
         self.device = next(hf_model.parameters()).device
         self.attn_scale = 1.0  # unused: attention is the model's own
+        # fused MoE expert parameters this forward can adapt: none (its hooks reach nn.Linear layers only)
+        self.expert_targets: dict[str, tuple[int, int, int]] = {}
         self._active: LoraWeights | None = None
         modules = dict(hf_model.named_modules())
         for name in lora_candidates(hf_model):

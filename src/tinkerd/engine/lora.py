@@ -8,7 +8,7 @@ An adapter is a set of (A, B) pairs keyed by the base module's dotted name, exac
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +93,19 @@ class LoraWeights:
             self._cast_cache[key] = cached
         return cached
 
+    def expert_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For the experts of a sparse block (``moe.py``): (A [E, r, in], scale * B transposed [E, r, out]), fp32."""
+        a = self.a.get(name)
+        if a is None:
+            return None
+        key = (name + "#experts", torch.float32)
+        cached = self._cast_cache.get(key) if self.frozen else None
+        if cached is None:
+            cached = (a, (self.b[name] * self.scale).transpose(1, 2).contiguous())
+            if self.frozen:
+                self._cast_cache[key] = cached
+        return cached
+
     def snapshot(self) -> LoraWeights:
         """An immutable copy: what a sampler version serves, whatever training does next."""
         return LoraWeights(
@@ -107,8 +120,16 @@ class LoraWeights:
         return sum(t.numel() for t in self.parameters())
 
 
-def init_lora_weights(model: nn.Module, config: LoraConfig, device: torch.device) -> LoraWeights:
-    """Fresh trainable weights: A ~ kaiming-uniform (as PEFT does), B = 0, so the adapter starts as the base model."""
+def init_lora_weights(
+    model: nn.Module,
+    config: LoraConfig,
+    device: torch.device,
+    experts: Mapping[str, tuple[int, int, int]] | None = None,
+) -> LoraWeights:
+    """Fresh trainable weights: A ~ kaiming-uniform (as PEFT does), B = 0, so the adapter starts as the base model.
+
+    ``experts`` (name -> (experts, in, out), see ``moe.expert_targets``) are the expert projections of sparse blocks
+    the forward can adapt; with ``train_mlp`` each expert gets its own rank-r adapter: A [E, r, in], B [E, out, r]."""
     validate_lora_config(config)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(config.seed if config.seed is not None else torch.seed() % (2**63))
@@ -116,7 +137,8 @@ def init_lora_weights(model: nn.Module, config: LoraConfig, device: torch.device
     a: dict[str, torch.Tensor] = {}
     b: dict[str, torch.Tensor] = {}
     names = target_module_names(model, config)
-    if not names:
+    expert_names = [n for n in (experts or {}) if module_role(n) in enabled_roles(config)]
+    if not names and not expert_names:
         kind = type(model).__name__
         raise InvalidRequestError(f"this LoRA config adapts no layer of {kind}; enable another of attn, mlp, unembed")
     for name in names:
@@ -126,6 +148,12 @@ def init_lora_weights(model: nn.Module, config: LoraConfig, device: torch.device
         a_r_in = (torch.rand(config.rank, linear.in_features, generator=generator) * 2 - 1) * bound
         a[name] = a_r_in.to(device).requires_grad_(True)
         b[name] = torch.zeros(linear.out_features, config.rank, device=device, requires_grad=True)
+    for name in expert_names:
+        count, in_features, out_features = (experts or {})[name]
+        bound = 1.0 / math.sqrt(in_features)
+        a_E_r_in = (torch.rand(count, config.rank, in_features, generator=generator) * 2 - 1) * bound
+        a[name] = a_E_r_in.to(device).requires_grad_(True)
+        b[name] = torch.zeros(count, out_features, config.rank, device=device, requires_grad=True)
     return LoraWeights(rank=config.rank, alpha=config.alpha, a=a, b=b)
 
 

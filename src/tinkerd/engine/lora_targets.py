@@ -3,6 +3,8 @@
 A linear layer under an ``attn``/``attention`` module is attention, the top-level output embedding is the
 unembedding, and the other linear layers of the numbered decoder blocks are MLP (for the packed layouts: q/k/v/o_proj,
 gate/up/down_proj and lm_head). Mixture-of-experts routers are never adapted; neither is anything outside the blocks.
+The experts of a sparse MoE block (``<block>.experts.gate_proj`` / ``.up_proj`` / ``.down_proj``, one adapter per
+expert stacked in one 3-D tensor, see ``moe.py``) are MLP too.
 """
 
 from __future__ import annotations
@@ -11,6 +13,14 @@ from tinkerd.domain.ops import LoraConfig
 
 UNEMBED_LEAVES = frozenset({"lm_head", "embed_out", "output"})
 ROUTER_LEAVES = frozenset({"gate", "router", "shared_expert_gate"})  # MoE routing: Tinker trains no LoRA there
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # what each expert of a sparse block computes
+
+
+def is_expert_param(name: str) -> bool:
+    """Whether a LoRA target is one projection of all experts of a sparse block (``model.layers.0.mlp.experts.up_proj``:
+    factors stacked over experts, A [E, r, in] and B [E, out, r]), rather than one linear layer."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-2] == "experts" and parts[-1] in EXPERT_PROJECTIONS
 
 
 def module_role(name: str) -> str | None:

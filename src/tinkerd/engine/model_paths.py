@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from tinkerd.domain.architectures import PACKED_MODEL_TYPES, EnginePath, UnsupportedModelError, architecture_of
 from tinkerd.engine.generic_model import GenericTransformer
+from tinkerd.engine.moe import is_sparse_block
 from tinkerd.engine.transformer import Transformer
 
 Forward = Transformer | GenericTransformer
@@ -41,7 +42,8 @@ def path_of(hf_model: nn.Module) -> EnginePath:
         return EnginePath.GENERIC
     for layer in body.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if not (all(_is_linear(attn, n) for n in _ATTN) and all(_is_linear(mlp, n) for n in _MLP)):
+        dense_or_sparse = all(_is_linear(mlp, n) for n in _MLP) or is_sparse_block(mlp)
+        if not (all(_is_linear(attn, n) for n in _ATTN) and dense_or_sparse):
             return EnginePath.GENERIC
     return EnginePath.PACKED
 

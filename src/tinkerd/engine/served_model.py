@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,9 +14,12 @@ from tinkerd.domain.ops import AdamParams, ArrayData, Datum, ForwardResult, Lora
 from tinkerd.engine.batching import Row, micro_batches, pack_rows, prepare_row
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.lora import LoraWeights, init_lora_weights
+from tinkerd.engine.lora_targets import is_expert_param
 from tinkerd.engine.losses import LossInputs, compute_loss, reduce_metrics, required_inputs
 from tinkerd.engine.model_paths import build_forward, load_hf_model
+from tinkerd.engine.moe import RouterTrace, router_metrics
 from tinkerd.engine.optim import AdamState, adamw_step
+from tinkerd.engine.transformer import Transformer
 
 BASE_KEY = ""  # adapter key of the bare base model (forward only)
 
@@ -73,7 +77,7 @@ class ServedModel:
     def create_adapter(self, adapter_id: str, config: LoraConfig) -> Adapter:
         if adapter_id in self.adapters:
             raise InvalidRequestError(f"adapter {adapter_id!r} already exists")
-        weights = init_lora_weights(self.train.hf, config, self.device)
+        weights = init_lora_weights(self.train.hf, config, self.device, self.train.expert_targets)
         adapter = Adapter(adapter_id, config, weights)
         self.adapters[adapter_id] = adapter
         return adapter
@@ -91,6 +95,9 @@ class ServedModel:
         self, adapter_id: str, config: LoraConfig, weights: LoraWeights, optimizer: AdamState | None
     ) -> Adapter:
         """Replace (or create) an adapter from loaded weights, e.g. a checkpoint; gradients start empty."""
+        unreached = [n for n in weights.a if is_expert_param(n) and n not in self.train.expert_targets]
+        if unreached:
+            raise InvalidRequestError(f"this model's engine path cannot apply LoRA to fused experts {unreached[:3]}")
         trainable = LoraWeights(
             rank=weights.rank,
             alpha=weights.alpha,
@@ -167,7 +174,9 @@ class ServedModel:
         weights: dict[str, LoraWeights | None] = {BASE_KEY: None}
         weights.update({k: a.weights for k, a in self.adapters.items()})
         packed = pack_rows(group, weights, self.device)
-        with torch.set_grad_enabled(grad_mode):
+        moe = isinstance(self.train, Transformer) and any(self.train.sparse)
+        tracing = self.train.tracing_router() if isinstance(self.train, Transformer) and moe else nullcontext(None)
+        with torch.set_grad_enabled(grad_mode), tracing as trace:
             seqs = [r.tokens for r in packed.rows]
             logprobs_N_K = self.train.sequence_logprobs(seqs, packed.targets_N_K, packed.routing)
             total: torch.Tensor | None = None
@@ -182,6 +191,8 @@ class ServedModel:
                 outputs.update({name: _array(t.detach()) for name, t in out.outputs.items()})
                 per_job[row.job][row.index] = outputs
                 metrics[row.job][row.index] = out.metrics
+            if trace is not None:
+                _add_router_metrics(trace, packed.rows, packed.offsets, metrics)
             if grad_mode and total is not None and total.requires_grad:
                 total.backward()
 
@@ -191,6 +202,20 @@ class ServedModel:
         adapter = self.adapter(adapter_id)  # adamw_step validates the hyperparameters
         metrics = adamw_step(list(adapter.weights.parameters()), adapter.optimizer, adam)
         return OptimStepResult(metrics=metrics)
+
+
+def _add_router_metrics(
+    trace: RouterTrace, rows: Sequence[Row], offsets: Sequence[int], metrics: list[list[dict[str, float]]]
+) -> None:
+    """MoE load-balancing statistics over each request's tokens in this pass, on its first datum here (the request's
+    other datums do not report them, so the request's reduced metrics are these values)."""
+    tokens: dict[int, list[int]] = {}
+    first: dict[int, Row] = {}
+    for row, off in zip(rows, offsets, strict=True):
+        first.setdefault(row.job, row)
+        tokens.setdefault(row.job, []).extend(range(off, off + len(row.tokens)))
+    for job, index in tokens.items():
+        metrics[job][first[job].index].update(router_metrics(trace, torch.tensor(index)))
 
 
 def _array(t: torch.Tensor) -> ArrayData:

@@ -1,6 +1,7 @@
 """One forward implementation for training, scoring and sampling: a decoder-only transformer over packed tokens.
 
-The weights are a Hugging Face causal LM's (Llama, Mistral, Qwen2, Qwen3 layouts); the forward is ours so that
+The weights are a Hugging Face causal LM's (Llama, Mistral, Qwen2, Qwen3 layouts, and the Qwen3-MoE / Qwen2-MoE
+mixture-of-experts layouts, whose sparse MLP blocks run in ``moe.py``); the forward is ours so that
 (a) tokens of many sequences are packed into one [N, hidden] matrix with no padding, so every linear layer runs one
 large matmul, (b) each token can route through a different LoRA adapter, and (c) attention is pluggable: causal
 within each sequence for training, against a KV cache for decoding. Parity with the Hugging Face forward is tested.
@@ -13,7 +14,8 @@ base output rounds small updates away (the default configuration then learned 2-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,7 @@ from torch import nn
 
 from tinkerd.engine.head import HeadSegment, chunked_logits, target_logprobs
 from tinkerd.engine.lora import MIN_INVARIANT_ROWS, LoraRouting, LoraWeights, Segment, apply_linear, rows_mm
+from tinkerd.engine.moe import RouterTrace, expert_targets, is_sparse_block, sparse_block
 
 # attention(layer_index, q_N_H_D, k_N_Hkv_D, v_N_Hkv_D) -> o_N_HD
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -113,6 +116,11 @@ class Transformer:
         for module in hf_model.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 module.to(compute_dtype)
+        # fused MoE experts are frozen base matmuls too; their routers stay fp32 (see moe.py)
+        self.expert_targets = expert_targets(hf_model)
+        for layer in getattr(getattr(hf_model, "model", None), "layers", []):
+            if is_sparse_block(layer.mlp):
+                layer.mlp.experts.to(compute_dtype)
         self.hf = hf_model
         # dtype of the frozen base matmuls; activations, the residual stream and LoRA deltas are always fp32
         self.dtype = compute_dtype
@@ -127,6 +135,17 @@ class Transformer:
         self.lm_head: nn.Linear = hf.lm_head
         self.attn_scale = float(self.layers[0].self_attn.scaling)
         self.device = self.embed.weight.device
+        self.sparse = [is_sparse_block(layer.mlp) for layer in self.layers]
+        self._trace: RouterTrace | None = None
+
+    @contextmanager
+    def tracing_router(self) -> Iterator[RouterTrace]:
+        """Record what the MoE routers choose in the forwards run inside (for load-balancing metrics)."""
+        self._trace = RouterTrace()
+        try:
+            yield self._trace
+        finally:
+            self._trace = None
 
     # -- the body ---------------------------------------------------------------------------------------------------
 
@@ -159,6 +178,9 @@ class Transformer:
             h = h + apply_linear(attn.o_proj, f"{prefix}.self_attn.o_proj", o, routing)
             x = _rms_norm(layer.post_attention_layernorm, h)
             mlp = layer.mlp
+            if self.sparse[i]:
+                h = h + sparse_block(mlp, f"{prefix}.mlp", x, routing, self._trace)
+                continue
             gate = apply_linear(mlp.gate_proj, f"{prefix}.mlp.gate_proj", x, routing)
             up = apply_linear(mlp.up_proj, f"{prefix}.mlp.up_proj", x, routing)
             h = h + apply_linear(mlp.down_proj, f"{prefix}.mlp.down_proj", mlp.act_fn(gate) * up, routing)

@@ -1,0 +1,93 @@
+"""LoRA on the experts of sparse MoE blocks (see ``moe.py``) in checkpoints: per-expert names, checks, merging.
+
+In memory, ``<block>.experts.gate_proj`` holds every expert's factors stacked: A [E, r, in], B [E, out, r]. On disk each
+expert is its own module under transformers 4's names, ``<block>.experts.<e>.gate_proj`` with A [r, in] and B [out, r]
+(also ``up_proj``, ``down_proj``): the names adapters of these models carried before transformers 5 fused the experts,
+and what PEFT (0.21 with transformers 5) converts onto the fused ``gate_up_proj`` / ``down_proj`` parameters when it
+loads an adapter of a Qwen2-MoE or Qwen3-MoE model (gate and up become one rank-2r block-diagonal adapter, which
+computes the same delta).
+
+Transformers 5 stores an expert's gate and up projections fused as ``gate_up_proj`` [E, 2 * I, hidden] (gate rows
+first) and its down projection as ``down_proj`` [E, hidden, I].
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from tinkerd.domain.errors import InvalidRequestError
+from tinkerd.engine.lora import LoraWeights
+
+_PER_EXPERT = re.compile(r"^(?P<block>.+\.experts)\.(?P<expert>\d+)\.(?P<projection>gate_proj|up_proj|down_proj)$")
+
+
+def per_expert(
+    name: str, a_E_r_in: torch.Tensor, b_E_out_r: torch.Tensor
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The on-disk modules of a stacked expert target: ``<block>.experts.<e>.<projection>`` -> (A [r, in],
+    B [out, r])."""
+    block, projection = name.rsplit(".", 1)
+    return {f"{block}.{e}.{projection}": (a_E_r_in[e], b_E_out_r[e]) for e in range(a_E_r_in.shape[0])}
+
+
+def stack_experts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """In place: per-expert modules read from disk become stacked targets (every expert 0..E-1 must be present)."""
+    groups: dict[str, dict[int, str]] = {}
+    for name in a:
+        match = _PER_EXPERT.match(name)
+        if match is not None:
+            target = f"{match['block']}.{match['projection']}"
+            groups.setdefault(target, {})[int(match["expert"])] = name
+    for target, by_expert in groups.items():
+        if sorted(by_expert) != list(range(len(by_expert))):
+            raise InvalidRequestError(f"adapter_model.safetensors: {target!r} lacks experts of 0..{max(by_expert)}")
+        names = [by_expert[e] for e in range(len(by_expert))]
+        if any(n not in b for n in names):
+            raise InvalidRequestError(f"adapter_model.safetensors: {target!r} has unpaired LoRA factors")
+        shapes = {(tuple(a[n].shape), tuple(b[n].shape)) for n in names}
+        if len(shapes) != 1:
+            raise InvalidRequestError(f"adapter_model.safetensors: the experts of {target!r} differ in shape")
+        a[target] = torch.stack([a.pop(n) for n in names])
+        b[target] = torch.stack([b.pop(n) for n in names])
+
+
+def _fused(module: nn.Module | None, projection: str) -> tuple[torch.Tensor, slice] | None:
+    """The fused parameter holding ``projection`` of every expert, and its rows that are that projection."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor) or gate_up.dim() != 3:
+        return None
+    inter = gate_up.shape[1] // 2
+    if projection == "down_proj":
+        return down, slice(None)
+    return gate_up, slice(0, inter) if projection == "gate_proj" else slice(inter, 2 * inter)
+
+
+def check_expert_compatible(name: str, weights: LoraWeights, modules: Mapping[str, nn.Module]) -> None:
+    """The model's sparse block has the experts, and the sizes, of the adapter of ``name``."""
+    block, projection = name.rsplit(".", 1)
+    fused = _fused(modules.get(block), projection)
+    if fused is None:
+        raise InvalidRequestError(f"adapter targets {name!r}, which the base model has no fused experts for")
+    w, rows = fused
+    experts, out_features, in_features = w[:, rows].shape
+    a, b = weights.a[name], weights.b[name]
+    if (a.shape[0], a.shape[2], b.shape[1]) != (experts, in_features, out_features):
+        raise InvalidRequestError(
+            f"adapter for {name!r} is {tuple(a.shape)} x {tuple(b.shape)} but the base model has {experts} experts "
+            f"of [{out_features} x {in_features}]: the adapter was trained on a different base model"
+        )
+
+
+def merge_experts(model: nn.Module, weights: LoraWeights, name: str) -> None:
+    """Add every expert's ``scale * B @ A`` of ``name`` into the model's fused expert weight (summed in fp32)."""
+    block, projection = name.rsplit(".", 1)
+    fused = _fused(model.get_submodule(block), projection)
+    assert fused is not None, "check_expert_compatible first"
+    w, rows = fused
+    delta_E_out_in = torch.bmm(weights.b[name].float(), weights.a[name].float()) * weights.scale
+    with torch.no_grad():
+        w[:, rows] = (w[:, rows].float() + delta_E_out_in.to(w.device)).to(w.dtype)
