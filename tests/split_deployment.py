@@ -44,6 +44,7 @@ class SplitDeployment:
     lease_s: float = 3.0
     api_host: str = "127.0.0.1"
     api_port: int = 0
+    env: dict[str, str] = field(default_factory=dict)  # added to every process's environment
     members: dict[str, Member] = field(default_factory=dict)
 
     @property
@@ -98,11 +99,12 @@ class SplitDeployment:
 
     def start(self, names: Iterable[str] | None = None) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **ENV, **self.env}
         for name in names if names is not None else list(self.members):
             member = self.members[name]
             with (self.logs / f"{name}.log").open("a") as sink:
                 member.process = subprocess.Popen(
-                    member.command, stdout=sink, stderr=subprocess.STDOUT, text=True, env={**os.environ, **ENV}
+                    member.command, stdout=sink, stderr=subprocess.STDOUT, text=True, env=env
                 )
 
     def process(self, name: str) -> subprocess.Popen[str]:

@@ -4,7 +4,9 @@ Functions of an open Connection, run by `WorkerRegistry.reap` in one write trans
 heartbeat.
 
 - A trainer's runs lived in its memory: they are marked lost (`trainer_id` = "lost:<trainer>"), and every queued
-  or running request of a lost run fails with advice to resume from the last save (also requests sent later).
+  or running request of a lost run fails with advice to resume from the last save (also requests sent later). A
+  trainer that registers again under the same id (restarted before anyone reaped it) loses its runs the same way:
+  the new process holds none of them (`lose_runs_of`).
 - A sampler's work is stateless: each sampling request it was running goes back to the queue for another sampler of
   the same base model, once. A request whose second sampler dies too fails instead (it may be what kills them), and
   so does a request no live sampler can take: sampling requests never wait for a sampler that is not there.
@@ -24,8 +26,8 @@ from tinkerd.store.tables import futures, samplers, training_runs, workers
 
 LOST_PREFIX = "lost:"
 LOST_RUN_MESSAGE = (
-    "the trainer running training run {run} ({trainer}) stopped answering and its lease expired; the run's "
-    "in-memory state (LoRA weights and optimizer) is gone. Resume from the run's last save_state with "
+    "the trainer running training run {run} ({trainer}) stopped answering or restarted, and its lease expired; the "
+    "run's in-memory state (LoRA weights and optimizer) is gone. Resume from the run's last save_state with "
     "create_training_client_from_state_with_optimizer"
 )
 # Written on a sampling request put back in the queue (error_message is otherwise empty until a request fails):
@@ -76,7 +78,7 @@ def reap_trainers(conn: Connection, now: datetime) -> dict[str, list[str]]:
     for trainer_id in _expired(conn, "trainer", now):
         held = training_runs.c.trainer_id == trainer_id
         lost[trainer_id] = list(conn.execute(select(training_runs.c.id).where(held)).scalars())
-        conn.execute(update(training_runs).where(held).values(trainer_id=LOST_PREFIX + trainer_id))
+        lose_runs_of(conn, trainer_id)
         conn.execute(update(workers).where(workers.c.id == trainer_id).values(stopped_at=now))
     rows = conn.execute(
         select(futures.c.request_id, futures.c.model_id, futures.c.ordered, training_runs.c.trainer_id)
@@ -92,6 +94,12 @@ def reap_trainers(conn: Connection, now: datetime) -> dict[str, list[str]]:
     for model_id in {row.model_id for row in rows if row.ordered}:
         advance_cursor(conn, model_id)
     return lost
+
+
+def lose_runs_of(conn: Connection, trainer_id: str) -> None:
+    """Mark the runs `trainer_id` holds lost (their requests fail at the next reap)."""
+    held = training_runs.c.trainer_id == trainer_id
+    conn.execute(update(training_runs).where(held).values(trainer_id=LOST_PREFIX + trainer_id))
 
 
 def _live_sampler_models(conn: Connection, now: datetime) -> set[str]:

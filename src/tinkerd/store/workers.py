@@ -22,7 +22,14 @@ from sqlalchemy import Connection, func, insert, select, update
 from tinkerd.domain.errors import CapacityError
 from tinkerd.domain.records import Clock, utc_now
 from tinkerd.store.db import Database
-from tinkerd.store.reaping import LOST_PREFIX, LOST_RUN_MESSAGE, Reaped, reap_samplers, reap_trainers
+from tinkerd.store.reaping import (
+    LOST_PREFIX,
+    LOST_RUN_MESSAGE,
+    Reaped,
+    lose_runs_of,
+    reap_samplers,
+    reap_trainers,
+)
 from tinkerd.store.tables import training_runs, workers
 
 __all__ = ["LOST_PREFIX", "LOST_RUN_MESSAGE", "ROLES", "Reaped", "WorkerInfo", "WorkerRegistry", "sorted_base_models"]
@@ -109,6 +116,8 @@ class WorkerRegistry:
                 conn.execute(insert(workers).values(id=worker_id, **row))
             else:
                 conn.execute(update(workers).where(workers.c.id == worker_id).values(**row))
+                if role == "trainer":  # a restarted trainer: the runs its previous process held died with it
+                    lose_runs_of(conn, worker_id)
 
         self._db.write(txn)
 
