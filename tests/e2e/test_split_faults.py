@@ -208,7 +208,7 @@ def test_a_killed_samplers_requests_go_to_another_or_fail_clearly(
     other = ({"sampler-1", "sampler-2"} - {victim}).pop()
     for result in [outcome(f) for f in futures]:
         assert isinstance(result, types.SampleResponse), result
-        assert all(len(seq.tokens) == 64 for seq in result.sequences)
+        assert len(result.sequences) == 4 and all(seq.tokens for seq in result.sequences)
     retried = rows(ledger, "request_id IN (" + ",".join(f"'{r.request_id}'" for r in held) + ")")
     assert {(r.state, r.claimed_by) for r in retried} == {("completed", other)}
 
