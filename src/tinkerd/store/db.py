@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 from tinkerd.domain.errors import CapacityError
@@ -167,6 +167,17 @@ class Database:
         connection, when the first run may have committed; every transaction here finds its own earlier effect).
         """
         return self._run(work, write=True)
+
+    def write_inserting(self, work: Callable[[Connection], T], attempts: int = 3) -> T:
+        """`write` for a transaction that inserts a row unless it finds it: on PostgreSQL two of them can both miss
+        the row and race to insert; the loser's unique violation means the row now exists, so it runs again and
+        finds it. (SQLite serialises writers: no race.)"""
+        for _ in range(attempts - 1):
+            try:
+                return self.write(work)
+            except IntegrityError:
+                continue
+        return self.write(work)
 
     def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
         deadline = time.monotonic() + self.retry.deadline_s
