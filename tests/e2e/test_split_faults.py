@@ -290,7 +290,9 @@ def test_a_killed_trainer_fails_its_runs_with_advice_and_spares_the_others(
     # The resumed run lands on the live trainer, with the weights and optimizer state of the save.
     resumed = service.create_training_client_from_state_with_optimizer(saved).result()
     assert trainer_of(resumed.model_id) == survivor_trainer
-    assert resumed.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(loss_at_save)
+    assert resumed.forward([datum()], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(
+        loss_at_save, rel=1e-4
+    )
     resumed.forward_backward([datum()], "cross_entropy").result()
     resumed.optim_step(adam).result()
 
