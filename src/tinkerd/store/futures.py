@@ -337,7 +337,8 @@ class FuturesLedger:
         saying why. Returns the filled seq_ids by model.
         """
 
-        return self._db.write(lambda conn: upkeep.fill_stale_gaps(conn, self._clock(), waited_for))
+        # Every worker of a split deployment runs this: two may fill the same gap at once.
+        return self._db.write_inserting(lambda conn: upkeep.fill_stale_gaps(conn, self._clock(), waited_for))
 
     # -- sequences -----------------------------------------------------------------------------------------------
 
