@@ -99,7 +99,7 @@ def freeze_while_running(
     futures: list[Any] = []
     for _ in range(20):
         futures += submit()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 3  # then submit more: this batch may have finished unseen
         while time.monotonic() < deadline:
             running = rows(ledger, "state = 'running' AND kind = %(kind)s", kind=kind)
             holders = [r.claimed_by for r in running if r.claimed_by in candidates]
