@@ -123,11 +123,8 @@ def reap_samplers(conn: Connection, now: datetime, waiting_grace: timedelta) -> 
     )
     requeued: list[str] = []
     failed: list[str] = []
-    running = (
-        conn.execute(sampling.where(futures.c.state == FutureState.RUNNING.value, futures.c.claimed_by.in_(gone)))
-        if gone
-        else []
-    )
+    held_by_gone = sampling.where(futures.c.state == FutureState.RUNNING.value, futures.c.claimed_by.in_(gone))
+    running = conn.execute(held_by_gone).all() if gone else []
     for row in running:
         if row.error_message:  # lost once already
             before = row.error_message.removeprefix(RETRIED_MARK.format(sampler=""))
