@@ -2,9 +2,11 @@
 samplers on a PostgreSQL server of this module's own (one test restarts it). Processes die by SIGKILL: no shutdown
 code runs and no lease is given back.
 
-The tests share one deployment (starting five processes costs most of the time) and run in file order; each leaves
+The tests share one deployment (starting the processes costs most of the time) and run in file order; each leaves
 the deployment usable for the next, except that the sampler test ends with no sampler and the trainer test with one
-trainer.
+trainer. In the default run only the trainer test runs (api + two trainers); the api, PostgreSQL and sampler tests
+are `slow` (`make test-slow`): the SDK's own backoff while the api is away, and two more engine processes, make them
+minutes.
 
 To catch a request in flight deterministically, a process is frozen (SIGSTOP) the moment the ledger shows it holds
 a request running, and killed while frozen: what it held is exactly what it was running when it died.
@@ -55,14 +57,24 @@ def deployment(
     found.add_api()
     for name in ("trainer-a", "trainer-b"):
         found.add_worker("trainer", name)
-    for name in ("sampler-1", "sampler-2"):
-        found.add_worker("sampler", name)
     found.start()
     try:
         found.wait_ready()
         yield found
     finally:
         found.close()
+
+
+@pytest.fixture(scope="module")
+def samplers(deployment: SplitDeployment) -> SplitDeployment:
+    """Two samplers joined to the deployment, for the tests that sample (the default run has none: fewer processes
+    to start)."""
+    names = ["sampler-1", "sampler-2"]
+    for name in names:
+        deployment.add_worker("sampler", name)
+    deployment.start(names)
+    deployment.wait_ready(names=names)
+    return deployment
 
 
 @pytest.fixture
@@ -115,6 +127,7 @@ def freeze_while_running(
     raise AssertionError(f"no {kind} request was ever seen running:\n{deployment.logs_text()}")
 
 
+@pytest.mark.slow  # the SDK backs off 1, 2, 4, 8 s... while the api is away: tens of seconds
 def test_a_killed_api_restarted_loses_nothing_acknowledged(
     deployment: SplitDeployment, ledger: Store, service: tinker.ServiceClient
 ) -> None:
@@ -137,9 +150,11 @@ def test_a_killed_api_restarted_loses_nothing_acknowledged(
     assert client.forward_backward([datum()], "cross_entropy").result().metrics["loss:sum"] > 0
 
 
+@pytest.mark.slow
 def test_postgres_restarted_under_load_every_process_reconnects(
-    deployment: SplitDeployment, ledger: Store, service: tinker.ServiceClient, pg: PostgresServer
+    samplers: SplitDeployment, ledger: Store, service: tinker.ServiceClient, pg: PostgresServer
 ) -> None:
+    deployment = samplers
     clients = [
         service.create_lora_training_client(base_model=deployment.model, rank=4, seed=seed).result() for seed in (4, 5)
     ]
@@ -192,9 +207,11 @@ def test_postgres_restarted_under_load_every_process_reconnects(
     assert "lost its lease" not in deployment.logs_text()
 
 
+@pytest.mark.slow
 def test_a_killed_samplers_requests_go_to_another_or_fail_clearly(
-    deployment: SplitDeployment, ledger: Store, service: tinker.ServiceClient
+    samplers: SplitDeployment, ledger: Store, service: tinker.ServiceClient
 ) -> None:
+    deployment = samplers
     sampling = service.create_sampling_client(base_model=deployment.model)
     prompt = types.ModelInput.from_ints(PROMPT)
     params = types.SamplingParams(max_tokens=64, temperature=1.0, stop=[])

@@ -23,7 +23,8 @@ from tests.split_deployment import SplitDeployment
 from tinkerd.store import Store
 from tinkerd.store.workers import WorkerRegistry
 
-pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
+# slow: three more processes to start (minutes on a loaded 2-core machine); the default run has test_split.py.
+pytestmark = [pytest.mark.postgres, pytest.mark.e2e, pytest.mark.slow]
 
 ROLES = ("api", "trainer", "sampler")
 
