@@ -89,6 +89,8 @@ def client(index: int, url: str, model: str, vocab: int, stop_at: float, log: Cl
         if round_ % 10 == 9:
             timed("save_weights", trainer.save_state(f"r{round_}"))
         round_ += 1
+    # Ends the session (its heartbeats and telemetry would otherwise go on against a server stopped after its phase).
+    service.close("success").result()
 
 
 def memory_sampler(pids: dict[str, int], stop: threading.Event, samples: list[tuple[float, dict[str, float]]]) -> None:
