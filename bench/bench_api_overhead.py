@@ -2,15 +2,18 @@
 
 Starts `tinkerd serve` as a subprocess on 127.0.0.1 with a tiny random Llama (so the model's own time is small and
 the overhead shows), drives it with the official tinker SDK, and times the same forward on a `ServedModel` in this
-process. The two are timed side by side, in alternating blocks, so that a machine that speeds up or slows down
-during the run affects both alike. Prints p50 / p99 over N calls of each and the difference.
+process. Also (unless --no-split) the split deployment: `tinkerd api` and a `tinkerd trainer` as two processes on a
+PostgreSQL server the bench starts, reached through the same SDK call. All are timed side by side, in alternating
+blocks, so that a machine that speeds up or slows down during the run affects all alike. Prints p50 / p99 over N
+calls of each and the differences.
 
-    .venv/bin/python -m bench.bench_api_overhead [--calls 200] [--block 20]
+    .venv/bin/python -m bench.bench_api_overhead [--calls 200] [--block 20] [--no-split]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -21,7 +24,7 @@ from typing import Any
 
 import tinker
 
-from bench.common import serving
+from bench.common import serving, split_serving
 from tests.engine.tiny_models import tiny_model
 from tinkerd.domain.ops import ArrayData, Datum, LoraConfig
 from tinkerd.engine.config import EngineConfig
@@ -89,24 +92,41 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--block", type=int, default=20, help="calls of one kind before switching to the next")
     parser.add_argument("--dtype", default="bfloat16", help="the engine's training dtype, on both sides")
+    parser.add_argument("--no-split", action="store_true", help="time `tinkerd serve` only")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model_dir = tiny_model_dir(Path(tmp))
         # One engine thread on both sides: what is compared is the path around the engine, not thread counts.
-        with serving(model_dir, Path(tmp), "--threads", "1", "--dtype", args.dtype) as (url, _server):
-            sdk, round_trip = sdk_forward(url, str(model_dir))
-            fns = {"sdk": sdk, "engine": engine_forward(model_dir, args.dtype), "round_trip": round_trip}
-            times = time_interleaved(fns, args.calls, args.block)
+        url, _server = stack.enter_context(serving(model_dir, Path(tmp), "--threads", "1", "--dtype", args.dtype))
+        sdk, round_trip = sdk_forward(url, str(model_dir))
+        fns = {"sdk": sdk, "engine": engine_forward(model_dir, args.dtype), "round_trip": round_trip}
+        if not args.no_split:
+            # The split deployment: tinkerd api and one trainer (no sampler needed) on PostgreSQL, same engine setup.
+            env = {"TINKERD_THREADS": "1", "TINKERD_DTYPE": args.dtype}
+            split_url, _pids, _db = stack.enter_context(split_serving(model_dir, Path(tmp), samplers=0, env=env))
+            fns["split"], fns["split_round_trip"] = sdk_forward(split_url, str(model_dir))
+        times = time_interleaved(fns, args.calls, args.block)
     p = {name: percentiles(ts) for name, ts in times.items()}
     print(f"1-datum forward (8 tokens, tiny Llama, {args.dtype}), {args.calls} calls each after 10 warm-up calls,")
     print(f"alternating in blocks of {args.block}\n")
     print("| path | p50 ms | p99 ms |")
     print("|---|---|---|")
     print(f"| SDK -> tinkerd serve -> result | {p['sdk'][0]:.1f} | {p['sdk'][1]:.1f} |")
+    if "split" in p:
+        split_path = "SDK -> tinkerd api -> PostgreSQL -> tinkerd trainer -> result"
+        print(f"| {split_path} | {p['split'][0]:.1f} | {p['split'][1]:.1f} |")
     print(f"| engine call alone (ServedModel.forward) | {p['engine'][0]:.1f} | {p['engine'][1]:.1f} |")
-    print(f"| overhead (difference) | {p['sdk'][0] - p['engine'][0]:.1f} | {p['sdk'][1] - p['engine'][1]:.1f} |")
+    print(
+        f"| overhead of serve (difference) | {p['sdk'][0] - p['engine'][0]:.1f} | {p['sdk'][1] - p['engine'][1]:.1f} |"
+    )
+    if "split" in p:
+        split = (p["split"][0] - p["engine"][0], p["split"][1] - p["engine"][1])
+        print(f"| overhead of the split deployment (difference) | {split[0]:.1f} | {split[1]:.1f} |")
     trip = p["round_trip"]
     print(f"| for scale: SDK get_server_capabilities (1 round trip) | {trip[0]:.1f} | {trip[1]:.1f} |")
+    if "split_round_trip" in p:
+        trip = p["split_round_trip"]
+        print(f"| for scale: the same against tinkerd api | {trip[0]:.1f} | {trip[1]:.1f} |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: model location, timing, memory, a `tinkerd serve` subprocess."""
+"""Helpers shared by the benchmark scripts: model location, timing, memory, a `tinkerd serve` subprocess, and the
+split deployment (api, trainers, sampler on PostgreSQL) as subprocesses."""
 
 from __future__ import annotations
 
@@ -81,3 +82,31 @@ def serving(model_dir: Path, root: Path, *args: str) -> Iterator[tuple[str, subp
         finally:
             server.terminate()
             server.wait(timeout=30)
+
+
+@contextmanager
+def split_serving(
+    model_dir: Path, root: Path, *, trainers: int = 2, samplers: int = 1, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, dict[str, int], str]]:
+    """The split deployment as subprocesses: a PostgreSQL server of its own (initdb in `root`), `tinkerd api`,
+    `trainers` trainers and `samplers` samplers, logs in root/logs. Yields (url, pid by process name, database URL)
+    once every role is up, and stops them all afterwards."""
+    from tests.pg_server import running_postgres
+    from tests.split_deployment import SplitDeployment
+    from tinkerd.store import Store
+
+    with running_postgres() as pg:
+        database_url = pg.create_database("bench")
+        Store.open(database_url).close()
+        deployment = SplitDeployment(root / "split", database_url, str(model_dir), lease_s=10.0, env=dict(env or {}))
+        deployment.add_api()
+        for i in range(trainers):
+            deployment.add_worker("trainer", f"trainer-{i + 1}")
+        for i in range(samplers):
+            deployment.add_worker("sampler", f"sampler-{i + 1}")
+        deployment.start()
+        try:
+            deployment.wait_ready()
+            yield deployment.url, {name: deployment.process(name).pid for name in deployment.members}, database_url
+        finally:
+            deployment.close()

@@ -55,7 +55,11 @@ def _system_user() -> str | None:
 class PostgresServer:
     """One server; `create_database` hands each test a fresh, empty database on it."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, listen_addresses: tuple[str, ...] = ("127.0.0.1",), trusted_networks: tuple[str, ...] = ()
+    ) -> None:
+        """`listen_addresses` beyond loopback and `trusted_networks` (CIDR, trusted without password like loopback)
+        are for tests whose processes reach the server from other network namespaces."""
         initdb, pg_ctl = find_binary("initdb"), find_binary("pg_ctl")
         if initdb is None or pg_ctl is None:
             raise RuntimeError(
@@ -71,6 +75,8 @@ class PostgresServer:
         self.port = free_port()
         self._names = count()
         self._running = False
+        self._listen = listen_addresses
+        self._trusted = trusted_networks
         if self._user is not None:
             entry = pwd.getpwnam(self._user)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
@@ -87,8 +93,11 @@ class PostgresServer:
             self._run(
                 self._initdb, "-D", str(self.data_dir), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--no-sync"
             )
+            if self._trusted:
+                with (self.data_dir / "pg_hba.conf").open("a") as hba:
+                    hba.writelines(f"host all all {network} trust\n" for network in self._trusted)
         options = (
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+            f"-p {self.port} -k {self.root} -c listen_addresses={','.join(self._listen)} "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
         self._run(self._pg_ctl, "-D", str(self.data_dir), "-l", str(self.log_path), "-o", options, "-w", "start")
@@ -99,10 +108,15 @@ class PostgresServer:
             self._run(self._pg_ctl, "-D", str(self.data_dir), "-m", mode, "-w", "stop")
             self._running = False
 
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+    def restart(self, mode: str = "fast") -> None:
+        """Stop (every connection is cut; "fast" rolls back open transactions) and start again on the same port."""
+        self.stop(mode)
+        self.start()
 
-    def create_database(self, prefix: str = "t") -> str:
+    def url(self, database: str = "postgres", host: str = "127.0.0.1") -> str:
+        return f"postgresql+psycopg://{SUPERUSER}@{host}:{self.port}/{database}"
+
+    def create_database(self, prefix: str = "t", host: str = "127.0.0.1") -> str:
         """A new, empty namespace for one test; returns its SQLAlchemy URL.
 
         A schema in one shared database, made the connection's search_path, rather than a database per test:
@@ -113,7 +127,7 @@ class PostgresServer:
         name = f"{prefix}_{os.getpid()}_{next(self._names)}"
         with psycopg.connect(f"host=127.0.0.1 port={self.port} user={SUPERUSER} dbname=postgres", autocommit=True) as c:
             c.execute(f'CREATE SCHEMA "{name}"')  # type: ignore[arg-type]  # a name we made: no injection
-        return f"{self.url()}?options=-csearch_path%3D{name}"
+        return f"{self.url(host=host)}?options=-csearch_path%3D{name}"
 
     def close(self) -> None:
         try:
@@ -123,8 +137,10 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def running_postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
+def running_postgres(
+    listen_addresses: tuple[str, ...] = ("127.0.0.1",), trusted_networks: tuple[str, ...] = ()
+) -> Iterator[PostgresServer]:
+    server = PostgresServer(listen_addresses, trusted_networks)
     try:
         server.start()
         yield server

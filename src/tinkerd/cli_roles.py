@@ -27,11 +27,11 @@ DatabaseUrl = Annotated[
     ),
 ]
 Storage = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--storage",
-        help="Checkpoint storage shared by every role (a directory). Env: TINKERD_STORAGE.",
-        file_okay=False,
+        help="Checkpoint storage shared by every role: a directory (or file:// URL) mounted at the same path on "
+        "every host. Env: TINKERD_STORAGE.",
     ),
 ]
 Host = Annotated[str, typer.Option("--host", help="Address of the API, or of a worker's health endpoint.")]
@@ -55,7 +55,7 @@ def _fail(error: Exception) -> typer.Exit:
 
 def _roles(
     database_url: str | None,
-    storage: Path | None,
+    storage: str | None,
     host: str,
     port: int,
     worker_id: str | None,
@@ -67,12 +67,14 @@ def _roles(
     url = database_url or os.environ.get("TINKERD_DATABASE_URL")
     if not url:
         raise SettingsError("no database: pass --database-url or set TINKERD_DATABASE_URL")
-    where = storage or (Path(os.environ["TINKERD_STORAGE"]) if os.environ.get("TINKERD_STORAGE") else None)
-    if where is None:
+    from tinkerd.store.storage import storage_directory
+
+    where = storage or os.environ.get("TINKERD_STORAGE")
+    if not where:
         raise SettingsError("no checkpoint storage: pass --storage or set TINKERD_STORAGE")
     return RoleSettings(
-        database_url=url, storage_dir=where, host=host, port=port, worker_id=worker_id, lease_s=lease_s,
-        heartbeat_s=max(0.2, lease_s / 5), capacity=capacity,
+        database_url=url, storage_dir=storage_directory(where), host=host, port=port, worker_id=worker_id,
+        lease_s=lease_s, heartbeat_s=max(0.2, lease_s / 5), capacity=capacity,
     )  # fmt: skip
 
 

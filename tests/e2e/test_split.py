@@ -3,90 +3,42 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import tinker
 from tinker import types
 
-from tests.e2e.conftest import API_KEY, free_port, stop_server
+from tests.e2e.conftest import API_KEY
 from tests.e2e.test_sdk_training import PROMPT, datum
 from tests.pg_server import PostgresServer
+from tests.split_deployment import CLI, SplitDeployment
 from tinkerd.store import Store
 from tinkerd.store.workers import WorkerRegistry
 
 pytestmark = pytest.mark.postgres
 
-_CLI = [sys.executable, "-c", "from tinkerd.cli import main; main()"]
-
-
-@dataclass
-class Deployment:
-    url: str
-    database_url: str
-    storage: Path
-    processes: dict[str, subprocess.Popen[str]]
-    logs: Path
-    model: str
-
-    def logs_text(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(self.logs.glob("*.log")))
-
-
-def _start(name: str, args: list[str], logs: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TINKERD_THREADS": "1"}
-    with (logs / f"{name}.log").open("w") as sink:
-        return subprocess.Popen([*_CLI, *args], stdout=sink, stderr=subprocess.STDOUT, text=True, env=env)
-
 
 @pytest.fixture
-def deployment(postgres_server: PostgresServer, tiny_model_dir: Path, tmp_path: Path) -> Iterator[Deployment]:
+def deployment(postgres_server: PostgresServer, tiny_model_dir: Path, tmp_path: Path) -> Iterator[SplitDeployment]:
     database_url = postgres_server.create_database("split")
     Store.open(database_url).close()  # the schema, before four processes race to create it
-    storage = tmp_path / "storage"
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    port = free_port()
-    common = ["--database-url", database_url, "--storage", str(storage), "--lease-s", "4"]
-    worker = [*common, "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
-    processes = {
-        "api": _start("api", ["api", *common, "--port", str(port)], logs),
-        "trainer-a": _start("trainer-a", ["trainer", *worker, "--worker-id", "trainer-a"], logs),
-        "trainer-b": _start("trainer-b", ["trainer", *worker, "--worker-id", "trainer-b"], logs),
-        "sampler": _start("sampler", ["sampler", *worker, "--worker-id", "sampler-1"], logs),
-    }
-    found = Deployment(f"http://127.0.0.1:{port}", database_url, storage, processes, logs, str(tiny_model_dir))
+    found = SplitDeployment(tmp_path, database_url, str(tiny_model_dir), lease_s=4.0)
+    found.add_api()
+    found.add_worker("trainer", "trainer-a")
+    found.add_worker("trainer", "trainer-b")
+    found.add_worker("sampler", "sampler-1")
+    found.start()
     try:
-        store = Store.open(database_url)
-        registry = WorkerRegistry(store.db)
-        deadline = time.monotonic() + 480  # four processes loading torch on a shared 2-core machine
-        while True:
-            roles = sorted(w.id for w in registry.live() if w.role != "api")
-            try:
-                up = httpx.get(f"{found.url}/api/v1/healthz", timeout=1.0).status_code == 200
-            except httpx.HTTPError:
-                up = False
-            if up and roles == ["sampler-1", "trainer-a", "trainer-b"]:
-                break
-            dead = [name for name, p in processes.items() if p.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"the deployment did not start ({dead} exited):\n{found.logs_text()}")
-            time.sleep(0.3)
-        store.close()
+        found.wait_ready()
         yield found
     finally:
-        for process in processes.values():
-            stop_server(process)
+        found.close()
 
 
-def test_the_sdk_trains_and_samples_across_api_trainers_and_sampler(deployment: Deployment) -> None:
+def test_the_sdk_trains_and_samples_across_api_trainers_and_sampler(deployment: SplitDeployment) -> None:
     service = tinker.ServiceClient(base_url=deployment.url, api_key=API_KEY)
     first = service.create_lora_training_client(base_model=deployment.model, rank=4, seed=1).result()
     second = service.create_lora_training_client(base_model=deployment.model, rank=4, seed=2).result()
@@ -127,7 +79,7 @@ def test_the_sdk_trains_and_samples_across_api_trainers_and_sampler(deployment: 
     store.close()
 
     status = subprocess.run(
-        [*_CLI, "status", "--database-url", deployment.database_url], capture_output=True, text=True, check=True
+        [*CLI, "status", "--database-url", deployment.database_url], capture_output=True, text=True, check=True
     )
     assert "trainer-a" in status.stdout and "sampler-1" in status.stdout and "live" in status.stdout
     service.close("success").result()

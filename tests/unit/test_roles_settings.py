@@ -47,3 +47,15 @@ def test_a_trainer_with_a_model_it_cannot_find_exits_with_the_reason(tmp_path: P
     )  # fmt: skip
     assert done.returncode == 1
     assert "no-such-model" in done.stderr and "error:" in done.stderr
+
+
+def test_an_object_store_url_for_storage_is_refused_with_advice(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable, "-c", "from tinkerd.cli import main; main()", "api",
+            "--database-url", f"sqlite:///{tmp_path / 'db.sqlite'}", "--storage", "s3://bucket/checkpoints",
+        ],
+        capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "s3:// storage is not built in yet" in done.stderr and "mount" in done.stderr

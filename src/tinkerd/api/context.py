@@ -14,7 +14,7 @@ from tinkerd.api.signing import UrlSigner
 from tinkerd.domain.errors import NotFoundError
 from tinkerd.domain.ops import LogprobDistribution
 from tinkerd.store import Store
-from tinkerd.store.files import CheckpointFiles
+from tinkerd.store.storage import CheckpointStorage
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class ApiContext:
     dispatch: Dispatch  # how requests reach workers and results come back (in this process, or via the ledger)
     settings: ApiSettings
     deliveries: DeliveryLog
-    files: CheckpointFiles | None = None  # set when settings.data_dir is
+    files: CheckpointStorage | None = None  # set when settings.data_dir is
     signer: UrlSigner | None = None  # likewise
     runs: RunCache = field(default_factory=RunCache)  # the runs requests were submitted to
 
@@ -89,7 +89,7 @@ class ApiContext:
             served = ", ".join(sorted(self.models)) or "none"
             raise NotFoundError(f"base model {name!r} is not served here; served models: {served}") from None
 
-    def downloads(self) -> tuple[CheckpointFiles, UrlSigner]:
+    def downloads(self) -> tuple[CheckpointStorage, UrlSigner]:
         """The checkpoint files and the URL signer, or NotFoundError when this API was started without a data dir."""
         if self.files is None or self.signer is None:
             raise NotFoundError("this server keeps no checkpoint files (its API runs without a data directory)")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 import uvicorn
 
 from tinkerd.api import ApiSettings, ServedModelInfo, ThroughLedger, create_app, load_keys_file
+from tinkerd.roles.lease import Heartbeat
 from tinkerd.roles.settings import RoleSettings, check_storage, open_ledger
 from tinkerd.settings import Settings
 from tinkerd.store.workers import WorkerRegistry, sorted_base_models
@@ -80,12 +81,16 @@ def run_api(roles: RoleSettings, settings: Settings, announce: Callable[[str], N
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((roles.host, roles.port or 8000))
         url = f"http://{roles.host}:{sock.getsockname()[1]}"
-        registry.register(
-            worker_id=worker_id, role="api", host=socket.gethostname(), pid=os.getpid(), base_models={},
-            lease_s=roles.lease_s, health_url=f"{url}/api/v1/healthz",
-        )  # fmt: skip
-        beats = threading.Thread(target=_heartbeat, args=(registry, worker_id, roles, stop), daemon=True)
-        beats.start()
+
+        def register() -> bool:
+            registry.register(
+                worker_id=worker_id, role="api", host=socket.gethostname(), pid=os.getpid(), base_models={},
+                lease_s=roles.lease_s, health_url=f"{url}/api/v1/healthz",
+            )  # fmt: skip
+            return True  # an api holds nothing a lease guards: after a long silence it simply registers again
+
+        register()
+        Heartbeat(registry, worker_id, roles, stop, on_lost=register).start()
         announce(f"tinkerd api listening on {url}  (clients: TINKER_BASE_URL={url})")
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
         try:
@@ -96,16 +101,3 @@ def run_api(roles: RoleSettings, settings: Settings, announce: Callable[[str], N
         stop.set()
         registry.stop(worker_id)
         store.close()
-
-
-def _heartbeat(registry: WorkerRegistry, worker_id: str, roles: RoleSettings, stop: threading.Event) -> None:
-    while not stop.wait(roles.heartbeat_s):
-        try:
-            if not registry.heartbeat(worker_id, roles.lease_s):
-                registry.register(
-                    worker_id=worker_id, role="api", host=socket.gethostname(), pid=os.getpid(), base_models={},
-                    lease_s=roles.lease_s,
-                )  # fmt: skip
-            registry.reap()
-        except Exception:  # the database restarting: try again at the next beat
-            log.warning("api heartbeat failed; retrying", exc_info=True)

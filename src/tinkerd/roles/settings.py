@@ -32,7 +32,13 @@ class RoleSettings:
 def open_ledger(url: str) -> Store:
     """The shared store, or a SettingsError naming the URL and the problem (bad URL, unreachable, refused)."""
     try:
-        return Store.open(url)
+        store = Store.open(url, create_schema=False)
+        # One attempt first: a wrong or unreachable database is named at once, not after the ledger's reconnect
+        # retries (which are for a database that was there and is restarting).
+        with store.db.engine.connect():
+            pass
+        store.db.create_schema()
+        return store
     except ArgumentError as exc:
         raise SettingsError(f"bad database URL {url!r}: {exc}") from None
     except OperationalError as exc:

@@ -1,7 +1,8 @@
 """`tinkerd trainer` and `tinkerd sampler`: the engine and a worker loop in a process of their own.
 
 A trainer claims only the requests of the runs placed on it; a sampler only sampling requests of the base models it
-serves. Both register in the ledger, keep their lease with heartbeats (and reap workers whose lease ran out), wake
+serves. Both register in the ledger, keep their lease with heartbeats (and reap workers whose lease ran out:
+roles.lease), wake
 on the ledger's NOTIFY of new requests rather than polling it, and answer GET /healthz.
 """
 
@@ -18,6 +19,7 @@ from types import FrameType
 from typing import Any, Literal
 
 from tinkerd.roles.health import HealthServer
+from tinkerd.roles.lease import Heartbeat
 from tinkerd.roles.settings import RoleSettings, check_storage, open_ledger
 from tinkerd.server import engine_config, model_info, resolve_models
 from tinkerd.settings import Settings, SettingsError
@@ -74,11 +76,14 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
             store.db.url, Callbacks(on_submitted=lambda _model: worker.wake(), on_reconnect=worker.wake)
         )
         listener.start()
-        beats = threading.Thread(
-            target=_heartbeat, args=(registry, worker_id, roles, stop, worker.wake), name="tinkerd-heartbeat"
-        )
-        beats.daemon = True
-        beats.start()
+
+        def lost() -> bool:
+            # Its runs have been failed and may be resumed elsewhere: running on would be two owners of one run.
+            log.error("worker %s lost its lease (it was silent past %.0f s); stopping", worker_id, roles.lease_s)
+            _stop(stop, worker.wake)
+            return False
+
+        Heartbeat(registry, worker_id, roles, stop, on_lost=lost).start()
         announce(f"{role} {worker_id} serving {', '.join(hosts)}; health at {health.url}")
         previous = signal.signal(signal.SIGTERM, lambda _s, _f: _stop(stop, worker.wake))
         try:
@@ -100,20 +105,3 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
 def _stop(stop: threading.Event, wake: Callable[[], None], _frame: FrameType | None = None) -> None:
     stop.set()
     wake()
-
-
-def _heartbeat(
-    registry: WorkerRegistry, worker_id: str, roles: RoleSettings, stop: threading.Event, wake: Callable[[], None]
-) -> None:
-    """Keep the lease; reap workers whose lease ran out. A worker whose own lease was taken stops (its runs have
-    been failed and may be resumed elsewhere: running on would be two owners of one run)."""
-    while not stop.wait(roles.heartbeat_s):
-        try:
-            if not registry.heartbeat(worker_id, roles.lease_s):
-                log.error("worker %s lost its lease (it was silent past %.0f s); stopping", worker_id, roles.lease_s)
-                _stop(stop, wake)
-                return
-            for trainer, runs in registry.reap().items():
-                log.warning("trainer %s lost its lease; its runs %s failed (resume them from a save)", trainer, runs)
-        except Exception:
-            log.exception("heartbeat failed; retrying")  # the database restarting: the lease has some slack

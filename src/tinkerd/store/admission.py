@@ -128,4 +128,4 @@ class Admission:
 
         if not is_ordered(kind, seq_id):
             return False
-        return self._db.write(txn)
+        return self._db.write_inserting(txn)  # the cursor, or the seq_id's row, may be inserted concurrently

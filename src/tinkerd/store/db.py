@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 from tinkerd.domain.errors import CapacityError
@@ -32,6 +32,9 @@ T = TypeVar("T")
 # Set on a Connection by `Database.write` so the begin hook can take SQLite's write lock up front.
 _WRITE_OPTION = "tinkerd_write"
 _POSTGRES_RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+# The server went away or is not taking connections yet (a restart): admin_shutdown, crash_shutdown,
+# cannot_connect_now; class 08 is connection_exception.
+_POSTGRES_RESTARTING = {"57P01", "57P02", "57P03"}
 
 
 class DatabaseBusyError(CapacityError):
@@ -78,7 +81,23 @@ def is_retryable(exc: BaseException) -> bool:
     if not isinstance(exc, DBAPIError):
         return False
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return code in _POSTGRES_RETRYABLE
+    return code in _POSTGRES_RETRYABLE or is_disconnect(exc)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Whether a database server error means "the connection is gone or cannot be made now" (PostgreSQL restarting,
+    a network blip): the transaction did not happen, or is to be found again by running it again (every
+    transaction here is safe to run twice: see ``Database.write``)."""
+    if not isinstance(exc, OperationalError | InterfaceError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    if isinstance(orig, sqlite3.Error):
+        return False
+    code = getattr(orig, "sqlstate", None)
+    # No SQLSTATE: the client library failed to connect or lost the socket (psycopg's own OperationalError).
+    return code is None or code.startswith("08") or code in _POSTGRES_RESTARTING
 
 
 class Database:
@@ -97,6 +116,7 @@ class Database:
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         self._retries = 0
         self._retries_lock = threading.Lock()
+        self._disconnect_logged_at = 0.0
         self.engine = self._create_engine(busy_timeout_ms, echo)
 
     @property
@@ -143,9 +163,21 @@ class Database:
     def write(self, work: Callable[[Connection], T]) -> T:
         """Run `work` in a write transaction, committed when it returns, re-run whole while the database is busy.
 
-        `work` must have no effects outside the database: it may run more than once.
+        `work` must have no effects outside the database: it may run more than once (also after a lost
+        connection, when the first run may have committed; every transaction here finds its own earlier effect).
         """
         return self._run(work, write=True)
+
+    def write_inserting(self, work: Callable[[Connection], T], attempts: int = 3) -> T:
+        """`write` for a transaction that inserts a row unless it finds it: on PostgreSQL two of them can both miss
+        the row and race to insert; the loser's unique violation means the row now exists, so it runs again and
+        finds it. (SQLite serialises writers: no race.)"""
+        for _ in range(attempts - 1):
+            try:
+                return self.write(work)
+            except IntegrityError:
+                continue
+        return self.write(work)
 
     def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
         deadline = time.monotonic() + self.retry.deadline_s
@@ -162,14 +194,25 @@ class Database:
                     raise
                 now = time.monotonic()
                 if now >= deadline:
+                    what = "unreachable" if is_disconnect(exc) else "busy"
                     raise DatabaseBusyError(
-                        f"the database stayed busy for {self.retry.deadline_s:.1f}s; try again later"
+                        f"the database stayed {what} for {self.retry.deadline_s:.1f}s; try again later"
                     ) from exc
                 with self._retries_lock:
                     self._retries += 1
+                if is_disconnect(exc):
+                    # Worth an operator's eye (a restart of PostgreSQL), unlike a lock: once per second at most.
+                    self._note_disconnect(exc)
                 log.debug("database busy (%s); retrying in %.3fs", exc, delay)
                 time.sleep(min(delay * (0.5 + random.random()), deadline - now))
                 delay = min(delay * 2, self.retry.max_delay_s)
+
+    def _note_disconnect(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._disconnect_logged_at >= 1.0:
+            self._disconnect_logged_at = now
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("lost the database connection (%s); reconnecting", reason)
 
     def dispose(self) -> None:
         self.engine.dispose()

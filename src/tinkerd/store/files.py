@@ -28,8 +28,29 @@ class StoredFile:
 
 
 class CheckpointFiles:
+    """Checkpoint storage in a directory (store.storage.CheckpointStorage): reading and writing are in place."""
+
     def __init__(self, data_dir: Path) -> None:
         self.root = Path(data_dir).absolute() / "checkpoints"
+
+    def write_dir(self, path: TinkerPath) -> Path:
+        return self.dir_of(path)
+
+    def published(self, path: TinkerPath) -> None:
+        pass  # written in place, atomically (engine.atomic_dir): every role already sees it
+
+    def read_dir(self, path: TinkerPath) -> Path:
+        return self.dir_of(path)
+
+    def snapshot_write_dir(self, sampler_id: str) -> Path:
+        return self.snapshot_dir(sampler_id)
+
+    def snapshot_published(self, sampler_id: str) -> None:
+        pass
+
+    def snapshot_read_dir(self, sampler_id: str) -> Path | None:
+        directory = self.snapshot_dir(sampler_id)
+        return directory if directory.is_dir() else None
 
     def dir_of(self, path: TinkerPath) -> Path:
         run_id, kind, name = path.parts()  # a TinkerPath validates its segments on construction

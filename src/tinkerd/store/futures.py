@@ -19,7 +19,6 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Connection, delete, func, select, update
-from sqlalchemy.exc import IntegrityError
 
 from tinkerd.domain.errors import ConflictError, InvalidRequestError, NotFoundError
 from tinkerd.domain.ids import new_request_id, validate_owner
@@ -165,14 +164,8 @@ class FuturesLedger:
             events.send(conn, events.SUBMITTED, model_id)  # wakes trainers and samplers in other processes
             return record, True
 
-        # On PostgreSQL two concurrent submits can both miss the row and race to insert; the loser's unique
-        # violation means the winner's row now exists, so run again and return it. (SQLite serialises writers.)
-        for _ in range(3):
-            try:
-                return self._db.write(txn)
-            except IntegrityError:
-                continue
-        return self._db.write(txn)
+        # Two concurrent submits of one (model_id, seq_id), or of a new model's first request, race to insert.
+        return self._db.write_inserting(txn)
 
     def get(self, request_id: str, owner: str, *, with_payload: bool = False) -> FutureRecord:
         """The request as its owner sees it. Results stay readable after delivery, until purged."""
@@ -344,7 +337,8 @@ class FuturesLedger:
         saying why. Returns the filled seq_ids by model.
         """
 
-        return self._db.write(lambda conn: upkeep.fill_stale_gaps(conn, self._clock(), waited_for))
+        # Every worker of a split deployment runs this: two may fill the same gap at once.
+        return self._db.write_inserting(lambda conn: upkeep.fill_stale_gaps(conn, self._clock(), waited_for))
 
     # -- sequences -----------------------------------------------------------------------------------------------
 
@@ -354,7 +348,7 @@ class FuturesLedger:
 
     def start_sequence(self, model_id: str, next_seq: int) -> None:
         """Declare where a model's sequence starts, for a model created without a seq-0 future. No-op if known."""
-        self._db.write(lambda conn: ensure_cursor(conn, model_id, next_seq))
+        self._db.write_inserting(lambda conn: ensure_cursor(conn, model_id, next_seq))
 
     # -- helpers -------------------------------------------------------------------------------------------------
 

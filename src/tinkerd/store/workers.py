@@ -4,9 +4,10 @@ runs, and what happens to the runs of a trainer whose lease ran out.
 A worker (trainer or sampler; the api registers too, for `tinkerd status`) holds a lease that each heartbeat pushes
 `lease_s` into the future. A trainer's runs are its own while its lease lasts: `training_runs.trainer_id` names
 it, and only it claims their requests. When a trainer's lease expires (the process died or hung), any live worker's
-heartbeat reaps it: every queued or running request of its runs fails with advice to resume from the last save,
-and the runs are marked lost (`trainer_id` = "lost:<trainer>"), so requests sent to them later fail the same way
-instead of waiting forever. A resumed run is a new run, placed on a live trainer.
+heartbeat reaps it (store.reaping): every queued or running request of its runs fails with advice to resume from
+the last save, and the runs are marked lost (`trainer_id` = "lost:<trainer>"), so requests sent to them later fail
+the same way instead of waiting forever. A resumed run is a new run, placed on a live trainer. A sampler's requests
+go to another sampler, or fail when none is left.
 """
 
 from __future__ import annotations
@@ -16,22 +17,24 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from tinkerd.domain.errors import CapacityError
-from tinkerd.domain.records import Clock, FutureState, utc_now
-from tinkerd.store import events
+from tinkerd.domain.records import Clock, utc_now
 from tinkerd.store.db import Database
-from tinkerd.store.sequencing import advance_cursor
-from tinkerd.store.tables import futures, training_runs, workers
-
-LOST_PREFIX = "lost:"
-ROLES = ("api", "trainer", "sampler")
-LOST_RUN_MESSAGE = (
-    "the trainer running training run {run} ({trainer}) stopped answering and its lease expired; the run's "
-    "in-memory state (LoRA weights and optimizer) is gone. Resume from the run's last save_state with "
-    "create_training_client_from_state_with_optimizer"
+from tinkerd.store.reaping import (
+    LOST_PREFIX,
+    LOST_RUN_MESSAGE,
+    Reaped,
+    lose_runs_of,
+    reap_samplers,
+    reap_trainers,
 )
+from tinkerd.store.tables import training_runs, workers
+
+__all__ = ["LOST_PREFIX", "LOST_RUN_MESSAGE", "ROLES", "Reaped", "WorkerInfo", "WorkerRegistry", "sorted_base_models"]
+
+ROLES = ("api", "trainer", "sampler")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class WorkerRegistry:
                 conn.execute(insert(workers).values(id=worker_id, **row))
             else:
                 conn.execute(update(workers).where(workers.c.id == worker_id).values(**row))
+                if role == "trainer":  # a restarted trainer: the runs its previous process held died with it
+                    lose_runs_of(conn, worker_id)
 
         self._db.write(txn)
 
@@ -199,62 +204,18 @@ class WorkerRegistry:
 
         return self._db.write(txn)
 
-    def reap(self) -> dict[str, list[str]]:
-        """Reap expired trainers (see the module docstring) and fail requests queued to lost runs since.
-        Returns the runs lost now, by trainer."""
+    def reap(self, sample_grace_s: float = 30.0) -> Reaped:
+        """Reap workers whose lease ran out (store.reaping): a trainer's runs are lost and their requests fail with
+        advice to resume; a sampler's requests go to another sampler or fail. Sampling requests that waited
+        `sample_grace_s` for a base model no live sampler serves fail too."""
         now = self._clock()
 
-        def txn(conn: Connection) -> dict[str, list[str]]:
-            expired = list(
-                conn.execute(
-                    select(workers.c.id).where(
-                        workers.c.role == "trainer", workers.c.lease_expires_at <= now, workers.c.stopped_at.is_(None)
-                    )
-                ).scalars()
-            )
-            lost: dict[str, list[str]] = {}
-            for trainer_id in expired:
-                runs = list(
-                    conn.execute(select(training_runs.c.id).where(training_runs.c.trainer_id == trainer_id)).scalars()
-                )
-                conn.execute(
-                    update(training_runs)
-                    .where(training_runs.c.trainer_id == trainer_id)
-                    .values(trainer_id=LOST_PREFIX + trainer_id)
-                )
-                conn.execute(update(workers).where(workers.c.id == trainer_id).values(stopped_at=now))
-                lost[trainer_id] = runs
-            _fail_requests_of_lost_runs(conn, now)
-            return lost
+        def txn(conn: Connection) -> Reaped:
+            lost = reap_trainers(conn, now)
+            requeued, failed = reap_samplers(conn, now, timedelta(seconds=sample_grace_s))
+            return Reaped(lost, requeued, failed)
 
         return self._db.write(txn)
-
-
-def _fail_requests_of_lost_runs(conn: Connection, now: datetime) -> None:
-    rows = conn.execute(
-        select(futures.c.request_id, futures.c.model_id, futures.c.ordered, training_runs.c.trainer_id)
-        .join(training_runs, training_runs.c.id == futures.c.model_id)
-        .where(
-            training_runs.c.trainer_id.like(LOST_PREFIX + "%"),
-            futures.c.state.in_((FutureState.PENDING.value, FutureState.RUNNING.value)),
-        )
-    ).all()
-    for row in rows:
-        message = LOST_RUN_MESSAGE.format(run=row.model_id, trainer=str(row.trainer_id).removeprefix(LOST_PREFIX))
-        conn.execute(
-            update(futures)
-            .where(and_(futures.c.request_id == row.request_id))
-            .values(
-                state=FutureState.FAILED.value,
-                finished_at=now,
-                payload=None,
-                error_message=message,
-                error_category="server",
-            )
-        )
-        events.send(conn, events.FINISHED, row.request_id)
-    for model_id in {row.model_id for row in rows if row.ordered}:
-        advance_cursor(conn, model_id)
 
 
 def sorted_base_models(infos: Sequence[WorkerInfo]) -> dict[str, Mapping[str, Any]]:

@@ -37,7 +37,7 @@ from tinkerd.domain.requests import (
 from tinkerd.engine.checkpoint import check_compatible, checkpoint_size_bytes, load_checkpoint, save_checkpoint
 from tinkerd.engine.lora import validate_lora_config
 from tinkerd.engine.optim import AdamState
-from tinkerd.store.files import CheckpointFiles
+from tinkerd.store.storage import CheckpointStorage
 from tinkerd.store.store import Store
 from tinkerd.worker.runtime import LoadedRun, Runtime, SamplerSource, not_loaded_message
 
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 class Handlers:
     store: Store
     runtime: Runtime
-    files: CheckpointFiles
+    files: CheckpointStorage
     clock: Clock = utc_now
     # Split deployment: samplers are other processes, so a snapshot for a sampler is also written to storage.
     share_snapshots: bool = False
@@ -127,9 +127,10 @@ class Handlers:
         existed = self._checkpoint_exists(path, future.owner)
         if existed and not req.overwrite:
             raise ConflictError(f"checkpoint {path} already exists; save with overwrite=True to replace it")
-        dest = self.files.dir_of(path)
+        dest = self.files.write_dir(path)
         optimizer = adapter.optimizer.state_dict() if req.kind == "weights" else None
         save_checkpoint(dest, adapter.weights, adapter.config, host.name, optimizer, req.user_metadata)
+        self.files.published(path)
         self.runtime.weights_cache.evict(path)
         size = checkpoint_size_bytes(dest)
         checkpoint = Checkpoint(
@@ -147,7 +148,9 @@ class Handlers:
         run, host, adapter = self.runtime.training(req.run_id, future.owner)
         snapshot = host.served.snapshot(run.run_id)  # an immutable copy: training on does not change this sampler
         if self.share_snapshots:
-            save_checkpoint(self.files.snapshot_dir(req.sampler_id), snapshot, adapter.config, host.name, None, {})
+            shared = self.files.snapshot_write_dir(req.sampler_id)
+            save_checkpoint(shared, snapshot, adapter.config, host.name, None, {})
+            self.files.snapshot_published(req.sampler_id)
         record = Sampler(
             id=req.sampler_id,
             session_id=run.session_id,
@@ -176,7 +179,7 @@ class Handlers:
         if not req.create and row is None:
             raise NotFoundError(f"unknown training run {req.run_id!r}")
 
-        loaded = load_checkpoint(self.files.dir_of(path), host.served.device, load_optimizer=req.with_optimizer)
+        loaded = load_checkpoint(self.files.read_dir(path), host.served.device, load_optimizer=req.with_optimizer)
         check_compatible(loaded.weights, host.served.train.hf)
         if loaded.base_model and loaded.base_model != host.name:
             raise InvalidRequestError(

@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import TypeVar
 
 from tinkerd.domain.errors import NotFoundError
-from tinkerd.store.files import CheckpointFiles
+from tinkerd.store.storage import CheckpointStorage
 from tinkerd.store.store import Store
 from tinkerd.worker.runtime import Runtime
 
@@ -51,7 +51,7 @@ class Report:
 
 
 class Housekeeper:
-    def __init__(self, store: Store, runtime: Runtime, files: CheckpointFiles, config: HousekeepingConfig) -> None:
+    def __init__(self, store: Store, runtime: Runtime, files: CheckpointStorage, config: HousekeepingConfig) -> None:
         self.store = store
         self.runtime = runtime
         self.files = files

@@ -24,6 +24,7 @@ from tinkerd.domain import codec
 from tinkerd.domain.errors import TinkerdError
 from tinkerd.domain.records import Clock, ErrorCategory, FutureRecord, FutureState, utc_now
 from tinkerd.domain.requests import CreateModel, Finished, ForwardBackward, LoadWeights, Request, Result, Sample
+from tinkerd.store.db import DatabaseBusyError
 from tinkerd.store.files import CheckpointFiles
 from tinkerd.store.sequencing import ClaimScope
 from tinkerd.store.store import Store
@@ -347,16 +348,24 @@ class Worker:
                     self.await_answer(future.request_id, self.config.answer_wait_s)
             except Exception:
                 log.exception("notify(%s) failed", future.request_id)
-        try:
-            if finished.state is FutureState.COMPLETED:
-                metrics = step_metrics_of(future, request, value, finished.finished_at or self._clock())
-                self.store.futures.complete(future.request_id, finished.result or b"", metrics=metrics)
-            else:
-                self.store.futures.fail(
-                    future.request_id, finished.error_message or "request failed", finished.error_category or "server"
-                )
-        except TinkerdError as exc:  # already finished elsewhere (failed as in flight, purged): nothing to record
-            log.warning("could not record the outcome of %s: %s", future.request_id, exc)
+        while True:
+            try:
+                if finished.state is FutureState.COMPLETED:
+                    metrics = step_metrics_of(future, request, value, finished.finished_at or self._clock())
+                    self.store.futures.complete(future.request_id, finished.result or b"", metrics=metrics)
+                else:
+                    self.store.futures.fail(
+                        future.request_id,
+                        finished.error_message or "request failed",
+                        finished.error_category or "server",
+                    )
+                return
+            except DatabaseBusyError as exc:  # unreachable past the store's retries: keep the result until it is back
+                log.warning("could not record the outcome of %s yet (%s); retrying", future.request_id, exc)
+                time.sleep(1.0)
+            except TinkerdError as exc:  # already finished elsewhere (failed as in flight, purged): nothing to record
+                log.warning("could not record the outcome of %s: %s", future.request_id, exc)
+                return
 
     def _idle(self) -> bool:
         """Whether no other claimed, handed-over or sampling work waits for this thread."""

@@ -21,7 +21,7 @@ from tinkerd.domain.requests import Sample, SampleProgress
 from tinkerd.engine.checkpoint import check_compatible, load_checkpoint
 from tinkerd.engine.lora import LoraWeights
 from tinkerd.engine.sampler import SampleJob
-from tinkerd.store.files import CheckpointFiles
+from tinkerd.store.storage import CheckpointStorage
 from tinkerd.store.store import Store
 from tinkerd.worker.hosts import ModelHost
 from tinkerd.worker.runtime import Runtime, SamplerSource
@@ -49,7 +49,7 @@ class SamplingService:
         self,
         store: Store,
         runtime: Runtime,
-        files: CheckpointFiles,
+        files: CheckpointStorage,
         *,
         watching: Watching | None = None,
         on_progress: OnProgress | None = None,
@@ -98,8 +98,8 @@ class SamplingService:
     def _source_from_store(self, sampler_id: str, owner: str) -> SamplerSource:
         record = self.store.samplers.get(sampler_id, owner)
         if record.run_id is not None:
-            shared = self.files.snapshot_dir(sampler_id)
-            if shared.is_dir():  # a trainer in another process wrote it (split deployment)
+            shared = self.files.snapshot_read_dir(sampler_id)
+            if shared is not None:  # a trainer in another process wrote it (split deployment)
                 host = self.runtime.host(record.base_model)
                 loaded = load_checkpoint(shared, host.sample_transformer.device, load_optimizer=False)
                 w = loaded.weights
@@ -114,7 +114,7 @@ class SamplingService:
         return SamplerSource(sampler_id, owner, record.session_id, record.base_model, checkpoint)
 
     def _load(self, host: ModelHost, path: TinkerPath) -> LoraWeights:
-        loaded = load_checkpoint(self.files.dir_of(path), host.sample_transformer.device, load_optimizer=False)
+        loaded = load_checkpoint(self.files.read_dir(path), host.sample_transformer.device, load_optimizer=False)
         check_compatible(loaded.weights, host.sample_transformer.hf)
         if loaded.base_model and loaded.base_model != host.name:
             raise InvalidRequestError(

@@ -26,7 +26,7 @@ from tinkerd.api.signing import UrlSigner
 from tinkerd.domain.errors import InvalidRequestError, NotFoundError
 from tinkerd.domain.paths import TinkerPath
 from tinkerd.domain.records import utc_now
-from tinkerd.store.files import CheckpointFiles, StoredFile
+from tinkerd.store.storage import CheckpointStorage, StoredFile
 
 router = APIRouter()
 
@@ -145,7 +145,7 @@ def _check_link(
     relpath: str | None,
     expires: str | None,
     sig: str | None,
-) -> tuple[CheckpointFiles, TinkerPath]:
+) -> tuple[CheckpointStorage, TinkerPath]:
     files, signer = ctx.downloads()
     run_id, kind, name = parts
     # The signature is checked on the raw URL segments first: an altered link is refused (403) whatever it names.
@@ -175,7 +175,7 @@ def download_archive(
     run_id: str, kind: str, name: str, ctx: Context, expires: Signature = None, sig: Signature = None
 ) -> Response:
     files, path = _check_link(ctx, ARCHIVE_PURPOSE, (run_id, kind, name), None, expires, sig)
-    directory = files.dir_of(path)
+    directory = files.read_dir(path)
     opened: list[tuple[StoredFile, BinaryIO]] = []
     try:
         # Open every file now: a save replacing the checkpoint (a directory swap) or a delete cannot change what

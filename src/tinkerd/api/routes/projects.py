@@ -38,7 +38,7 @@ def _link_tree(source: TinkerPath, dest: TinkerPath, ctx: ApiContext) -> int:
     file system cannot link). Built aside and renamed into place, so the copy appears whole or not at all."""
     files, _ = ctx.downloads()
     stored = files.list_files(source)
-    target = files.dir_of(dest)
+    target = files.write_dir(dest)
     if target.exists():
         raise ConflictError(f"checkpoint {dest} already exists")
     staging = target.with_name(f".{target.name}.copying-{os.getpid()}")
@@ -54,6 +54,7 @@ def _link_tree(source: TinkerPath, dest: TinkerPath, ctx: ApiContext) -> int:
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    files.published(dest)
     return sum(item.size_bytes for item in stored)
 
 
