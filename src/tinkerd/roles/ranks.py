@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinkerd import hub
-from tinkerd.domain.errors import SettingsError, TinkerdError
+from tinkerd.domain.errors import ModelFetchError, SettingsError, TinkerdError
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.distributed import Channel, DistributedServedModel, RankInfo, RankLostError, join_group
 from tinkerd.engine.distributed.follower import follow
@@ -124,11 +124,19 @@ def start_ranks(settings: Settings, announce: Announce | None = None) -> Ranks |
         if announce is not None:
             pids = ", ".join(f"rank {r}: pid {c.pid}" for r, c in enumerate(children, start=1))
             announce(f"trainer spans {info.world_size} ranks ({pids})")
+    joined = threading.Event()
+    if children:
+        watcher = threading.Thread(
+            target=_watch_start, args=(children, joined), name="tinkerd-ranks-start", daemon=True
+        )
+        watcher.start()
     try:
         device = join_group(info, settings.device, settings.rank_timeout_s)
     except BaseException:
         _kill(children)
         raise
+    finally:
+        joined.set()
     channel = Channel(info, device, settings.rank_timeout_s)
     channel.start_keepalive(min(KEEPALIVE_S, settings.rank_timeout_s / 4))
     return Ranks(info, channel, children)
@@ -163,8 +171,7 @@ def run_follower(settings: Settings, announce: Announce = print) -> None:
     channel = Channel(info, device, settings.rank_timeout_s)
     try:
         engine = engine_config(settings, str(device))
-        names = settings.models or (hub.DEFAULT_MODEL,)
-        models = [hub.resolve_model(name, settings.cache_dir) for name in names]  # rank 0 pulled what was missing
+        models = [_resolve(name, settings) for name in settings.models or (hub.DEFAULT_MODEL,)]
         served = {m.name: ServedModel.from_directory(m.name, m.path, engine) for m in models}
         handshake(channel, served)
         announce(f"rank {info.rank}/{info.world_size} on {device}: following rank 0 ({', '.join(served)})")
@@ -173,6 +180,17 @@ def run_follower(settings: Settings, announce: Announce = print) -> None:
         raise RanksLostError(str(exc)) from exc
     leave_group()
     announce(f"rank {info.rank}: stopped")
+
+
+def _resolve(name: str, settings: Settings) -> hub.ResolvedModel:
+    """A served model's directory; pulled if missing (under torchrun every rank starts at once; pulls are atomic)."""
+    try:
+        return hub.resolve_model(name, settings.cache_dir)
+    except ModelFetchError:
+        if name not in hub.CATALOG:
+            raise
+        hub.pull(name, settings.cache_dir, progress=False)
+        return hub.resolve_model(name, settings.cache_dir)
 
 
 def _spawn(settings: Settings, info: RankInfo) -> subprocess.Popen[bytes]:
@@ -193,7 +211,22 @@ def _spawn(settings: Settings, info: RankInfo) -> subprocess.Popen[bytes]:
     if settings.threads:
         command += ["--threads", str(settings.threads)]
     env = {**os.environ, **info.env()}
-    return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    # A session of its own: Ctrl-C in the terminal reaches rank 0 only, which then stops the others in order.
+    linux = sys.platform == "linux"
+    return subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent if linux else None)
+
+
+def _watch_start(children: list[subprocess.Popen[bytes]], joined: threading.Event) -> None:
+    """While rank 0 waits for the others to join (it cannot be interrupted there), a rank that exits means the
+    group will never form: say so and exit now rather than after the whole timeout."""
+    while not joined.wait(0.2):
+        for rank, child in enumerate(children, start=1):
+            code = child.poll()
+            if code is not None and not joined.is_set():
+                log.error("rank %d exited with code %s before joining the trainer's group (see its output)", rank, code)
+                sys.stderr.write(f"error: rank {rank} of the trainer exited with code {code} while starting\n")
+                _kill(children)
+                os._exit(1)
 
 
 def _die_with_parent() -> None:
