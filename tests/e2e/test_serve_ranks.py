@@ -53,9 +53,10 @@ def ranked(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     assert code == 0, server.log.read_text()  # SIGTERM: rank 0 stops rank 1 and both exit cleanly
 
 
-def train_two_runs(server: Server) -> tuple[list[list[float]], list[str], tinker.TrainingClient]:
+def train_two_runs(
+    server: Server, service: tinker.ServiceClient
+) -> tuple[list[list[float]], list[str], tinker.TrainingClient]:
     """Two runs, three forward_backward + optim_step each, both runs' requests in flight together."""
-    service = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
     clients = [
         service.create_lora_training_client(base_model=server.model, rank=4 * (i + 1), seed=seed).result(WAIT_S)
         for i, seed in enumerate(SEEDS)
@@ -76,9 +77,21 @@ def adapter_tensors(server: Server, path: str) -> dict[str, torch.Tensor]:
     return load_file(directory / "adapter_model.safetensors")
 
 
-def test_two_ranks_train_like_one_and_sample(ranked: Server, server: Server) -> None:
-    got, got_paths, trained = train_two_runs(ranked)
-    want, want_paths, _ = train_two_runs(server)  # the same SDK calls against a one-rank tinkerd serve
+@pytest.fixture
+def services() -> Iterator[list[tinker.ServiceClient]]:
+    opened: list[tinker.ServiceClient] = []
+    yield opened
+    for service in opened:
+        with contextlib.suppress(Exception):
+            service.close("success").result(10)
+
+
+def test_two_ranks_train_like_one_and_sample(
+    ranked: Server, server: Server, services: list[tinker.ServiceClient]
+) -> None:
+    services += [tinker.ServiceClient(base_url=s.url, api_key=API_KEY) for s in (ranked, server)]
+    got, got_paths, trained = train_two_runs(ranked, services[0])
+    want, want_paths, _ = train_two_runs(server, services[1])  # the same SDK calls against a one-rank tinkerd serve
     for g, w in zip(got, want, strict=True):
         assert g == pytest.approx(w, rel=1e-5)
         assert len(set(w)) == 3  # each step scored other data with a moved adapter: not a constant
@@ -89,7 +102,7 @@ def test_two_ranks_train_like_one_and_sample(ranked: Server, server: Server) -> 
             torch.testing.assert_close(tensors[key], reference[key], rtol=0, atol=1e-5)
         assert any(bool(t.abs().max() > 0) for k, t in tensors.items() if "lora_B" in k)  # trained: B left zero
 
-    sampler = trained.save_weights_and_get_sampling_client("sampled")
+    sampler = trained.save_weights_and_get_sampling_client().result(WAIT_S)
     prompt = types.ModelInput.from_ints([1, 17, 300, 4000])
     params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=3, stop=[])
     answer = sampler.sample(prompt, num_samples=2, sampling_params=params).result(WAIT_S)
