@@ -137,13 +137,13 @@ def start_ranks(settings: Settings, announce: Announce | None = None) -> Ranks |
         raise
     finally:
         joined.set()
-    channel = Channel(info, device, settings.rank_timeout_s)
-    channel.start_keepalive(min(KEEPALIVE_S, settings.rank_timeout_s / 4))
-    return Ranks(info, channel, children)
+    return Ranks(info, channel=Channel(info, device, settings.rank_timeout_s), children=children)
 
 
 def handshake(channel: Channel, served: Mapping[str, ServedModel]) -> None:
-    """Every rank loaded the same base models the same way, or a SettingsError saying which rank differs."""
+    """Every rank loaded the same base models the same way, or a SettingsError saying which rank differs.
+
+    Every rank calls it once, after loading its models and before the first command."""
     try:
         prints = channel.all_gather(_fingerprint(served))
     except RankLostError as exc:
@@ -151,6 +151,8 @@ def handshake(channel: Channel, served: Mapping[str, ServedModel]) -> None:
     for rank, other in enumerate(prints):
         if other != prints[0]:
             raise SettingsError(f"rank {rank} loaded other base models than rank 0: {other} != {prints[0]}")
+    if channel.info.is_leader:  # from now on every rank waits for commands: keep idle ones inside the timeout
+        channel.start_keepalive(min(KEEPALIVE_S, channel.timeout_s / 4))
 
 
 def _fingerprint(served: Mapping[str, ServedModel]) -> dict[str, tuple[int, float, str, int]]:

@@ -157,10 +157,11 @@ class Channel:
         if self._lost is not None:
             return
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # What a user reads first (error messages may be cut after 200 characters): what happened and what to do.
         self._lost = (
-            f"rank {self.info.rank} of this {self.world_size}-rank trainer lost another rank ({detail[:300]}); "
-            "the trainer stops: its in-flight requests fail, and its runs resume from their last save_state with "
-            "create_training_client_from_state_with_optimizer"
+            f"a rank of this {self.world_size}-rank trainer is gone, so the trainer stops; resume its runs from their "
+            f"last save_state with create_training_client_from_state_with_optimizer (rank {self.info.rank} saw: "
+            f"{detail[:300]})"
         )
         log.error("%s", self._lost)
         if self.on_lost is not None:
