@@ -100,7 +100,10 @@ class Ranks:
         self.channel.on_lost = lost
 
     def close(self) -> None:
+        ready = self.channel.ready
         self.channel.close()
+        if not ready:  # stopped while starting (a model failed to load): the ranks this process started go too
+            _kill(self.children)
         for child in self.children:
             try:
                 child.wait(_CHILD_STOP_S)

@@ -76,18 +76,26 @@ class Channel:
     def send_all(self, command: Command) -> None:
         self.send([None] + [command] * (self.world_size - 1))
 
+    @property
+    def ready(self) -> bool:
+        """Whether every rank has loaded its models and waits for commands (rank 0 started its keep-alive)."""
+        return self._keepalive is not None
+
     def start_keepalive(self, interval_s: float) -> None:
-        """Rank 0: ping the followers whenever no command went out for ``interval_s`` (well under the timeout)."""
+        """Rank 0, once every rank waits for commands: ping the followers whenever no command went out for
+        ``interval_s`` (well under the timeout)."""
         self._keepalive = threading.Thread(
             target=self._ping_loop, args=(interval_s,), name="tinkerd-ranks-keepalive", daemon=True
         )
         self._keepalive.start()
 
     def close(self) -> None:
-        """Rank 0: tell the followers to exit (unless they are gone), then leave the group."""
+        """Rank 0: tell the followers to exit (unless they are gone, or never got ready), then leave the group."""
         self._stop.set()
         if self._keepalive is not None:
             self._keepalive.join(self.timeout_s)
+        if not self.ready:
+            return  # the followers are not reading commands yet: a Shutdown would meet another collective
         with self._lock:
             if self._lost is None and self.info.is_leader:
                 with suppress(RankLostError):
