@@ -6,7 +6,7 @@ import pytest
 
 from tinkerd.domain.errors import SettingsError
 from tinkerd.engine.distributed import RankInfo, backend_for, rank_device, rank_from_env
-from tinkerd.roles.ranks import this_rank
+from tinkerd.roles.ranks import engine_config, this_rank
 from tinkerd.settings import Settings
 
 
@@ -44,3 +44,10 @@ def test_ranks_setting_and_torchrun_must_agree(monkeypatch: pytest.MonkeyPatch) 
     assert under_torchrun is not None and under_torchrun.world_size == 2
     with pytest.raises(SettingsError, match="WORLD_SIZE"):
         this_rank(Settings.load(ranks=4))
+
+
+def test_cuda_samples_from_the_training_weights() -> None:
+    cpu = engine_config(Settings.load(dtype="bfloat16"), "cpu")
+    assert (cpu.train_dtype, cpu.sample_dtype) == ("bfloat16", "float32")  # CPU keeps its fp32 decoding copy
+    cuda = engine_config(Settings.load(threads=2), "cuda:1")
+    assert cuda.device == "cuda:1" and cuda.sample_dtype == cuda.train_dtype == "bfloat16" and cuda.num_threads == 2

@@ -70,8 +70,17 @@ def is_follower() -> bool:
 
 
 def engine_config(settings: Settings, device: str) -> EngineConfig:
+    """The engine's configuration on ``device`` (this rank's).
+
+    On CUDA the sampler decodes from the trainer's own weights in the training dtype (bf16 by default): the fp32
+    sampling copy that makes CPU decoding faster (memory-bound gemv) would cost a GPU 4 bytes per parameter.
+    """
     engine = EngineConfig(device=device, num_threads=settings.threads)
-    return dataclasses.replace(engine, train_dtype=settings.dtype) if settings.dtype else engine
+    if settings.dtype:
+        engine = dataclasses.replace(engine, train_dtype=settings.dtype)
+    if torch.device(device).type == "cuda":
+        engine = dataclasses.replace(engine, sample_dtype=engine.train_dtype)
+    return engine
 
 
 @dataclass
