@@ -143,7 +143,7 @@ def start_ranks(settings: Settings, announce: Announce | None = None) -> Ranks |
         )
         watcher.start()
     try:
-        device = join_group(info, settings.device, settings.rank_timeout_s)
+        device = join_group(info, settings.device, settings.rank_timeout_s, from_env=not children)
     except BaseException:
         _kill(children)
         raise
@@ -181,7 +181,7 @@ def run_follower(settings: Settings, announce: Announce = print) -> None:
     """A follower rank: join the group, load the base models, then run rank 0's commands until it stops."""
     info = rank_from_env(os.environ)
     assert info is not None and not info.is_leader
-    device = join_group(info, settings.device, settings.rank_timeout_s)
+    device = join_group(info, settings.device, settings.rank_timeout_s, from_env=True)
     channel = Channel(info, device, settings.rank_timeout_s)
     try:
         engine = engine_config(settings, str(device))

@@ -66,11 +66,13 @@ def rank_device(device: str, local_rank: int) -> str:
     return device
 
 
-def join_group(info: RankInfo, device: str, timeout_s: float) -> torch.device:
+def join_group(info: RankInfo, device: str, timeout_s: float, from_env: bool = False) -> torch.device:
     """Join the default process group of the trainer's ranks; returns this rank's device.
 
-    Blocks until every rank has joined (at most ``timeout_s``); every collective afterwards fails rather than
-    waits past ``timeout_s`` for a rank that is gone.
+    ``from_env``: rendezvous as torchrun arranges it (``env://``: under torchrun its agent already holds the store
+    on MASTER_PORT); otherwise rank 0 opens the store at ``info.master_addr:master_port``. Blocks until every rank
+    has joined (at most ``timeout_s``); every collective afterwards fails rather than waits past ``timeout_s`` for a
+    rank that is gone.
     """
     here = torch.device(rank_device(device, info.local_rank))
     if here.type == "cuda":
@@ -79,7 +81,7 @@ def join_group(info: RankInfo, device: str, timeout_s: float) -> torch.device:
         torch.cuda.set_device(here)  # the object collectives (and NCCL) use the current device
     dist.init_process_group(
         backend=backend_for(device),
-        init_method=f"tcp://{info.master_addr}:{info.master_port}",
+        init_method="env://" if from_env else f"tcp://{info.master_addr}:{info.master_port}",
         rank=info.rank,
         world_size=info.world_size,
         timeout=timedelta(seconds=timeout_s),
