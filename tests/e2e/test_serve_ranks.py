@@ -5,6 +5,9 @@ step with a clear error and stops the server with a non-zero exit code."""
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from tinker import types
 
-from tests.e2e.conftest import API_KEY, Server, start_server, stop_server
+from tests.e2e.conftest import API_KEY, Server, _wait_until_up, free_port, start_server, stop_server
 from tinkerd.domain.paths import parse_tinker_path
 from tinkerd.store.files import CheckpointFiles
 
@@ -151,3 +154,34 @@ def test_a_rank_killed_mid_step_fails_the_step_and_stops_the_trainer(tmp_path: P
             with contextlib.suppress(Exception):
                 service.close("success").result(5)
         stop_server(server.process)
+
+
+@pytest.mark.slow
+def test_under_torchrun(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """torchrun starts both ranks of `tinkerd serve`: rank 0 serves, rank 1 follows, and training works."""
+    port = free_port()
+    tinkerd = Path(sys.executable).with_name("tinkerd")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [
+        str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python", str(tinkerd), "serve",
+        "--model", str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port), "--threads", "1",
+        "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    log = tmp_path / "torchrun.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(url, process, log)
+        service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
+        training = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=4, seed=1).result(WAIT_S)
+        losses = []
+        for step in range(2):
+            losses.append(training.forward_backward(batch(0, 0), "cross_entropy").result(WAIT_S).metrics["loss:sum"])
+            training.optim_step(types.AdamParams(learning_rate=1e-2)).result(WAIT_S)
+        assert losses[1] < losses[0]
+        assert "following rank 0" in log.read_text()  # rank 1 came from torchrun, not from tinkerd's launcher
+        service.close("success").result(10)
+    finally:
+        stop_server(process)
