@@ -177,7 +177,7 @@ def test_under_torchrun(tmp_path: Path, tiny_model_dir: Path) -> None:
         service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
         training = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=4, seed=1).result(WAIT_S)
         losses = []
-        for step in range(2):
+        for _ in range(2):
             losses.append(training.forward_backward(batch(0, 0), "cross_entropy").result(WAIT_S).metrics["loss:sum"])
             training.optim_step(types.AdamParams(learning_rate=1e-2)).result(WAIT_S)
         assert losses[1] < losses[0]
