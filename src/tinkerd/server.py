@@ -193,7 +193,7 @@ def build(
         dispatch = InProcess(notifier, worker.accept, claim_for=worker.config.worker_id)
         infos = [model_info(m, hosts[m.name].engine_path.value) for m in models]
         app = create_app(store, infos, dispatch, api)
-        mount_console(app, _console_config(models, worker))
+        mount_console(app, _console_config(models, worker, ranks.info.world_size if ranks is not None else 1))
     except BaseException:
         store.close()
         if ranks is not None:
@@ -202,14 +202,15 @@ def build(
     return Components(settings, store, notifier, models, app, worker, threading.Event(), ranks=ranks)
 
 
-def _console_config(models: Sequence[hub.ResolvedModel], worker: Worker) -> ConsoleConfig:
+def _console_config(models: Sequence[hub.ResolvedModel], worker: Worker, world_size: int = 1) -> ConsoleConfig:
     names = [m.name for m in models]
+    detail = "trainer and sampler" + (f" (trainer on {world_size} ranks)" if world_size > 1 else "")
 
     def roles() -> list[dict[str, Any]]:
         # One process plays every role here: the api, and one worker thread owning the engine and all models.
         return [
             {"role": "api", "id": f"pid {os.getpid()}", "detail": "Tinker API and console", "models": names},
-            {"role": "worker", "id": worker.config.worker_id, "detail": "trainer and sampler", "models": names},
+            {"role": "worker", "id": worker.config.worker_id, "detail": detail, "models": names},
         ]
 
     return ConsoleConfig(tokenizer_dirs={m.name: m.path for m in models if _has_tokenizer(m.path)}, roles=roles)

@@ -73,7 +73,15 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
 
         def report() -> dict[str, Any]:
             runs = registry.runs_of(worker_id) if role == "trainer" else []
-            return {"status": "ok", "role": role, "id": worker_id, "models": sorted(hosts), "runs": runs}
+            world = ranks.info.world_size if ranks is not None else 1
+            return {
+                "status": "ok",
+                "role": role,
+                "id": worker_id,
+                "models": sorted(hosts),
+                "runs": runs,
+                "ranks": world,
+            }
 
         health = HealthServer(roles.host, roles.port, report)
         health.start()
