@@ -19,8 +19,10 @@ from tinkerd.engine.served_model import ServedModel
 from tinkerd.roles.ranks import Ranks, handshake, start_ranks
 from tinkerd.settings import Settings
 
-# The default training dtype (bf16 base matmuls): the configuration users run.
-ENGINE = EngineConfig(device="cpu", train_dtype="bfloat16")
+# fp32 base matmuls, where a row's numbers do not depend on the rows packed with it (engine/lora.py, MIN_INVARIANT_ROWS),
+# so one rank and two ranks can agree within 1e-5. With the default bf16 base, a datum's logprobs moved by about 2e-4
+# relative between a one-rank pack and a two-rank share (bf16 rounding; the e2e test runs that configuration).
+ENGINE = EngineConfig(device="cpu", train_dtype="float32")
 
 
 @dataclass
@@ -45,8 +47,8 @@ def one_rank(model_dir: Path) -> ServedModel:
 @pytest.fixture(scope="module")
 def two_ranks(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoRanks]:
     settings = Settings.load(
-        models=[str(model_dir)], cache_dir=tmp_path_factory.mktemp("cache"), ranks=2, rank_timeout_s=60, threads=1
-    )
+        models=[str(model_dir)], cache_dir=tmp_path_factory.mktemp("cache"), ranks=2, threads=1, dtype="float32"
+    )  # the default timeout: on a loaded machine a rank takes a minute to import torch and join
     ranks = start_ranks(settings)
     assert ranks is not None
     try:

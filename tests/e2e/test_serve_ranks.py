@@ -26,6 +26,7 @@ from tinkerd.store.files import CheckpointFiles
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 
 WAIT_S = 120
+BF16_REL = 2e-3
 SEEDS = (1, 2)
 
 
@@ -95,14 +96,16 @@ def test_two_ranks_train_like_one_and_sample(
     services += [tinker.ServiceClient(base_url=s.url, api_key=API_KEY) for s in (ranked, server)]
     got, got_paths, trained = train_two_runs(ranked, services[0])
     want, want_paths, _ = train_two_runs(server, services[1])  # the same SDK calls against a one-rank tinkerd serve
+    # The default bf16 base: a datum's numbers move at bf16 rounding level with the rows packed beside it, so one and
+    # two ranks agree to ~1e-3 here; tests/distributed checks 1e-5 with an fp32 base.
     for g, w in zip(got, want, strict=True):
-        assert g == pytest.approx(w, rel=1e-5)
+        assert g == pytest.approx(w, rel=BF16_REL)
         assert len(set(w)) == 3  # each step scored other data with a moved adapter: not a constant
     for g_path, w_path in zip(got_paths, want_paths, strict=True):
         tensors, reference = adapter_tensors(ranked, g_path), adapter_tensors(server, w_path)
         assert tensors.keys() == reference.keys() and tensors
         for key in reference:
-            torch.testing.assert_close(tensors[key], reference[key], rtol=0, atol=1e-5)
+            torch.testing.assert_close(tensors[key], reference[key], rtol=BF16_REL, atol=1e-4)
         assert any(bool(t.abs().max() > 0) for k, t in tensors.items() if "lora_B" in k)  # trained: B left zero
 
     sampler = trained.save_weights_and_get_sampling_client().result(WAIT_S)
