@@ -19,9 +19,10 @@ from tinkerd.engine.served_model import ServedModel
 from tinkerd.roles.ranks import Ranks, handshake, start_ranks
 from tinkerd.settings import Settings
 
-# fp32 base matmuls, where a row's numbers do not depend on the rows packed with it (engine/lora.py, MIN_INVARIANT_ROWS),
-# so one rank and two ranks can agree within 1e-5. With the default bf16 base, a datum's logprobs moved by about 2e-4
-# relative between a one-rank pack and a two-rank share (bf16 rounding; the e2e test runs that configuration).
+# fp32 base matmuls, where a row's numbers do not depend on the rows packed with it (engine/lora.py,
+# MIN_INVARIANT_ROWS), so one rank and two ranks can agree within 1e-5. With the default bf16 base, a datum's
+# logprobs moved by about 2e-4 relative between a one-rank pack and a two-rank share (bf16 rounding; the e2e test
+# runs that configuration).
 ENGINE = EngineConfig(device="cpu", train_dtype="float32")
 
 
