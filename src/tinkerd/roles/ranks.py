@@ -44,7 +44,7 @@ Announce = Callable[[str], None]
 KEEPALIVE_S = 5.0
 # After a rank is lost, in-flight requests are failed; their clients get this long to read the errors before exit.
 LOST_GRACE_S = 3.0
-_CHILD_STOP_S = 15.0
+_CHILD_STOP_S = 60.0  # a follower that left the group exits in well under a second, unless the machine is starved
 
 
 class RanksLostError(TinkerdError):
