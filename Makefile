@@ -11,7 +11,7 @@ COOKBOOK := tinker-cookbook==0.6.1
 .PHONY: install browser test test-fast test-slow lint serve pull bench clean
 
 # The tiers `make test-fast` leaves out (the markers are described in pyproject.toml and CONTRIBUTING.md).
-NOT_FAST := slow or e2e or oldsdk or cookbook or integration or fuzz or weights or heavy or postgres or vllm or browser or loops or openai
+NOT_FAST := slow or e2e or oldsdk or cookbook or integration or fuzz or weights or heavy or postgres or vllm or browser or loops or openai or distributed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

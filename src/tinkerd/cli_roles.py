@@ -119,13 +119,23 @@ def register(app: typer.Typer) -> None:
             device: Annotated[str | None, typer.Option("--device", help="Torch device.")] = None,
             threads: Annotated[int | None, typer.Option("--threads", min=1, help="Torch threads.")] = None,
             cache_dir: CacheDir = None,
+            ranks: Annotated[
+                int | None,
+                typer.Option("--ranks", min=1, help="Trainers: processes (one per device) this trainer spans."),
+            ] = None,
+            rank_timeout_s: Annotated[
+                int | None, typer.Option("--rank-timeout-s", min=1, help="Trainers: collective timeout (s).")
+            ] = None,
         ) -> None:
             from tinkerd.roles.worker import run_worker
 
             _logging()
             try:
                 roles = _roles(database_url, storage, host, port, worker_id, lease_s, capacity)
-                settings = Settings.load(models=model, device=device, threads=threads, cache_dir=cache_dir)
+                settings = Settings.load(
+                    models=model, device=device, threads=threads, cache_dir=cache_dir, ranks=ranks,
+                    rank_timeout_s=rank_timeout_s,
+                )  # fmt: skip
                 run_worker("trainer" if role == "trainer" else "sampler", roles, settings, announce=typer.echo)
             except (TinkerdError, SettingsError) as error:
                 raise _fail(error) from error

@@ -40,7 +40,7 @@ from tinkerd.store import Store, default_url
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from tinkerd.engine.config import EngineConfig
+    from tinkerd.roles.ranks import Ranks
     from tinkerd.worker.loop import Worker
 
 log = logging.getLogger(__name__)
@@ -90,16 +90,6 @@ def model_info(model: hub.ResolvedModel, engine_path: str | None = None) -> Serv
     )
 
 
-def engine_config(settings: Settings) -> EngineConfig:
-    """The engine's configuration from the server's settings (serve and the trainer/sampler roles alike)."""
-    from tinkerd.engine.config import EngineConfig  # torch loads here, not at import
-
-    engine = EngineConfig(
-        device=settings.device, num_threads=settings.threads, rescore_samples=settings.sample_scores == "trainer"
-    )
-    return dataclasses.replace(engine, train_dtype=settings.dtype) if settings.dtype else engine
-
-
 def resolve_models(settings: Settings, announce: Announce | None = None) -> list[hub.ResolvedModel]:
     """The served models' directories. The embedded default is pulled on first use (about 20 s, once)."""
     names = settings.models or (hub.DEFAULT_MODEL,)
@@ -129,6 +119,7 @@ class Components:
     worker: Worker
     stop: threading.Event
     thread: threading.Thread | None = None
+    ranks: Ranks | None = None  # the other ranks of a trainer spanning several (--ranks, torchrun)
 
     def start_worker(self) -> None:
         # Before anything is served: the requests a previous run left running are failed before the api records
@@ -147,6 +138,8 @@ class Components:
             if self.thread.is_alive():
                 log.warning("the worker did not stop within %.0f s; exiting anyway", _WORKER_JOIN_S)
         self.store.close()
+        if self.ranks is not None:
+            self.ranks.close()
 
 
 def build(
@@ -154,6 +147,7 @@ def build(
 ) -> Components:
     """Open the store, load the models onto the engine, and build the worker and the app (nothing runs yet)."""
     # torch loads here, not at import: `tinkerd --help` and the API module stay light.
+    from tinkerd.roles.ranks import engine_config, handshake, start_ranks
     from tinkerd.worker.hosts import ModelHost
     from tinkerd.worker.loop import Worker
 
@@ -161,16 +155,23 @@ def build(
     data_dir.mkdir(parents=True, exist_ok=True)
     models = resolve_models(settings, announce)
     keys = load_keys_file(settings.keys_file) if settings.keys_file is not None else None
-    engine = engine_config(settings)
     store = Store.open(default_url(data_dir))
+    ranks = None
     try:
+        ranks = start_ranks(settings, announce)  # None for one rank: no collectives on that path
+        engine = engine_config(settings, ranks.device if ranks is not None else settings.device)
         hosts: dict[str, ModelHost] = {}
         if announce is not None:
             announce(f"Engine on {engine.device}, {engine.train_dtype_note()}")
         for model in models:
             if announce is not None:
                 announce(f"Loading {model.name} from {model.path}")
-            hosts[model.name] = ModelHost.from_directory(model.name, model.path, engine)
+            if ranks is None:
+                hosts[model.name] = ModelHost.from_directory(model.name, model.path, engine)
+            else:
+                hosts[model.name] = ModelHost.from_directory(model.name, model.path, engine, ranks.make_served)
+        if ranks is not None:
+            handshake(ranks.channel, {name: host.served for name, host in hosts.items()})
         notifier = FutureNotifier()
         worker = Worker(
             store,
@@ -194,21 +195,24 @@ def build(
         dispatch = InProcess(notifier, worker.accept, claim_for=worker.config.worker_id)
         infos = [model_info(m, hosts[m.name].engine_path.value) for m in models]
         app = create_app(store, infos, dispatch, api)
-        mount_console(app, _console_config(models, worker))
+        mount_console(app, _console_config(models, worker, ranks.info.world_size if ranks is not None else 1))
     except BaseException:
         store.close()
+        if ranks is not None:
+            ranks.close()
         raise
-    return Components(settings, store, notifier, models, app, worker, threading.Event())
+    return Components(settings, store, notifier, models, app, worker, threading.Event(), ranks=ranks)
 
 
-def _console_config(models: Sequence[hub.ResolvedModel], worker: Worker) -> ConsoleConfig:
+def _console_config(models: Sequence[hub.ResolvedModel], worker: Worker, world_size: int = 1) -> ConsoleConfig:
     names = [m.name for m in models]
+    detail = "trainer and sampler" + (f" (trainer on {world_size} ranks)" if world_size > 1 else "")
 
     def roles() -> list[dict[str, Any]]:
         # One process plays every role here: the api, and one worker thread owning the engine and all models.
         return [
             {"role": "api", "id": f"pid {os.getpid()}", "detail": "Tinker API and console", "models": names},
-            {"role": "worker", "id": worker.config.worker_id, "detail": "trainer and sampler", "models": names},
+            {"role": "worker", "id": worker.config.worker_id, "detail": detail, "models": names},
         ]
 
     return ConsoleConfig(tokenizer_dirs={m.name: m.path for m in models if _has_tokenizer(m.path)}, roles=roles)
@@ -263,7 +267,16 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(settings: Settings, announce: Announce = print) -> None:
-    """Run tinkerd in the foreground until Ctrl-C or SIGTERM, then stop the worker and close the store."""
+    """Run tinkerd in the foreground until Ctrl-C or SIGTERM, then stop the worker and close the store.
+
+    Rank r > 0 of a trainer spanning several ranks (``--ranks``, torchrun) follows rank 0 instead (roles/ranks.py).
+    Raises RanksLostError (after stopping) when a rank of the trainer was lost.
+    """
+    from tinkerd.roles.ranks import RanksLostError, is_follower, run_follower
+
+    if is_follower():
+        run_follower(settings, announce)
+        return
     sock = listen_socket(settings.host, settings.port)
     try:
         components = build(settings, announce=announce)
@@ -284,6 +297,8 @@ def serve(settings: Settings, announce: Announce = print) -> None:
     # would kill the process before the worker stops, so turn it into an exception and clean up below. (A SystemExit
     # from uvicorn itself, a failed startup, still propagates with its exit code.)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    if components.ranks is not None:
+        components.ranks.on_lost(lambda: setattr(server, "should_exit", True))
     components.start_worker()
     try:
         server.run(sockets=[sock])
@@ -294,6 +309,9 @@ def serve(settings: Settings, announce: Announce = print) -> None:
         components.close()
         sock.close()
         signal.signal(signal.SIGTERM, previous)
+    lost = components.ranks.channel.lost if components.ranks is not None else None
+    if lost is not None:
+        raise RanksLostError(lost)
 
 
 @contextmanager

@@ -131,6 +131,21 @@ class Settings:
         "tempered",
         choices=LOGPROB_DISTRIBUTIONS,
     )
+    # One trainer across several processes (one per device) with torch.distributed (README "Training across devices").
+    ranks: int = setting(
+        1,
+        "Processes one trainer spans, one per device (torch.distributed: gloo on cpu, NCCL on cuda, rank r on "
+        "cuda:r); tinkerd starts ranks 1..N-1 itself. Under torchrun, WORLD_SIZE decides.",
+        "1",
+        minimum=1,
+    )
+    rank_timeout_s: int = setting(
+        300,
+        "Seconds a rank waits for the others in a collective before the trainer gives up on a silent rank (a dead "
+        "one is noticed at once) and exits.",
+        "300",
+        minimum=1,
+    )
 
     sample_scores: str = setting(
         "trainer",

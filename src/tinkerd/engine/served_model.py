@@ -120,21 +120,24 @@ class ServedModel:
         Validation happens before any computation, so a bad job fails before it (or any other) moves a weight;
         the caller batches jobs only after validating them one by one (see ``validate``).
         """
+        return assemble_results(jobs, self.run_rows(self.rows_of_jobs(jobs), jobs))
+
+    def rows_of_jobs(self, jobs: Sequence[ForwardJob]) -> list[Row]:
+        """Every job's datums as rows (``Row.job`` indexes ``jobs``); raises InvalidRequestError for a bad one."""
         rows: list[Row] = []
         for j, job in enumerate(jobs):
             rows.extend(self._rows_of(j, job))
-        per_job: list[list[dict[str, ArrayData] | None]] = [[None] * len(job.datums) for job in jobs]
-        metrics: list[list[dict[str, float]]] = [[{} for _ in job.datums] for job in jobs]
+        return rows
+
+    def run_rows(self, rows: Sequence[Row], jobs: Sequence[ForwardJob]) -> dict[tuple[int, int], DatumOutcome]:
+        """Forward (and backward, for jobs that ask) of some rows of ``jobs``: each datum's outputs and metrics by
+        (job, datum index). A distributed trainer runs a share of the rows on each rank (engine/distributed)."""
+        done: dict[tuple[int, int], DatumOutcome] = {}
         for grad_mode in (False, True):
             selected = [r for r in rows if jobs[r.job].backward == grad_mode]
             for group in micro_batches(selected, self.config.max_tokens_per_pass):
-                self._run_group(group, jobs, grad_mode, per_job, metrics)
-        results: list[ForwardResult] = []
-        for j, _job in enumerate(jobs):
-            outputs = [o for o in per_job[j] if o is not None]
-            assert len(outputs) == len(per_job[j])
-            results.append(ForwardResult(loss_fn_outputs=outputs, metrics=reduce_metrics(metrics[j])))
-        return results
+                self._run_group(group, jobs, grad_mode, done)
+        return done
 
     def validate(self, job: ForwardJob) -> None:
         """Raise InvalidRequestError for anything wrong with the job, without running the model.
@@ -168,8 +171,7 @@ class ServedModel:
         group: list[Row],
         jobs: Sequence[ForwardJob],
         grad_mode: bool,
-        per_job: list[list[dict[str, ArrayData] | None]],
-        metrics: list[list[dict[str, float]]],
+        done: dict[tuple[int, int], DatumOutcome],
     ) -> None:
         weights: dict[str, LoraWeights | None] = {BASE_KEY: None}
         weights.update({k: a.weights for k, a in self.adapters.items()})
@@ -189,10 +191,9 @@ class ServedModel:
                 total = out.loss if total is None else total + out.loss
                 outputs = {"logprobs": _array(lp.detach())}
                 outputs.update({name: _array(t.detach()) for name, t in out.outputs.items()})
-                per_job[row.job][row.index] = outputs
-                metrics[row.job][row.index] = out.metrics
+                done[(row.job, row.index)] = DatumOutcome(outputs, out.metrics)
             if trace is not None:
-                _add_router_metrics(trace, packed.rows, packed.offsets, metrics)
+                _add_router_metrics(trace, packed.rows, packed.offsets, done)
             if grad_mode and total is not None and total.requires_grad:
                 total.backward()
 
@@ -203,9 +204,36 @@ class ServedModel:
         metrics = adamw_step(list(adapter.weights.parameters()), adapter.optimizer, adam)
         return OptimStepResult(metrics=metrics)
 
+    def discard_grads(self, adapter_id: str) -> None:
+        """Drop the gradients an adapter accumulated since its last optim_step (the next step then moves nothing)."""
+        with torch.no_grad():
+            for p in self.adapter(adapter_id).weights.parameters():
+                p.grad = None
+
+
+@dataclass(frozen=True)
+class DatumOutcome:
+    """What one datum's forward gave: its loss_fn_outputs and its per-datum metrics (reduced per request later)."""
+
+    outputs: dict[str, ArrayData]
+    metrics: dict[str, float]
+
+
+def assemble_results(jobs: Sequence[ForwardJob], done: Mapping[tuple[int, int], DatumOutcome]) -> list[ForwardResult]:
+    """Each job's result from its datums' outcomes, in the order of its datums (metrics reduced over them)."""
+    results: list[ForwardResult] = []
+    for j, job in enumerate(jobs):
+        outcomes = [done[(j, i)] for i in range(len(job.datums))]
+        results.append(
+            ForwardResult(
+                loss_fn_outputs=[o.outputs for o in outcomes], metrics=reduce_metrics([o.metrics for o in outcomes])
+            )
+        )
+    return results
+
 
 def _add_router_metrics(
-    trace: RouterTrace, rows: Sequence[Row], offsets: Sequence[int], metrics: list[list[dict[str, float]]]
+    trace: RouterTrace, rows: Sequence[Row], offsets: Sequence[int], done: Mapping[tuple[int, int], DatumOutcome]
 ) -> None:
     """MoE load-balancing statistics over each request's tokens in this pass, on its first datum here (the request's
     other datums do not report them, so the request's reduced metrics are these values)."""
@@ -215,7 +243,7 @@ def _add_router_metrics(
         first.setdefault(row.job, row)
         tokens.setdefault(row.job, []).extend(range(off, off + len(row.tokens)))
     for job, index in tokens.items():
-        metrics[job][first[job].index].update(router_metrics(trace, torch.tensor(index)))
+        done[(job, first[job].index)].metrics.update(router_metrics(trace, torch.tensor(index)))
 
 
 def _array(t: torch.Tensor) -> ArrayData:

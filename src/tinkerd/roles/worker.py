@@ -21,7 +21,7 @@ from typing import Any, Literal
 from tinkerd.roles.health import HealthServer
 from tinkerd.roles.lease import Heartbeat
 from tinkerd.roles.settings import RoleSettings, check_storage, open_ledger
-from tinkerd.server import engine_config, model_info, resolve_models
+from tinkerd.server import model_info, resolve_models
 from tinkerd.settings import Settings, SettingsError
 from tinkerd.store.events import Callbacks, LedgerListener
 from tinkerd.store.sequencing import ClaimScope
@@ -36,24 +36,36 @@ _SAFETY_POLL_S = 5.0
 
 def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Callable[[str], None] = print) -> None:
     """Run one trainer or sampler in the foreground until SIGTERM / Ctrl-C (or its lease is lost)."""
+    from tinkerd.roles.ranks import RanksLostError, engine_config, handshake, is_follower, run_follower, start_ranks
     from tinkerd.worker.hosts import ModelHost
     from tinkerd.worker.loop import Worker, WorkerConfig
 
+    if role == "trainer" and is_follower():  # rank r > 0 of a trainer spanning several ranks (torchrun, --ranks)
+        run_follower(settings, announce)
+        return
+    if role == "sampler" and settings.ranks > 1:
+        raise SettingsError("a sampler runs on one rank; --ranks is for trainers")
     storage = check_storage(roles.storage_dir)
     store = open_ledger(roles.database_url)
     worker_id = roles.id_for(role)
     stop = threading.Event()
+    ranks = None
     try:
         models = resolve_models(settings, announce)
-        engine = engine_config(settings)
-        announce(f"{role} {worker_id}: engine on {engine.device}, {engine.train_dtype_note()}")
+        ranks = start_ranks(settings, announce) if role == "trainer" else None
+        engine = engine_config(settings, ranks.device if ranks is not None else settings.device)
         hosts = {}
         for model in models:
             announce(f"{role} {worker_id}: loading {model.name} from {model.path}")
             try:
-                hosts[model.name] = ModelHost.from_directory(model.name, model.path, engine)
+                if ranks is None:
+                    hosts[model.name] = ModelHost.from_directory(model.name, model.path, engine)
+                else:
+                    hosts[model.name] = ModelHost.from_directory(model.name, model.path, engine, ranks.make_served)
             except Exception as exc:
                 raise SettingsError(f"cannot load base model {model.name} from {model.path}: {exc}") from exc
+        if ranks is not None:
+            handshake(ranks.channel, {name: host.served for name, host in hosts.items()})
         scope = ClaimScope(trainer_id=worker_id) if role == "trainer" else ClaimScope(sample_base_models=tuple(hosts))
         config = WorkerConfig(
             worker_id=worker_id, poll_interval_s=_SAFETY_POLL_S, scope=scope, share_snapshots=role == "trainer"
@@ -63,7 +75,15 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
 
         def report() -> dict[str, Any]:
             runs = registry.runs_of(worker_id) if role == "trainer" else []
-            return {"status": "ok", "role": role, "id": worker_id, "models": sorted(hosts), "runs": runs}
+            world = ranks.info.world_size if ranks is not None else 1
+            return {
+                "status": "ok",
+                "role": role,
+                "id": worker_id,
+                "models": sorted(hosts),
+                "runs": runs,
+                "ranks": world,
+            }
 
         health = HealthServer(roles.host, roles.port, report)
         health.start()
@@ -86,6 +106,8 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
         Heartbeat(registry, worker_id, roles, stop, on_lost=lost).start()
         announce(f"{role} {worker_id} serving {', '.join(hosts)}; health at {health.url}")
         previous = signal.signal(signal.SIGTERM, lambda _s, _f: _stop(stop, worker.wake))
+        if ranks is not None:
+            ranks.on_lost(lambda: _stop(stop, worker.wake))
         try:
             worker.start()
             worker.run_forever(stop)
@@ -100,6 +122,10 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
             announce(f"{role} {worker_id}: stopped")
     finally:
         store.close()
+        if ranks is not None:
+            ranks.close()
+    if ranks is not None and ranks.channel.lost is not None:
+        raise RanksLostError(ranks.channel.lost)
 
 
 def _stop(stop: threading.Event, wake: Callable[[], None], _frame: FrameType | None = None) -> None:

@@ -15,8 +15,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
-
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import ForwardResult
 from tinkerd.domain.records import FutureRecord
@@ -129,9 +127,7 @@ def _check_finite(served: ServedModel, job: ForwardJob, outcome: Outcome) -> Out
     what = "forward_backward" if job.backward else "forward"
     message = f"{what} produced a non-finite value ({bad}); the model has likely diverged"
     if job.backward and job.adapter_id is not None:
-        with torch.no_grad():
-            for p in served.adapter(job.adapter_id).weights.parameters():
-                p.grad = None
+        served.discard_grads(job.adapter_id)  # on every rank of a distributed trainer
         message += (
             ": the gradients accumulated since the last optim_step were discarded, so the next optim_step leaves "
             "the weights unchanged. Lower the learning rate, or check the loss inputs"

@@ -27,6 +27,8 @@ from tinkerd.engine.transformer import Transformer
 log = logging.getLogger(__name__)
 
 DecodeText = Callable[[list[int]], str]
+# Builds the trainer of a base model: ServedModel, or a distributed trainer's rank 0 (engine/distributed).
+MakeServed = Callable[[str, torch.nn.Module, EngineConfig], ServedModel]
 
 
 class ModelHost:
@@ -61,19 +63,23 @@ class ModelHost:
 
     @staticmethod
     def from_model(
-        name: str, hf_model: torch.nn.Module, config: EngineConfig, decode_text: DecodeText | None = None
+        name: str,
+        hf_model: torch.nn.Module,
+        config: EngineConfig,
+        decode_text: DecodeText | None = None,
+        make_served: MakeServed = ServedModel,
     ) -> ModelHost:
         """Host an already loaded fp32 Hugging Face model (tests, or callers that build models themselves)."""
         sample_hf = None
         if path_of(hf_model) is EnginePath.GENERIC:
             # one copy in the training dtype serves both, so the sampler's logprobs are the trainer's exactly
-            served = ServedModel(name, hf_model, config)
+            served = make_served(name, hf_model, config)
             return ModelHost(served, served.train, decode_text)
         if config.sample_torch_dtype != config.train_torch_dtype:
             # Copy before ServedModel casts the original to the training dtype: a bf16 copy cast back up to fp32
             # would sample from rounded weights.
             sample_hf = copy.deepcopy(hf_model)
-        served = ServedModel(name, hf_model, config)
+        served = make_served(name, hf_model, config)
         if sample_hf is None:
             sample = served.train  # one copy of the weights serves both; its layout must stay trainable
         else:
@@ -84,9 +90,10 @@ class ModelHost:
         return ModelHost(served, sample, decode_text)
 
     @staticmethod
-    def from_directory(name: str, path: Path, config: EngineConfig) -> ModelHost:
+    def from_directory(name: str, path: Path, config: EngineConfig, make_served: MakeServed = ServedModel) -> ModelHost:
         """Load a Hugging Face model directory; its tokenizer (if any) decodes text for stop strings."""
-        return ModelHost.from_model(name, load_hf_model(path, config.torch_device), config, load_decoder(path))
+        hf_model = load_hf_model(path, config.torch_device)
+        return ModelHost.from_model(name, hf_model, config, load_decoder(path), make_served)
 
 
 def load_decoder(path: Path) -> DecodeText | None:

@@ -1,0 +1,63 @@
+"""Two gloo ranks on this CPU: the test process is rank 0, and rank 1 is a real follower process started by the same
+launcher `tinkerd serve --ranks 2` uses (roles/ranks.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.engine.tiny_models import tiny_model
+from tinkerd.engine.config import EngineConfig
+from tinkerd.engine.distributed import DistributedServedModel
+from tinkerd.engine.model_paths import load_hf_model
+from tinkerd.engine.served_model import ServedModel
+from tinkerd.roles.ranks import Ranks, handshake, start_ranks
+from tinkerd.settings import Settings
+
+# fp32 base matmuls, where a row's numbers do not depend on the rows packed with it (engine/lora.py,
+# MIN_INVARIANT_ROWS), so one rank and two ranks can agree within 1e-5. With the default bf16 base, a datum's
+# logprobs moved by about 2e-4 relative between a one-rank pack and a two-rank share (bf16 rounding; the e2e test
+# runs that configuration).
+ENGINE = EngineConfig(device="cpu", train_dtype="float32")
+
+
+@dataclass
+class TwoRanks:
+    model: DistributedServedModel
+    ranks: Ranks
+    model_dir: Path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny-llama"
+    model: Any = tiny_model("llama", seed=0, vocab_size=96, tie=False)
+    model.save_pretrained(out)
+    return out
+
+
+def one_rank(model_dir: Path) -> ServedModel:
+    return ServedModel(str(model_dir), load_hf_model(model_dir, torch.device("cpu")), ENGINE)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoRanks]:
+    settings = Settings.load(
+        models=[str(model_dir)], cache_dir=tmp_path_factory.mktemp("cache"), ranks=2, threads=1, dtype="float32"
+    )  # the default timeout: on a loaded machine a rank takes a minute to import torch and join
+    ranks = start_ranks(settings)
+    assert ranks is not None
+    try:
+        hf = load_hf_model(model_dir, torch.device(ranks.device))
+        model = ranks.make_served(str(model_dir), hf, ENGINE)
+        assert isinstance(model, DistributedServedModel)
+        handshake(ranks.channel, {str(model_dir): model})
+        yield TwoRanks(model, ranks, model_dir)
+    finally:
+        ranks.close()
+    assert [child.returncode for child in ranks.children] == [0]  # the follower left cleanly on Shutdown
