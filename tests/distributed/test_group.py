@@ -50,4 +50,5 @@ def test_cuda_samples_from_the_training_weights() -> None:
     cpu = engine_config(Settings.load(dtype="bfloat16"), "cpu")
     assert (cpu.train_dtype, cpu.sample_dtype) == ("bfloat16", "float32")  # CPU keeps its fp32 decoding copy
     cuda = engine_config(Settings.load(threads=2), "cuda:1")
-    assert cuda.device == "cuda:1" and cuda.sample_dtype == cuda.train_dtype == "bfloat16" and cuda.num_threads == 2
+    # "auto" resolves per device (bf16 on a CUDA device with bf16); the sampler follows whatever the trainer uses
+    assert cuda.device == "cuda:1" and cuda.sample_dtype == cuda.train_dtype == "auto" and cuda.num_threads == 2
