@@ -118,6 +118,7 @@ class Components:
     worker: Worker
     stop: threading.Event
     thread: threading.Thread | None = None
+    on_close: list[Callable[[], None]] = dataclasses.field(default_factory=list)  # e.g. stop the vLLM engines
 
     def start_worker(self) -> None:
         # Before anything is served: the requests a previous run left running are failed before the api records
@@ -135,6 +136,8 @@ class Components:
             self.thread.join(_WORKER_JOIN_S)
             if self.thread.is_alive():
                 log.warning("the worker did not stop within %.0f s; exiting anyway", _WORKER_JOIN_S)
+        for close in self.on_close:
+            close()
         self.store.close()
 
 
@@ -144,6 +147,7 @@ def build(
     """Open the store, load the models onto the engine, and build the worker and the app (nothing runs yet)."""
     # torch loads here, not at import: `tinkerd --help` and the API module stay light.
     from tinkerd.engine.config import EngineConfig
+    from tinkerd.sampler_backends import start_samplers
     from tinkerd.worker.hosts import ModelHost
     from tinkerd.worker.loop import Worker
 
@@ -154,6 +158,8 @@ def build(
     engine = EngineConfig(device=settings.device, num_threads=settings.threads)
     if settings.dtype:
         engine = dataclasses.replace(engine, train_dtype=settings.dtype)
+    if settings.sampler == "vllm":  # vLLM samples: no second copy of the weights for the builtin sampler
+        engine = dataclasses.replace(engine, sample_dtype=engine.train_dtype)
     store = Store.open(default_url(data_dir))
     try:
         hosts: dict[str, ModelHost] = {}
@@ -161,6 +167,7 @@ def build(
             if announce is not None:
                 announce(f"Loading {model.name} from {model.path}")
             hosts[model.name] = ModelHost.from_directory(model.name, model.path, engine)
+        vllm_backends = start_samplers(settings, models, hosts, data_dir / "vllm", announce)
         notifier = FutureNotifier()
         worker = Worker(
             store,
@@ -186,9 +193,12 @@ def build(
         app = create_app(store, infos, dispatch, api)
         mount_console(app, _console_config(models, worker))
     except BaseException:
+        for backend in locals().get("vllm_backends", []):
+            backend.close()
         store.close()
         raise
-    return Components(settings, store, notifier, models, app, worker, threading.Event())
+    closers = [backend.close for backend in vllm_backends]
+    return Components(settings, store, notifier, models, app, worker, threading.Event(), on_close=closers)
 
 
 def _console_config(models: Sequence[hub.ResolvedModel], worker: Worker) -> ConsoleConfig:

@@ -35,6 +35,7 @@ _SAFETY_POLL_S = 5.0
 def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Callable[[str], None] = print) -> None:
     """Run one trainer or sampler in the foreground until SIGTERM / Ctrl-C (or its lease is lost)."""
     from tinkerd.engine.config import EngineConfig
+    from tinkerd.sampler_backends import start_samplers
     from tinkerd.worker.hosts import ModelHost
     from tinkerd.worker.loop import Worker, WorkerConfig
 
@@ -42,11 +43,14 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
     store = open_ledger(roles.database_url)
     worker_id = roles.id_for(role)
     stop = threading.Event()
+    closers: list[Callable[[], None]] = []  # the vLLM engines a sampler started
     try:
         models = resolve_models(settings, announce)
         engine = EngineConfig(device=settings.device, num_threads=settings.threads)
         if settings.dtype:
             engine = dataclasses.replace(engine, train_dtype=settings.dtype)
+        if role == "sampler" and settings.sampler == "vllm":  # no second copy of the weights for the builtin sampler
+            engine = dataclasses.replace(engine, sample_dtype=engine.train_dtype)
         hosts = {}
         for model in models:
             announce(f"{role} {worker_id}: loading {model.name} from {model.path}")
@@ -54,6 +58,9 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
                 hosts[model.name] = ModelHost.from_directory(model.name, model.path, engine)
             except Exception as exc:
                 raise SettingsError(f"cannot load base model {model.name} from {model.path}: {exc}") from exc
+        if role == "sampler":
+            backends = start_samplers(settings, models, hosts, storage / "vllm" / worker_id, announce)
+            closers += [backend.close for backend in backends]
         scope = ClaimScope(trainer_id=worker_id) if role == "trainer" else ClaimScope(sample_base_models=tuple(hosts))
         config = WorkerConfig(
             worker_id=worker_id, poll_interval_s=_SAFETY_POLL_S, scope=scope, share_snapshots=role == "trainer"
@@ -96,6 +103,8 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
             health.close()
             announce(f"{role} {worker_id}: stopped")
     finally:
+        for close in closers:
+            close()
         store.close()
 
 

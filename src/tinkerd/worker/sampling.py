@@ -152,7 +152,9 @@ class SamplingService:
             for ticket, result in done:
                 flight = tickets.pop(ticket)
                 outcome: SampleOutcome = result
-                if len(result.sequences) != flight.num_samples:
+                if isinstance(result, Exception):  # the vLLM backend fails one request without the others
+                    pass
+                elif len(result.sequences) != flight.num_samples:
                     outcome = RuntimeError(f"sampler returned {len(result.sequences)} of {flight.num_samples} samples")
                 finished.append((flight.future, outcome))
             self._report_progress(host, tickets)
