@@ -38,6 +38,11 @@ def start_samplers(
     from tinkerd.engine.lora import init_lora_weights
     from tinkerd.engine.vllm import VllmConfig, installed_python, start_backend, work_dir_for
 
+    if settings.sample_logprobs == "sampled":
+        raise SettingsError(
+            "--sample-logprobs sampled does not work with --sampler vllm (vLLM does not report the cut distribution "
+            "it drew from); use tempered or model"
+        )
     if settings.vllm_max_lora_rank not in VLLM_LORA_RANKS:
         ranks = ", ".join(map(str, VLLM_LORA_RANKS))
         raise SettingsError(f"vllm_max_lora_rank must be one of vLLM's {ranks}; got {settings.vllm_max_lora_rank}")

@@ -21,6 +21,7 @@ from tinkerd.domain.requests import Sample, SampleProgress
 from tinkerd.engine.checkpoint import check_compatible, load_checkpoint
 from tinkerd.engine.lora import LoraWeights
 from tinkerd.engine.sampler import SampleJob
+from tinkerd.engine.vllm import VllmSampler
 from tinkerd.store.files import CheckpointFiles
 from tinkerd.store.store import Store
 from tinkerd.worker.hosts import ModelHost
@@ -128,6 +129,11 @@ class SamplingService:
 
     def has_work(self) -> bool:
         return any(host.sampler.has_work() for host in self.runtime.hosts.values())
+
+    def decodes_elsewhere(self) -> bool:
+        """Whether every sampler with work decodes in another process (vLLM): stepping only collects results."""
+        busy = [host.sampler for host in self.runtime.hosts.values() if host.sampler.has_work()]
+        return bool(busy) and all(isinstance(sampler, VllmSampler) for sampler in busy)
 
     def in_flight_count(self) -> int:
         return sum(len(tickets) for tickets in self._in_flight.values())

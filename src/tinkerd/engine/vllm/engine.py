@@ -153,6 +153,22 @@ class VllmEngine:
             )
         return self.generation
 
+    def wait_recovered(self, generation: int, timeout: float) -> None:
+        """After a request lost the engine of ``generation``: return once a new generation serves, or the old one
+        proves healthy after all; raise EngineUnreachable if neither happens within ``timeout`` s."""
+        self.suspect()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            running = self._running
+            if (
+                running is not None
+                and self._ready.is_set()
+                and (self.generation != generation or healthy(running.base_url, timeout=2.0))
+            ):
+                return
+            time.sleep(0.2)
+        raise EngineUnreachable(f"the vLLM engine did not come back within {timeout:.0f} s (see {self.log_path})")
+
     def suspect(self) -> None:
         """A request could not reach the engine: check on it now rather than at the next periodic check."""
         self._check_now.set()

@@ -82,6 +82,7 @@ class VllmBackend:
         version = self.adapters.acquire(job.weights) if job.weights is not None else None
         try:
             for attempt in (1, 2):
+                generation = self.engine.generation
                 try:
                     generation = self.ready_generation()
                     model = self.engine.config.served_name
@@ -93,20 +94,21 @@ class VllmBackend:
                     )
                     return parse_response(job, response)
                 except EngineUnreachable as exc:
-                    self.engine.suspect()
                     if attempt == 2:
                         raise RuntimeError(
                             f"the vLLM engine failed while sampling this request, and again after it was retried "
                             f"once: {exc}"
                         ) from None
                     log.warning("a sampling request lost the vLLM engine (%s); retrying it once", exc)
+                    self._wait_recovered(generation)
                 except EngineRefused as exc:
                     if exc.status == 404 and version is not None and attempt == 1:
                         version.loaded_in = 0  # the engine forgot the adapter (restarted between our checks)
                         continue
                     if exc.status >= 500 and attempt == 1 and not self._engine_healthy():
-                        self.engine.suspect()  # the engine is failing, not the request: retry after its restart
+                        # the engine is failing, not the request: retry once it is back
                         log.warning("vLLM failed under a sampling request (%s); retrying it once", exc)
+                        self._wait_recovered(generation)
                         continue
                     if 400 <= exc.status < 500:
                         raise InvalidRequestError(f"vLLM refused the request: {exc}") from None
@@ -115,6 +117,14 @@ class VllmBackend:
         finally:
             if version is not None:
                 self.adapters.release(version)
+
+    def _wait_recovered(self, generation: int) -> None:
+        try:
+            self.engine.wait_recovered(generation, READY_WAIT_S)
+        except EngineUnreachable as exc:
+            raise RuntimeError(
+                f"the vLLM engine failed while sampling this request and did not come back: {exc}"
+            ) from None
 
     def _engine_healthy(self) -> bool:
         try:
