@@ -71,6 +71,9 @@ class VllmConfig:
             "--max-cpu-loras", str(max(self.max_adapters, self.max_loras_per_batch)),
             "--max-lora-rank", str(self.max_lora_rank),
             "--max-logprobs", str(self.max_logprobs),
+            # vLLM's neutral defaults, not the model's generation_config.json (a repetition penalty or stop ids there
+            # would change what a request gets without asking for it; the builtin sampler ignores that file too)
+            "--generation-config", "vllm",
             "--uvicorn-log-level", "warning",
         ]  # fmt: skip
         if self.max_model_len is not None:
