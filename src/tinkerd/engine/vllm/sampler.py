@@ -19,7 +19,7 @@ import concurrent.futures as cf
 import itertools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tinkerd.domain.errors import InvalidRequestError
@@ -189,6 +189,24 @@ class VllmSampler:
 
     def has_work(self) -> bool:
         return bool(self._pending)
+
+    def run(self, jobs: Sequence[SampleJob]) -> list[SampleResult]:
+        """Submit ``jobs`` and step until all finish; results in their order (the first failure is raised).
+
+        As ``Sampler.run``: for a sampler with nothing else in flight."""
+        if self.has_work():
+            raise RuntimeError("VllmSampler.run needs an idle sampler; drive submit() and step() yourself instead")
+        tickets = [self.submit(job) for job in jobs]
+        results: dict[int, SampleResult | Exception] = {}
+        while self.has_work():
+            results.update(self.step())
+        out: list[SampleResult] = []
+        for ticket in tickets:
+            outcome = results[ticket]
+            if isinstance(outcome, Exception):
+                raise outcome
+            out.append(outcome)
+        return out
 
     def cancel(self, ticket: int) -> bool:
         """Forget a request; vLLM finishes it unseen (a blocking completion cannot be recalled)."""
