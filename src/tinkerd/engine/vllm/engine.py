@@ -15,11 +15,13 @@ load them again. Requests wait for the engine with ``wait_ready``; a start that 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 60.0
 STABLE_AFTER_S = 60.0
 _LOG_TAIL_LINES = 30
+_PR_SET_PDEATHSIG = 1
 
 
 class VllmStartError(SettingsError):
@@ -89,12 +92,25 @@ class VllmConfig:
             HF_HUB_OFFLINE="1",
             TOKENIZERS_PARALLELISM="false",
         )
+        # vLLM compiles a kernel (torch inductor, g++ on CPU) on the first request that asks for logprobs (cached
+        # in torch's inductor cache afterwards); on a loaded machine that can outlast vLLM's default 300 s step
+        # timeout, after which it declares its own worker hung
+        env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
         if self.device == "cpu":
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.threads_bind or f"0-{(os.cpu_count() or 1) - 1}"
         for name in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"):  # tinkerd's, not vLLM's
             env.pop(name, None)
         return env
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when tinkerd dies, even by SIGKILL (Linux), so no vLLM outlives it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _free_port() -> int:
@@ -199,6 +215,7 @@ class VllmEngine:
                 env=self.config.environment(),
                 cwd=self.config.work_dir,
                 start_new_session=True,  # its own process group: the engine core child goes with it
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         running = _Running(process, f"http://127.0.0.1:{port}")
         with self._lock:
