@@ -66,6 +66,7 @@ def rig(vllm_python: Path, vllm_model_dir: Path, tmp_path_factory: pytest.TempPa
         max_adapters=2,
         max_model_len=512,
         kv_cache_gib=1,
+        startup_timeout_s=1200,  # 30-60 s on a quiet machine; many minutes at nice 19 beside a benchmark
     )
     backend = start_backend(vllm_config, str(vllm_model_dir), warm_up=adapter(host, 99))
     try:

@@ -62,7 +62,7 @@ class VllmConfig:
     kv_cache_gib: int = 2  # CPU only: VLLM_CPU_KVCACHE_SPACE
     threads_bind: str = ""  # VLLM_CPU_OMP_THREADS_BIND; "" = every core of this machine
     extra_args: tuple[str, ...] = ()  # appended last, so they override the flags above
-    startup_timeout_s: float = 300.0
+    startup_timeout_s: float = 600.0  # 30-60 s on a quiet CPU machine; a loaded one can take many minutes
 
     def command(self, port: int) -> list[str]:
         argv = [
