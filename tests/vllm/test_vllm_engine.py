@@ -218,7 +218,7 @@ def test_killing_the_engine_mid_request_restarts_it_and_the_request_is_retried(r
     engine = rig.backend.engine
     generation, pid = engine.generation, engine.pid
     assert pid is not None
-    long = job(weights, max_tokens=400, temperature=1.0, seed=1, num_samples=8)
+    long = job(weights, max_tokens=400, temperature=1.0, seed=1, num_samples=2)
     ticket = rig.raw.submit(long)
     time.sleep(1.0)  # the request is in the engine now
     os.killpg(pid, signal.SIGKILL)
@@ -235,6 +235,6 @@ def test_killing_the_engine_mid_request_restarts_it_and_the_request_is_retried(r
     if isinstance(outcome, Exception):  # allowed, if it says what happened
         assert "vLLM engine" in str(outcome)
     else:
-        assert len(outcome.sequences) == 8 and all(len(s.tokens) == 400 for s in outcome.sequences)
+        assert len(outcome.sequences) == 2 and all(len(s.tokens) == 400 for s in outcome.sequences)
     [after] = run(rig.raw, [job(weights, max_tokens=16, temperature=0.0)])  # serves again, adapter reloaded
     assert after.sequences[0].tokens == before.sequences[0].tokens
