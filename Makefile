@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # which PyPI does not have; the rest of its dependencies come from the "cookbook" extra (see pyproject.toml).
 COOKBOOK := tinker-cookbook==0.6.1
 
-.PHONY: install browser test test-fast test-slow lint serve pull bench clean
+.PHONY: install browser vllm test test-fast test-slow lint serve pull bench clean
 
 # The tiers `make test-fast` leaves out (the markers are described in pyproject.toml and CONTRIBUTING.md).
 NOT_FAST := slow or e2e or oldsdk or cookbook or integration or fuzz or weights or heavy or postgres or vllm or browser or loops or openai or distributed
@@ -28,13 +28,18 @@ install: $(STAMP)
 browser:
 	@command -v chromium >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
+# vLLM as the sampling engine (`tinkerd serve --sampler vllm`): its own environment under ~/.cache/tinkerd/vllm-venv/,
+# built once (about 3.5 GB, a few minutes; pip's progress is shown), then cached.
+vllm: $(STAMP)
+	$(PY) -m scripts.install_vllm
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench scripts examples
 	$(VENV)/bin/ruff format --check src tests bench scripts examples
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pyright
 
-test: lint browser
+test: lint browser vllm
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 # The inner loop: unit tests only (domain, store, planner, api, engine, cli), no lint; about a minute.

@@ -181,7 +181,9 @@ def main() -> None:
         engines["tinkerd bf16"] = engine(torch.bfloat16, layouts[0])
     if not args.no_served:  # what a sample costs through the server: the decoder plus rescoring (engine/rescoring.py)
         host = ModelHost.from_directory("m", args.model_dir, EngineConfig(max_decode_batch=max(batches)))
-        engines["tinkerd served (decode + rescore)"] = host.new_sampler()
+        served = host.new_sampler()
+        assert isinstance(served, Sampler)  # the builtin sampler (no --sampler vllm here)
+        engines["tinkerd served (decode + rescore)"] = served
 
     if args.profile:
         profile(engines["tinkerd fp32"], all_prompts[: args.profile], steps=16, top_k=args.top_k)

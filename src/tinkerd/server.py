@@ -120,6 +120,7 @@ class Components:
     stop: threading.Event
     thread: threading.Thread | None = None
     ranks: Ranks | None = None  # the other ranks of a trainer spanning several (--ranks, torchrun)
+    on_close: list[Callable[[], None]] = dataclasses.field(default_factory=list)  # e.g. stop the vLLM engines
 
     def start_worker(self) -> None:
         # Before anything is served: the requests a previous run left running are failed before the api records
@@ -137,6 +138,8 @@ class Components:
             self.thread.join(_WORKER_JOIN_S)
             if self.thread.is_alive():
                 log.warning("the worker did not stop within %.0f s; exiting anyway", _WORKER_JOIN_S)
+        for close in self.on_close:
+            close()
         self.store.close()
         if self.ranks is not None:
             self.ranks.close()
@@ -148,6 +151,7 @@ def build(
     """Open the store, load the models onto the engine, and build the worker and the app (nothing runs yet)."""
     # torch loads here, not at import: `tinkerd --help` and the API module stay light.
     from tinkerd.roles.ranks import engine_config, handshake, start_ranks
+    from tinkerd.sampler_backends import start_samplers
     from tinkerd.worker.hosts import ModelHost
     from tinkerd.worker.loop import Worker
 
@@ -160,6 +164,8 @@ def build(
     try:
         ranks = start_ranks(settings, announce)  # None for one rank: no collectives on that path
         engine = engine_config(settings, ranks.device if ranks is not None else settings.device)
+        if settings.sampler == "vllm":  # vLLM samples: no second copy of the weights for the builtin sampler
+            engine = dataclasses.replace(engine, sample_dtype=engine.train_dtype)
         hosts: dict[str, ModelHost] = {}
         if announce is not None:
             announce(f"Engine on {engine.device}, {engine.train_dtype_note()}")
@@ -172,6 +178,7 @@ def build(
                 hosts[model.name] = ModelHost.from_directory(model.name, model.path, engine, ranks.make_served)
         if ranks is not None:
             handshake(ranks.channel, {name: host.served for name, host in hosts.items()})
+        vllm_backends = start_samplers(settings, models, hosts, data_dir / "vllm", announce)
         notifier = FutureNotifier()
         worker = Worker(
             store,
@@ -197,11 +204,14 @@ def build(
         app = create_app(store, infos, dispatch, api)
         mount_console(app, _console_config(models, worker, ranks.info.world_size if ranks is not None else 1))
     except BaseException:
+        for backend in locals().get("vllm_backends", []):
+            backend.close()
         store.close()
         if ranks is not None:
             ranks.close()
         raise
-    return Components(settings, store, notifier, models, app, worker, threading.Event(), ranks=ranks)
+    closers = [backend.close for backend in vllm_backends]
+    return Components(settings, store, notifier, models, app, worker, threading.Event(), ranks=ranks, on_close=closers)
 
 
 def _console_config(models: Sequence[hub.ResolvedModel], worker: Worker, world_size: int = 1) -> ConsoleConfig:

@@ -155,6 +155,34 @@ class Settings:
         "trainer",
         choices=("trainer", "decoder"),
     )
+    # The sampling engine (README "Sampling with vLLM"): the builtin sampler, or a supervised vLLM server per model.
+    sampler: str = setting(
+        "builtin",
+        "Sampling engine: builtin (tinkerd's own) or vllm (a vLLM server per served model, supervised by tinkerd, "
+        "from the environment `make vllm` builds).",
+        "builtin",
+        choices=("builtin", "vllm"),
+    )
+    vllm_max_adapters: int = setting(
+        16,
+        "With --sampler vllm: sampler versions kept loaded as LoRA adapters; the least recently used beyond it are "
+        "unloaded (and loaded again on their next use).",
+        "16",
+        minimum=1,
+    )
+    vllm_max_lora_rank: int = setting(
+        64,
+        "With --sampler vllm: the largest LoRA rank vLLM accepts (its --max-lora-rank: 8, 16, 32, 64, 128, 256, ...); "
+        "vLLM reserves memory for it.",
+        "64",
+        minimum=1,
+    )
+    vllm_args: str = setting(
+        "",
+        "With --sampler vllm: more arguments for vLLM's server, appended last (e.g. "
+        "--vllm-args='--dtype bfloat16 --gpu-memory-utilization 0.5').",
+        "none",
+    )
 
     @property
     def resolved_data_dir(self) -> Path:

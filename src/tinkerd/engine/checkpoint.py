@@ -121,6 +121,13 @@ def save_checkpoint(
         raise
 
 
+def write_peft_adapter(dest: Path, weights: LoraWeights, base_model: str) -> None:
+    """Write only the PEFT part of a checkpoint (what vLLM loads as a LoRA adapter) into a new directory ``dest``."""
+    dest.mkdir(parents=True)
+    _write_safetensors(dest / ADAPTER_WEIGHTS, _peft_tensors(weights))
+    _write_json(dest / ADAPTER_CONFIG, _peft_config(weights, base_model))
+
+
 def _peft_tensors(weights: LoraWeights) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name in weights.a:

@@ -37,6 +37,7 @@ _SAFETY_POLL_S = 5.0
 def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Callable[[str], None] = print) -> None:
     """Run one trainer or sampler in the foreground until SIGTERM / Ctrl-C (or its lease is lost)."""
     from tinkerd.roles.ranks import RanksLostError, engine_config, handshake, is_follower, run_follower, start_ranks
+    from tinkerd.sampler_backends import start_samplers
     from tinkerd.worker.hosts import ModelHost
     from tinkerd.worker.loop import Worker, WorkerConfig
 
@@ -50,10 +51,14 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
     worker_id = roles.id_for(role)
     stop = threading.Event()
     ranks = None
+    closers: list[Callable[[], None]] = []  # the vLLM engines a sampler started
     try:
         models = resolve_models(settings, announce)
         ranks = start_ranks(settings, announce) if role == "trainer" else None
         engine = engine_config(settings, ranks.device if ranks is not None else settings.device)
+        if role == "sampler" and settings.sampler == "vllm":  # no second copy of the weights for the builtin sampler
+            engine = dataclasses.replace(engine, sample_dtype=engine.train_dtype)
+        announce(f"{role} {worker_id}: engine on {engine.device}, {engine.train_dtype_note()}")
         hosts = {}
         for model in models:
             announce(f"{role} {worker_id}: loading {model.name} from {model.path}")
@@ -66,6 +71,9 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
                 raise SettingsError(f"cannot load base model {model.name} from {model.path}: {exc}") from exc
         if ranks is not None:
             handshake(ranks.channel, {name: host.served for name, host in hosts.items()})
+        if role == "sampler":
+            backends = start_samplers(settings, models, hosts, storage / "vllm" / worker_id, announce)
+            closers += [backend.close for backend in backends]
         scope = ClaimScope(trainer_id=worker_id) if role == "trainer" else ClaimScope(sample_base_models=tuple(hosts))
         config = WorkerConfig(
             worker_id=worker_id, poll_interval_s=_SAFETY_POLL_S, scope=scope, share_snapshots=role == "trainer"
@@ -121,6 +129,8 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
             health.close()
             announce(f"{role} {worker_id}: stopped")
     finally:
+        for close in closers:
+            close()
         store.close()
         if ranks is not None:
             ranks.close()

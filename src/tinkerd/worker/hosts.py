@@ -23,6 +23,7 @@ from tinkerd.engine.model_paths import Forward, load_hf_model, path_of
 from tinkerd.engine.sampler import Sampler
 from tinkerd.engine.served_model import ServedModel
 from tinkerd.engine.transformer import Transformer
+from tinkerd.engine.vllm import VllmBackend, VllmSampler
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ class ModelHost:
         self.served = served
         self.sample_transformer = sample_transformer
         self.decode_text = decode_text
-        self.sampler = self.new_sampler()
+        self.vllm: VllmBackend | None = None  # set: sampling runs on this supervised vLLM engine instead
+        self.sampler: Sampler | VllmSampler = self.new_sampler()
 
     @property
     def name(self) -> str:
@@ -48,14 +50,24 @@ class ModelHost:
     def engine_path(self) -> EnginePath:
         return EnginePath.GENERIC if isinstance(self.sample_transformer, GenericTransformer) else EnginePath.PACKED
 
-    def new_sampler(self) -> Sampler:
+    def new_sampler(self) -> Sampler | VllmSampler:
         batch = self.served.config.max_decode_batch
+        train = self.served.train
+        if self.vllm is not None:
+            # samples report the trainer's logprobs, as the builtin sampler's do (a packed trainer rescores)
+            scorer = train if isinstance(train, Transformer) else None
+            return VllmSampler(self.vllm, self.sample_transformer.shape, self.decode_text, scorer)
         if isinstance(self.sample_transformer, GenericTransformer):
             return GenericSampler(self.sample_transformer, self.decode_text, max_batch=batch)
         # samples report the trainer's logprobs (engine/rescoring.py); a packed sampler has a packed trainer
         train = self.served.train
         scorer = train if self.served.config.rescore_samples and isinstance(train, Transformer) else None
         return Sampler(self.sample_transformer, self.decode_text, max_batch=batch, scorer=scorer)
+
+    def use_vllm(self, backend: VllmBackend) -> None:
+        """Sample on ``backend`` from now on (the builtin sampler and its cache are dropped)."""
+        self.vllm = backend
+        self.sampler = self.new_sampler()
 
     def reset_sampler(self) -> None:
         """Drop every queued and running sequence (after a step raised: the sampler's state is no longer known)."""

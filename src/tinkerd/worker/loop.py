@@ -322,7 +322,8 @@ class Worker:
         while self.sampling.has_work():
             for future, outcome in self.sampling.step():
                 self._finish(future, outcome)
-            if time.perf_counter() >= deadline:
+            # a sampler that decodes in another process (vLLM) only hands over results: no use waiting out the budget
+            if time.perf_counter() >= deadline or self.sampling.decodes_elsewhere():
                 break
 
     def _finish(

@@ -21,6 +21,7 @@ from tinkerd.domain.requests import Sample, SampleProgress
 from tinkerd.engine.checkpoint import check_compatible, load_checkpoint
 from tinkerd.engine.lora import LoraWeights
 from tinkerd.engine.sampler import SampleJob
+from tinkerd.engine.vllm import VllmSampler
 from tinkerd.store.storage import CheckpointStorage
 from tinkerd.store.store import Store
 from tinkerd.worker.hosts import ModelHost
@@ -129,6 +130,11 @@ class SamplingService:
     def has_work(self) -> bool:
         return any(host.sampler.has_work() for host in self.runtime.hosts.values())
 
+    def decodes_elsewhere(self) -> bool:
+        """Whether every sampler with work decodes in another process (vLLM): stepping only collects results."""
+        busy = [host.sampler for host in self.runtime.hosts.values() if host.sampler.has_work()]
+        return bool(busy) and all(isinstance(sampler, VllmSampler) for sampler in busy)
+
     def in_flight_count(self) -> int:
         return sum(len(tickets) for tickets in self._in_flight.values())
 
@@ -152,7 +158,9 @@ class SamplingService:
             for ticket, result in done:
                 flight = tickets.pop(ticket)
                 outcome: SampleOutcome = result
-                if len(result.sequences) != flight.num_samples:
+                if isinstance(result, Exception):  # the vLLM backend fails one request without the others
+                    pass
+                elif len(result.sequences) != flight.num_samples:
                     outcome = RuntimeError(f"sampler returned {len(result.sequences)} of {flight.num_samples} samples")
                 finished.append((flight.future, outcome))
             self._report_progress(host, tickets)
