@@ -11,6 +11,8 @@ from tinkerd.domain.ops import LoraConfig
 
 UNEMBED_LEAVES = frozenset({"lm_head", "embed_out", "output"})
 ROUTER_LEAVES = frozenset({"gate", "router", "shared_expert_gate"})  # MoE routing: Tinker trains no LoRA there
+# A vision-language model's image side (its vision tower and projector) stays frozen: LoRA trains the language model.
+VISION_PARTS = frozenset({"visual", "vision_tower", "vision_model", "multi_modal_projector"})
 
 
 def module_role(name: str) -> str | None:
@@ -19,7 +21,7 @@ def module_role(name: str) -> str | None:
     leaf = parts[-1]
     if leaf in UNEMBED_LEAVES and len(parts) == 1:
         return "unembed"
-    if leaf in ROUTER_LEAVES:
+    if leaf in ROUTER_LEAVES or any(p in VISION_PARTS for p in parts):
         return None
     if any("attn" in p or "attention" in p for p in parts[:-1]):
         return "attn"
