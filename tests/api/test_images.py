@@ -4,13 +4,19 @@ naming the problem (checked without torch, before anything reaches a worker)."""
 from __future__ import annotations
 
 import base64
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
 
-from tests.engine.tiny_vlm import IMAGE, VIDEO, VL_FAMILIES, image_bytes, processor_tokens, tiny_image_processor
+from tests.engine.tiny_vlm import (
+    IMAGE,
+    VIDEO,
+    VL_FAMILIES,
+    image_bytes,
+    png_header,
+    processor_tokens,
+    tiny_image_processor,
+)
 from tinkerd.api import schemas
 from tinkerd.api.convert.requests import model_input
 from tinkerd.api.images import ImageRules, ModelInputBuilder
@@ -31,16 +37,6 @@ def spec_of(family: str, tmp_path: Path) -> VisionSpec:
 
 def rules(spec: VisionSpec | None, max_pixels: int = 4096 * 4096) -> ImageRules:
     return ImageRules(model="tiny-vl", vision=spec, max_pixels=max_pixels)
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims a size (no pixel data): what an attacker sends to make a server allocate."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("family", VL_FAMILIES)

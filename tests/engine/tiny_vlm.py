@@ -8,6 +8,8 @@ The special tokens sit at the top of the vocabulary: ``VISION_START`` / ``VISION
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +103,13 @@ def processor_tokens(family: str, data: bytes) -> int:
     with Image.open(io.BytesIO(data)) as opened:
         features = tiny_image_processor(family)(images=[opened.convert("RGB")], return_tensors="pt")
     return int(features["image_grid_thw"][0].prod()) // 4
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims a size (no pixel data): what an attacker sends to make a server allocate."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")

@@ -107,7 +107,7 @@ class GenericTransformer:
         if images is not None and any(images):
             if self.images is None:
                 raise InvalidRequestError("this model takes no images")
-            extra = self.images.forward_inputs(images, t, self.device)
+            tokens_B_T, extra = self.images.forward_inputs(tokens_B_T, images)
         with self._adapter(weights):
             out: Any = self.hf(input_ids=tokens_B_T, attention_mask=mask_B_T, use_cache=False, **extra)
         return out.logits.float()

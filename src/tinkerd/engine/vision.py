@@ -113,21 +113,30 @@ class ImageEncoder:
                 f"the request holds {image.tokens}"
             )
 
-    def forward_inputs(self, images_B: Sequence[Sequence[ImageInput]], t: int, device: torch.device) -> dict[str, Any]:
-        """Keyword arguments for the model's forward over right-padded rows of width ``t``; {} without images."""
-        if not any(images_B):
-            return {}
-        types_B_T = torch.zeros(len(images_B), t, dtype=torch.long, device=device)
+    def forward_inputs(
+        self, tokens_B_T: torch.Tensor, images_B: Sequence[Sequence[ImageInput]]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The token ids and keyword arguments for the model's forward over right-padded rows with these images.
+
+        The model finds an image's positions by its placeholder id. A sampler may draw that id as an ordinary token
+        after the prompt; such a stray placeholder keeps its embedding (passed as ``inputs_embeds``, which LoRA
+        never changes) but its id is hidden from the model's image placement."""
+        types_B_T = torch.zeros_like(tokens_B_T)
         encoded: list[_Encoded] = []
         for b, images in enumerate(images_B):
             for image in images:
                 encoded.append(self.encode(image))
                 types_B_T[b, image.offset : image.offset + image.tokens] = 1
-        return {
+        extra: dict[str, Any] = {
             "mm_encoder_outputs": {"image": _joined([e.output for e in encoded])},
-            "image_grid_thw": torch.stack([e.grid_thw for e in encoded]).to(device),
+            "image_grid_thw": torch.stack([e.grid_thw for e in encoded]).to(tokens_B_T.device),
             "mm_token_type_ids": types_B_T,
         }
+        stray_B_T = (tokens_B_T == self.image_token_id) & (types_B_T == 0)
+        if bool(stray_B_T.any()):
+            extra["inputs_embeds"] = self.hf.get_input_embeddings()(tokens_B_T)
+            tokens_B_T = tokens_B_T.masked_fill(stray_B_T, 0)
+        return tokens_B_T, extra
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
