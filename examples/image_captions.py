@@ -99,7 +99,10 @@ def make_tiny_model(out: Path) -> None:
         "window_size": 56, "fullatt_block_indexes": [1],
     }  # fmt: skip
     ids: dict[str, Any] = {
-        "image_token_id": 122, "video_token_id": 123, "vision_start_token_id": 120, "vision_end_token_id": 121,
+        "image_token_id": 122,
+        "video_token_id": 123,
+        "vision_start_token_id": 120,
+        "vision_end_token_id": 121,
     }
     torch.manual_seed(0)
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
