@@ -144,3 +144,25 @@ def test_other_refusals(tmp_path: Path) -> None:
             pointer.pointer(location, "png", None, 2)
         assert message in str(refused.value), location
     assert pointer.tokens == [] and pointer.images == []
+
+
+def test_the_loops_front_end_takes_image_chunks_in_training(tmp_path: Path) -> None:
+    from tinkerd.api.context import ServedModelInfo
+    from tinkerd.api.loops import convert as loops_convert
+    from tinkerd.api.loops import schemas as loops_schemas
+
+    spec = spec_of("qwen2_5_vl", tmp_path)
+    picture = base64.b64encode(image_bytes(64, 48)).decode()
+    chunks = [
+        {"type": "encoded_text", "tokens": [5, 120]},
+        {"type": "image", "data": picture, "format": "png", "expected_tokens": 4},
+        {"type": "encoded_text", "tokens": [121]},
+    ]
+    targets = {"data": [120] + [IMAGE] * 4 + [121, 2], "dtype": "int64", "shape": [7]}
+    data = [{"model_input": {"chunks": chunks}, "loss_fn_inputs": {"target_tokens": targets}}]
+    body = loops_schemas.ForwardBackwardRequest.model_validate({"data": data, "loss_fn": "cross_entropy", "seq_id": 2})
+    model = ServedModelInfo(name="vl", tokenizer_id=None, arch="Qwen2_5_VL", vocab_size=128, max_context_length=512)
+    request = loops_convert.forward_backward(body, "s:train:0", model, backward=True, rules=rules(spec))
+    (datum,) = request.datums
+    assert datum.tokens == [5, 120, IMAGE, IMAGE, IMAGE, IMAGE, 121]
+    assert [(i.offset, i.tokens) for i in datum.images] == [(2, 4)]

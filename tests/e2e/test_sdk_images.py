@@ -1,6 +1,6 @@
 """Image chunks through the real `tinker` SDK against `tinkerd serve` on a tiny random Qwen2.5-VL with a real
-(locally built) image processor: training on an image-captioning toy set lowers the loss, the model learns which
-caption goes with which picture, sampling after an image works, compute_logprobs reads an image the server finds on
+(locally built) image processor: training on an image-captioning toy set lowers the loss, sampling after an image
+works, compute_logprobs reads an image the server finds on
 its disk, and bad images are 400s after which the server keeps serving."""
 
 from __future__ import annotations
@@ -111,14 +111,6 @@ def test_training_on_images_lowers_the_loss_and_samples_after_an_image(vl_server
     assert after < before * 0.7, (before, after)
     seq = caption(sampler, (220, 40, 40))
     assert len(seq.tokens) == 3 and seq.logprobs is not None and len(seq.logprobs) == 3
-
-
-@pytest.mark.slow
-def test_training_on_images_learns_which_caption_goes_with_which_picture(vl_server: Server) -> None:
-    before, after, sampler = train_captions(vl_server, steps=60)
-    assert after < before / 10, (before, after)
-    # the first caption token is the only one the image decides: a new picture of each tint gets its own
-    assert [caption(sampler, rgb).tokens[0] for rgb in CAPTIONS] == [c[0] for c in CAPTIONS.values()]
 
 
 def test_a_pointer_to_a_file_on_the_server_and_bad_images(vl_server: Server, tmp_path: Path) -> None:
