@@ -33,6 +33,7 @@ from tinkerd.console import ConsoleConfig, mount_console
 from tinkerd.domain.architectures import preferred_path
 from tinkerd.domain.errors import ModelFetchError
 from tinkerd.domain.ops import LOGPROB_DISTRIBUTIONS
+from tinkerd.domain.vision import vision_spec_of
 from tinkerd.hub.layout import is_repo_id
 from tinkerd.settings import Settings, SettingsError
 from tinkerd.store import Store, default_url
@@ -87,6 +88,7 @@ def model_info(model: hub.ResolvedModel, engine_path: str | None = None) -> Serv
         eos_token_ids=eos_ids,
         tokenizer_dir=str(model.path) if (model.path / "tokenizer.json").is_file() else None,
         engine_path=engine_path or preferred_path(config).value,
+        vision=vision_spec_of(config, _read_json(model.path / "preprocessor_config.json")),
     )
 
 
@@ -195,6 +197,7 @@ def build(
             max_body_bytes=settings.max_body_mb * 1024 * 1024,
             max_queued_per_user=settings.max_queued_per_user,
             max_runs_per_user=settings.max_runs_per_user,
+            max_image_pixels=settings.max_image_pixels,
             sample_logprobs=next(d for d in LOGPROB_DISTRIBUTIONS if d == settings.sample_logprobs),
         )
         if keys is not None:

@@ -33,6 +33,7 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_BODY_MB = 256
 DEFAULT_MAX_QUEUED_PER_USER = 1024
 DEFAULT_MAX_RUNS_PER_USER = 64
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def default_cache_dir() -> Path:
@@ -122,6 +123,12 @@ class Settings:
         "Training runs in open sessions per user; more get 429, not retryable (0: no cap).",
         str(DEFAULT_MAX_RUNS_PER_USER),
         minimum=0,
+    )
+    max_image_pixels: int = setting(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        "Largest image (width x height) an image chunk may hold; larger get 400 before they are decoded.",
+        str(DEFAULT_MAX_IMAGE_PIXELS),
+        minimum=1,
     )
     sample_logprobs: str = setting(
         "tempered",

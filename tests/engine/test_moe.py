@@ -27,6 +27,8 @@ from tinkerd.engine.served_model import ForwardJob, ServedModel
 from tinkerd.engine.transformer import Transformer
 from tinkerd.worker.hosts import ModelHost
 
+pytestmark = pytest.mark.heavy  # seconds of CPU per test: not in `make test-fast`
+
 FP32 = EngineConfig(train_dtype="float32", sample_dtype="float32")
 SEQS = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19]]
 LORA = LoraConfig(rank=4, alpha=8.0, seed=1)

@@ -13,6 +13,7 @@ from tinkerd.api.run_cache import RunCache
 from tinkerd.api.signing import UrlSigner
 from tinkerd.domain.errors import NotFoundError
 from tinkerd.domain.ops import LogprobDistribution
+from tinkerd.domain.vision import VisionSpec
 from tinkerd.store import Store
 from tinkerd.store.storage import CheckpointStorage
 
@@ -35,6 +36,8 @@ class ServedModelInfo:
     tokenizer_dir: str | None = None
     # "packed" (tinkerd's own fast forward) or "generic" (the model's own forward): see domain.architectures
     engine_path: str = "packed"
+    # How a vision-language model turns images into tokens; None: a text-only model (image chunks are refused).
+    vision: VisionSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class ApiSettings:
     # The distribution sampled tokens' logprobs are reported under when a request's X-Tinkerd-Sample-Logprobs header
     # does not say (see domain.ops.LogprobDistribution).
     sample_logprobs: LogprobDistribution = "tempered"
+    # Largest image (width x height) an image chunk may hold; checked from its header before it is decoded.
+    max_image_pixels: int = 4096 * 4096
 
 
 @dataclass(frozen=True)

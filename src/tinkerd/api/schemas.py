@@ -36,6 +36,11 @@ class Chunk(WireModel):
     # Old SDKs omit the discriminator of text chunks.
     type: str = "encoded_text"
     tokens: list[int] | None = None
+    # "image": the file in base64; "image_asset_pointer": where the server reads it. Both: format, expected_tokens.
+    data: str | None = None
+    location: str | None = None
+    format: str | None = None
+    expected_tokens: int | None = None
 
 
 class ModelInput(WireModel):

@@ -41,6 +41,20 @@ class ProvenanceSpan:
 
 
 @dataclass(frozen=True)
+class ImageInput:
+    """An image inside a token sequence: it stands for positions ``[offset, offset + tokens)``, which hold the model's
+    image token. ``data`` is the image file (PNG or JPEG) in base64, checked and measured (``width`` x ``height``)
+    where the request came in; ``tokens`` is what the model's image processor makes of that size."""
+
+    offset: int
+    tokens: int
+    format: str
+    data: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
 class Datum:
     """One training example: input tokens and the loss function's inputs (target_tokens, weights, advantages, ...).
 
@@ -52,6 +66,7 @@ class Datum:
     loss_fn_inputs: dict[str, ArrayData]
     model_input_spans: list[ProvenanceSpan] | None = None
     loss_fn_input_spans: list[ProvenanceSpan] | None = None
+    images: list[ImageInput] = field(default_factory=list)  # in order of offset; tokens hold their placeholders
 
 
 # The largest LoRA rank a run may ask for (checked at the api and again by the engine).

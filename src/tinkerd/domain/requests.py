@@ -13,6 +13,7 @@ from tinkerd.domain.ops import (
     CellGrid,
     Datum,
     ForwardResult,
+    ImageInput,
     LoraConfig,
     OptimStepResult,
     SampleResult,
@@ -93,6 +94,7 @@ class Sample:
     prompt_logprobs_last_n: int | None = None
     target_prompt_logprobs: CellGrid | None = None  # int ids, -1 cells dropped
     prompt_alt_tokens_k: int = 0
+    images: list[ImageInput] = field(default_factory=list)  # in the prompt, which holds their placeholder tokens
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from tinkerd.domain.errors import InvalidRequestError
-from tinkerd.domain.ops import ArrayData, Datum
+from tinkerd.domain.ops import ArrayData, Datum, ImageInput
 from tinkerd.domain.provenance import check_provenance, sampled_positions
 from tinkerd.engine.lora import LoraRouting, LoraWeights, Segment
 
@@ -43,6 +43,7 @@ class Row:
     inputs: dict[str, torch.Tensor]
     adapter_key: str
     sampled_T: torch.Tensor | None = None  # bool: target positions a sampled provenance span covers; None without
+    images: Sequence[ImageInput] = ()  # a vision-language model's images in the tokens (checked by the engine)
 
 
 def prepare_row(
@@ -95,6 +96,7 @@ def prepare_row(
         inputs=inputs,
         adapter_key=adapter_key,
         sampled_T=sampled_T,
+        images=datum.images,
     )
 
 

@@ -34,7 +34,7 @@ from tinkerd.domain.ops import LoraConfig
 from tinkerd.engine import atomic_dir
 from tinkerd.engine.expert_lora import check_expert_compatible, merge_experts, per_expert, stack_experts
 from tinkerd.engine.lora import LoraWeights, validate_lora_config
-from tinkerd.engine.lora_targets import enabled_roles, is_expert_param, module_role
+from tinkerd.engine.lora_targets import VISION_PARTS, enabled_roles, is_expert_param, module_role
 
 FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -140,7 +140,13 @@ def _peft_tensors(weights: LoraWeights) -> dict[str, torch.Tensor]:
 
 def _peft_config(weights: LoraWeights, base_model: str) -> dict[str, object]:
     alpha = weights.alpha
+    extra: dict[str, object] = {}
+    if any(".language_model." in f".{name}" for name in weights.a):
+        # A vision-language model: its vision tower has layers named like the language model's (Qwen2.5-VL's
+        # gate/up/down_proj), which PEFT would otherwise wrap too, with no weights in the file.
+        extra["exclude_modules"] = rf"(.*\.)?({'|'.join(sorted(VISION_PARTS))})\..*"
     return {
+        **extra,
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,

@@ -20,9 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinkerd.domain.errors import InvalidRequestError
+from tinkerd.domain.ops import ImageInput
 from tinkerd.engine.lora import LoraRouting, LoraWeights
 from tinkerd.engine.lora_targets import module_role
 from tinkerd.engine.transformer import ModelShape
+from tinkerd.engine.vision import ImageEncoder
+
+Images = Sequence[ImageInput]  # the images of one sequence
 
 
 def lora_candidates(model: nn.Module) -> list[str]:
@@ -51,7 +56,7 @@ def _shape_of(model: nn.Module) -> ModelShape:
 class GenericTransformer:
     """A frozen Hugging Face causal LM run by its own forward; LoRA enters through hooks. Holds no per-run state."""
 
-    def __init__(self, hf_model: nn.Module, compute_dtype: torch.dtype) -> None:
+    def __init__(self, hf_model: nn.Module, compute_dtype: torch.dtype, images: ImageEncoder | None = None) -> None:
         hf_model.requires_grad_(False)
         hf_model.eval()
         self.hf = hf_model.to(compute_dtype)
@@ -63,6 +68,7 @@ class GenericTransformer:
         # fused MoE expert parameters this forward can adapt: none (its hooks reach nn.Linear layers only)
         self.expert_targets: dict[str, tuple[int, int, int]] = {}
         self._active: LoraWeights | None = None
+        self.images = images  # a vision-language model's image path; None: text only
         modules = dict(hf_model.named_modules())
         for name in lora_candidates(hf_model):
             modules[name].register_forward_hook(self._lora_hook(name))
@@ -88,20 +94,32 @@ class GenericTransformer:
         finally:
             self._active = None
 
-    def padded_logits(self, seqs: Sequence[Sequence[int]], weights: LoraWeights | None) -> torch.Tensor:
-        """fp32 logits [B, T, vocab] of right-padded sequences, all through one adapter (None: the base model)."""
+    def padded_logits(
+        self, seqs: Sequence[Sequence[int]], weights: LoraWeights | None, images: Sequence[Images] | None = None
+    ) -> torch.Tensor:
+        """fp32 logits [B, T, vocab] of right-padded sequences, all through one adapter (None: the base model);
+        ``images[b]`` are the images in sequence b (a vision-language model)."""
         t = max(len(s) for s in seqs)
         tokens_B_T = torch.zeros(len(seqs), t, dtype=torch.long, device=self.device)
         mask_B_T = torch.zeros(len(seqs), t, dtype=torch.long, device=self.device)
         for i, seq in enumerate(seqs):
             tokens_B_T[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask_B_T[i, : len(seq)] = 1
+        extra: dict[str, Any] = {}
+        if images is not None and any(images):
+            if self.images is None:
+                raise InvalidRequestError("this model takes no images")
+            tokens_B_T, extra = self.images.forward_inputs(tokens_B_T, images)
         with self._adapter(weights):
-            out: Any = self.hf(input_ids=tokens_B_T, attention_mask=mask_B_T, use_cache=False)
+            out: Any = self.hf(input_ids=tokens_B_T, attention_mask=mask_B_T, use_cache=False, **extra)
         return out.logits.float()
 
     def sequence_logprobs(
-        self, seqs: Sequence[Sequence[int]], targets_N_K: torch.Tensor, routing: LoraRouting
+        self,
+        seqs: Sequence[Sequence[int]],
+        targets_N_K: torch.Tensor,
+        routing: LoraRouting,
+        images: Sequence[Images] | None = None,
     ) -> torch.Tensor:
         """fp32 [N, K] logprobs of targets for sequences packed back to back; differentiable into the adapters."""
         offsets = [0]
@@ -113,21 +131,28 @@ class GenericTransformer:
             groups.setdefault(id(weights), (weights, []))[1].append(i)
         pieces: list[torch.Tensor | None] = [None] * len(seqs)
         for weights, members in groups.values():
-            logits_B_T_V = self.padded_logits([seqs[i] for i in members], weights)
+            member_images = [images[i] for i in members] if images is not None else None
+            logits_B_T_V = self.padded_logits([seqs[i] for i in members], weights, member_images)
             for b, i in enumerate(members):
                 n = len(seqs[i])
                 logprobs_T_V = F.log_softmax(logits_B_T_V[b, :n], dim=-1)
                 pieces[i] = logprobs_T_V.gather(1, targets_N_K[offsets[i] : offsets[i] + n])
         return torch.cat([p for p in pieces if p is not None], dim=0)
 
-    def last_logits(self, seqs: Sequence[Sequence[int]], weights: Sequence[LoraWeights | None]) -> torch.Tensor:
+    def last_logits(
+        self,
+        seqs: Sequence[Sequence[int]],
+        weights: Sequence[LoraWeights | None],
+        images: Sequence[Images] | None = None,
+    ) -> torch.Tensor:
         """fp32 next-token logits [B, vocab] after each sequence, each through its own adapter."""
         out: list[torch.Tensor | None] = [None] * len(seqs)
         groups: dict[int, tuple[LoraWeights | None, list[int]]] = {}
         for i, w in enumerate(weights):
             groups.setdefault(id(w), (w, []))[1].append(i)
         for w, members in groups.values():
-            logits_B_T_V = self.padded_logits([seqs[i] for i in members], w)
+            member_images = [images[i] for i in members] if images is not None else None
+            logits_B_T_V = self.padded_logits([seqs[i] for i in members], w, member_images)
             for b, i in enumerate(members):
                 out[i] = logits_B_T_V[b, len(seqs[i]) - 1]
         return torch.stack([o for o in out if o is not None])

@@ -15,10 +15,11 @@ from typing import cast
 
 import torch
 
+from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import SampleResult
 from tinkerd.engine import prompt_scoring
 from tinkerd.engine.generic_model import GenericTransformer
-from tinkerd.engine.sampler import PROMPT_LOGPROB_CHUNK, Sampler, _JobState
+from tinkerd.engine.sampler import PROMPT_LOGPROB_CHUNK, SampleJob, Sampler, _JobState
 from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES
 from tinkerd.engine.transformer import Transformer
 
@@ -35,13 +36,24 @@ class GenericSampler(Sampler):
         super().__init__(cast(Transformer, model), decode_text, max_batch, max_num_samples)
         self.model = model
 
+    def check_images(self, job: SampleJob) -> None:
+        """Images are checked against the prompt, then processed and encoded (and cached) before the job queues."""
+        if not job.images:
+            return
+        encoder = self.model.images
+        if encoder is None:
+            raise InvalidRequestError("the prompt holds images, but this model takes none")
+        encoder.check(job.prompt, job.images, "prompt")
+        for i, image in enumerate(job.images):
+            encoder.encode(image, f"prompt image {i}")
+
     def _prefill(self, batch: list[_JobState]) -> None:
         m = self.model
         s = m.shape
         no_positions = torch.zeros(s.num_layers, s.num_kv_heads, 0, s.head_dim, dtype=m.dtype, device=m.device)
         for state in batch:
             job = state.job
-            logits_1_P_V = m.padded_logits([job.prompt], job.weights)
+            logits_1_P_V = m.padded_logits([job.prompt], job.weights, [job.images])
             state.last_logits_1_V = logits_1_P_V[0, -1:]
             state.k_L_G_P_D = state.v_L_G_P_D = no_positions  # nothing to copy into a slot: decode recomputes
             questions = job.prompt_questions()
@@ -55,5 +67,6 @@ class GenericSampler(Sampler):
     def _decode(self, done: list[tuple[int, SampleResult]]) -> None:
         rows = list(self._rows)
         seqs = [list(itertools.chain(r.job.job.prompt, r.tokens)) for r in rows]
-        logits_B_V = self.model.last_logits(seqs, [r.job.job.weights for r in rows])
+        images = [r.job.job.images for r in rows]  # in the prompt: generated tokens follow them
+        logits_B_V = self.model.last_logits(seqs, [r.job.job.weights for r in rows], images)
         self._advance(rows, logits_B_V, done)

@@ -23,13 +23,17 @@ def is_expert_param(name: str) -> bool:
     return len(parts) >= 2 and parts[-2] == "experts" and parts[-1] in EXPERT_PROJECTIONS
 
 
+# A vision-language model's image side (its vision tower and projector) stays frozen: LoRA trains the language model.
+VISION_PARTS = frozenset({"visual", "vision_tower", "vision_model", "multi_modal_projector"})
+
+
 def module_role(name: str) -> str | None:
     """'attn', 'mlp' or 'unembed' for a linear layer's dotted name; None for layers LoRA never targets."""
     parts = name.split(".")
     leaf = parts[-1]
     if leaf in UNEMBED_LEAVES and len(parts) == 1:
         return "unembed"
-    if leaf in ROUTER_LEAVES:
+    if leaf in ROUTER_LEAVES or any(p in VISION_PARTS for p in parts):
         return None
     if any("attn" in p or "attention" in p for p in parts[:-1]):
         return "attn"

@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from tinkerd.domain.architectures import PACKED_MODEL_TYPES, EnginePath, UnsupportedModelError, architecture_of
+from tinkerd.domain.vision import VISION_MODEL_TYPES
 from tinkerd.engine.generic_model import GenericTransformer
 from tinkerd.engine.moe import is_sparse_block
 from tinkerd.engine.transformer import Transformer
+from tinkerd.engine.vision import ImageEncoder
 
 Forward = Transformer | GenericTransformer
 
@@ -48,7 +50,7 @@ def path_of(hf_model: nn.Module) -> EnginePath:
     return EnginePath.PACKED
 
 
-def build_forward(hf_model: nn.Module, compute_dtype: torch.dtype) -> Forward:
+def build_forward(hf_model: nn.Module, compute_dtype: torch.dtype, image_processor: Any = None) -> Forward:
     """The packed forward in ``compute_dtype``, or the generic one, which always computes in fp32.
 
     A Hugging Face model cast to bf16 also keeps its residual stream and norms in bf16, and its rounding then depends
@@ -56,7 +58,27 @@ def build_forward(hf_model: nn.Module, compute_dtype: torch.dtype) -> Forward:
     generic path exact, at its cost in speed (the packed path is the fast one)."""
     if path_of(hf_model) is EnginePath.PACKED:
         return Transformer(hf_model, compute_dtype)
-    return GenericTransformer(hf_model, torch.float32)
+    images = ImageEncoder(hf_model, image_processor) if image_processor is not None and is_vision(hf_model) else None
+    return GenericTransformer(hf_model, torch.float32, images)
+
+
+def is_vision(hf_model: nn.Module) -> bool:
+    """A vision-language model whose images tinkerd can feed (see ``domain.vision``)."""
+    return getattr(hf_model.config, "model_type", None) in VISION_MODEL_TYPES
+
+
+def load_image_processor(path: Path) -> Any:
+    """A vision-language model directory's image processor (the PIL one: no torchvision); None for text models or a
+    directory without ``preprocessor_config.json`` (its images are then refused, here and at the API)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("model_type") not in VISION_MODEL_TYPES:
+        return None
+    if not (path / "preprocessor_config.json").is_file():
+        return None
+    return AutoImageProcessor.from_pretrained(str(path), backend="pil", local_files_only=True)
 
 
 def load_hf_model(path: Path, device: torch.device) -> nn.Module:
@@ -66,8 +88,10 @@ def load_hf_model(path: Path, device: torch.device) -> nn.Module:
     except (OSError, ValueError):
         config = {}
     arch = architecture_of(config if isinstance(config, dict) else {})
+    vision = isinstance(config, dict) and config.get("model_type") in VISION_MODEL_TYPES
+    auto: Any = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+        model: Any = auto.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     except (ValueError, KeyError, ImportError) as exc:
         raise UnsupportedModelError(
             f"model {path.name!r}: architecture {arch} cannot be served: transformers cannot load it as a causal LM "

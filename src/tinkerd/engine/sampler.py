@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tinkerd.domain.ops import CellGrid, SampledSequence, SampleResult, SamplingParams, StopReason, TopkRow
+from tinkerd.domain.errors import InvalidRequestError
+from tinkerd.domain.ops import CellGrid, ImageInput, SampledSequence, SampleResult, SamplingParams, StopReason, TopkRow
 from tinkerd.engine import prompt_scoring, reported_logprobs
 from tinkerd.engine.kv_cache import KVCache, prefill_attention
 from tinkerd.engine.lora import LoraRouting, LoraWeights, Segment
@@ -58,6 +59,7 @@ class SampleJob:
     prompt_logprobs_last_n: int | None = None
     target_prompt_logprobs: CellGrid | None = None  # int ids; row i = prompt position i + 1
     prompt_alt_tokens_k: int = 0
+    images: Sequence[ImageInput] = ()  # a vision-language model's images in the prompt (generic path only)
 
     def prompt_questions(self) -> prompt_scoring.PromptQuestions:
         return prompt_scoring.PromptQuestions(
@@ -158,6 +160,7 @@ class Sampler:
 
     def submit(self, job: SampleJob) -> int:
         """Queue a request (validated now, so a bad one never reaches a batch); returns its ticket."""
+        self.check_images(job)
         validate_sample_request(
             job.prompt,
             job.params,
@@ -228,6 +231,11 @@ class Sampler:
             else:
                 out.append(([], []))
         return out
+
+    def check_images(self, job: SampleJob) -> None:
+        """The packed forward reads tokens only: a prompt with images is for a vision-language model's sampler."""
+        if job.images:
+            raise InvalidRequestError("the prompt holds images, but this model takes none")
 
     def step(self) -> list[tuple[int, SampleResult]]:
         """Admit what fits, advance every live sequence by one token; returns the requests that finished.

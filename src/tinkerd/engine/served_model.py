@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,10 +14,11 @@ from tinkerd.domain.errors import InvalidRequestError, NotFoundError
 from tinkerd.domain.ops import AdamParams, ArrayData, Datum, ForwardResult, LoraConfig, OptimStepResult
 from tinkerd.engine.batching import Row, micro_batches, pack_rows, prepare_row
 from tinkerd.engine.config import EngineConfig
+from tinkerd.engine.generic_model import GenericTransformer
 from tinkerd.engine.lora import LoraWeights, init_lora_weights
 from tinkerd.engine.lora_targets import is_expert_param
 from tinkerd.engine.losses import LossInputs, compute_loss, reduce_metrics, required_inputs
-from tinkerd.engine.model_paths import build_forward, load_hf_model
+from tinkerd.engine.model_paths import build_forward, load_hf_model, load_image_processor
 from tinkerd.engine.moe import RouterTrace, router_metrics
 from tinkerd.engine.optim import AdamState, adamw_step
 from tinkerd.engine.transformer import Transformer
@@ -51,18 +53,19 @@ class ForwardJob:
 class ServedModel:
     """A frozen base model shared by many adapters. Not thread-safe: one worker drives it."""
 
-    def __init__(self, name: str, hf_model: torch.nn.Module, config: EngineConfig) -> None:
+    def __init__(self, name: str, hf_model: torch.nn.Module, config: EngineConfig, image_processor: Any = None) -> None:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.name = name
         self.config = config
         self.device = config.torch_device
-        self.train = build_forward(hf_model, config.train_torch_dtype)  # the packed or the generic forward
+        # the packed or the generic forward (with the model's image processor, for a vision-language model)
+        self.train = build_forward(hf_model, config.train_torch_dtype, image_processor)
         self.adapters: dict[str, Adapter] = {}
 
     @staticmethod
     def from_directory(name: str, path: Path, config: EngineConfig) -> ServedModel:
-        return ServedModel(name, load_hf_model(path, config.torch_device), config)
+        return ServedModel(name, load_hf_model(path, config.torch_device), config, load_image_processor(path))
 
     @property
     def vocab_size(self) -> int:
@@ -146,6 +149,9 @@ class ServedModel:
         than inside a batch shared with other runs' work.
         """
         for row in self._rows_of(0, job):
+            for i, image in enumerate(row.images):  # processed and encoded (and cached) now, before any batch
+                assert isinstance(self.train, GenericTransformer) and self.train.images is not None
+                self.train.images.encode(image, f"datum {row.index} image {i}")
             stand_in = torch.zeros(row.targets_T_K.shape if row.targets_2d else row.targets_T_K.shape[:1])
             compute_loss(job.loss_fn, _loss_inputs(row, stand_in, job))
 
@@ -161,6 +167,11 @@ class ServedModel:
         rows: list[Row] = []
         for i, datum in enumerate(job.datums):
             rows.append(prepare_row(j, i, datum, key, self.vocab_size, self.max_positions, self.device))
+            if datum.images:
+                images = self.train.images if isinstance(self.train, GenericTransformer) else None
+                if images is None:
+                    raise InvalidRequestError(f"datum {i} holds images, but model {self.name!r} takes none")
+                images.check(datum.tokens, datum.images, f"datum {i}")
             missing = [name for name in needed if name not in datum.loss_fn_inputs]
             if missing:
                 raise InvalidRequestError(f"datum {i}: loss {job.loss_fn!r} needs loss_fn_inputs {missing}")
@@ -180,7 +191,12 @@ class ServedModel:
         tracing = self.train.tracing_router() if isinstance(self.train, Transformer) and moe else nullcontext(None)
         with torch.set_grad_enabled(grad_mode), tracing as trace:
             seqs = [r.tokens for r in packed.rows]
-            logprobs_N_K = self.train.sequence_logprobs(seqs, packed.targets_N_K, packed.routing)
+            images = [r.images for r in packed.rows]
+            if any(images):  # only a generic forward with an image encoder lets rows with images through _rows_of
+                assert isinstance(self.train, GenericTransformer)
+                logprobs_N_K = self.train.sequence_logprobs(seqs, packed.targets_N_K, packed.routing, images)
+            else:
+                logprobs_N_K = self.train.sequence_logprobs(seqs, packed.targets_N_K, packed.routing)
             total: torch.Tensor | None = None
             for row, off in zip(packed.rows, packed.offsets, strict=True):
                 k = row.targets_T_K.shape[1]

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 import uvicorn
 
 from tinkerd.api import ApiSettings, ServedModelInfo, ThroughLedger, create_app, load_keys_file
+from tinkerd.domain.vision import VisionSpec
 from tinkerd.roles.lease import Heartbeat
 from tinkerd.roles.settings import RoleSettings, check_storage, open_ledger
 from tinkerd.settings import Settings
@@ -55,6 +56,8 @@ def _info(facts: Mapping[str, object]) -> ServedModelInfo:
     values = dict(facts)
     eos = values.get("eos_token_ids") or ()
     values["eos_token_ids"] = tuple(eos) if isinstance(eos, list | tuple) else ()
+    vision = values.get("vision")
+    values["vision"] = VisionSpec(**vision) if isinstance(vision, dict) else None
     return ServedModelInfo(**values)  # type: ignore[arg-type]  # written by roles.worker from a ServedModelInfo
 
 
@@ -71,6 +74,7 @@ def run_api(roles: RoleSettings, settings: Settings, announce: Callable[[str], N
             max_body_bytes=settings.max_body_mb * 1024 * 1024,
             max_queued_per_user=settings.max_queued_per_user,
             max_runs_per_user=settings.max_runs_per_user,
+            max_image_pixels=settings.max_image_pixels,
             # Results come by NOTIFY; the re-read is only a safety net for a lost event.
             poll_interval_s=5.0,
         )

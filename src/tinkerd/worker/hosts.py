@@ -19,7 +19,7 @@ from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.decode_layout import use_decode_layout
 from tinkerd.engine.generic_model import GenericTransformer
 from tinkerd.engine.generic_sampler import GenericSampler
-from tinkerd.engine.model_paths import Forward, load_hf_model, path_of
+from tinkerd.engine.model_paths import Forward, load_hf_model, load_image_processor, path_of
 from tinkerd.engine.sampler import Sampler
 from tinkerd.engine.served_model import ServedModel
 from tinkerd.engine.transformer import Transformer
@@ -80,12 +80,20 @@ class ModelHost:
         config: EngineConfig,
         decode_text: DecodeText | None = None,
         make_served: MakeServed = ServedModel,
+        image_processor: Any = None,
     ) -> ModelHost:
-        """Host an already loaded fp32 Hugging Face model (tests, or callers that build models themselves)."""
+        """Host an already loaded fp32 Hugging Face model (tests, or callers that build models themselves); a
+        vision-language model takes images with its ``image_processor``."""
         sample_hf = None
         if path_of(hf_model) is EnginePath.GENERIC:
             # one copy in the training dtype serves both, so the sampler's logprobs are the trainer's exactly
-            served = make_served(name, hf_model, config)
+            if image_processor is not None and make_served is not ServedModel:
+                raise ValueError(f"{name}: a vision-language model trains on one rank (--ranks 1)")
+            served = (
+                ServedModel(name, hf_model, config, image_processor)
+                if image_processor
+                else make_served(name, hf_model, config)
+            )
             return ModelHost(served, served.train, decode_text)
         if config.sample_torch_dtype != config.train_torch_dtype:
             # Copy before ServedModel casts the original to the training dtype: a bf16 copy cast back up to fp32
@@ -105,7 +113,7 @@ class ModelHost:
     def from_directory(name: str, path: Path, config: EngineConfig, make_served: MakeServed = ServedModel) -> ModelHost:
         """Load a Hugging Face model directory; its tokenizer (if any) decodes text for stop strings."""
         hf_model = load_hf_model(path, config.torch_device)
-        return ModelHost.from_model(name, hf_model, config, load_decoder(path), make_served)
+        return ModelHost.from_model(name, hf_model, config, load_decoder(path), make_served, load_image_processor(path))
 
 
 def load_decoder(path: Path) -> DecodeText | None:

@@ -79,6 +79,7 @@ class SamplingService:
             prompt_logprobs_last_n=req.prompt_logprobs_last_n,
             target_prompt_logprobs=req.target_prompt_logprobs,
             prompt_alt_tokens_k=req.prompt_alt_tokens_k,
+            images=tuple(req.images),
         )
         ticket = host.sampler.submit(job)  # validates against the model first
         self._in_flight[host.name][ticket] = _InFlight(future, req.num_samples, [0] * req.num_samples)

@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from tinkerd.api import schemas
 from tinkerd.api.context import ServedModelInfo
 from tinkerd.api.convert.tensors import array_from_json, array_from_proto, check_tokens, tokens_from_proto
+from tinkerd.api.images import ImageRules, ModelInputBuilder, decode_base64
 from tinkerd.api.proto import tinker_public_pb2 as pb
 from tinkerd.domain import ops
 from tinkerd.domain.errors import InvalidRequestError
@@ -131,25 +132,40 @@ def _loss_config(numbers: dict[str, float], texts: dict[str, str]) -> dict[str, 
     return numbers
 
 
-def text_chunks(where: str, chunks: list[schemas.Chunk]) -> list[int]:
-    tokens: list[int] = []
+def model_input(where: str, chunks: list[schemas.Chunk], rules: ImageRules | None) -> ModelInputBuilder:
+    """JSON chunks laid end to end: token ids (an image is its placeholder tokens) and the images they hold."""
+    built = ModelInputBuilder(where, rules)
     for index, chunk in enumerate(chunks):
-        if chunk.type != "encoded_text":
-            raise InvalidRequestError(f"{where} chunk {index} is {chunk.type!r}; tinkerd serves text models only")
-        tokens.extend(chunk.tokens or ())
-    return tokens
+        if chunk.type == "encoded_text":
+            built.text(chunk.tokens or (), index)
+        elif chunk.type == "image":
+            data = decode_base64(chunk.data or "", f"{where} chunk {index}")
+            built.image(data, chunk.format, chunk.expected_tokens, index)
+        elif chunk.type == "image_asset_pointer":
+            built.pointer(chunk.location, chunk.format, chunk.expected_tokens, index)
+        else:
+            raise InvalidRequestError(f"{where} chunk {index} is {chunk.type!r}; tinkerd takes text and image chunks")
+    return built
+
+
+def text_chunks(where: str, chunks: list[schemas.Chunk]) -> list[int]:
+    """Token ids of a model input that must be text only (image chunks are refused)."""
+    return model_input(where, chunks, None).tokens
 
 
 def forward_backward_from_json(
-    body: schemas.ForwardBackwardInput, model_id: str, seq_id: int | None, *, backward: bool
+    body: schemas.ForwardBackwardInput,
+    model_id: str,
+    seq_id: int | None,
+    *,
+    backward: bool,
+    rules: ImageRules | None = None,
 ) -> ForwardBackwardCall:
-    datums = [
-        ops.Datum(
-            tokens=text_chunks(f"data[{i}].model_input", datum.model_input.chunks),
-            loss_fn_inputs={name: array_from_json(name, td) for name, td in datum.loss_fn_inputs.items()},
-        )
-        for i, datum in enumerate(body.data)
-    ]
+    datums: list[ops.Datum] = []
+    for i, datum in enumerate(body.data):
+        built = model_input(f"data[{i}].model_input", datum.model_input.chunks, rules)
+        inputs = {name: array_from_json(name, td) for name, td in datum.loss_fn_inputs.items()}
+        datums.append(ops.Datum(tokens=built.tokens, loss_fn_inputs=inputs, images=built.images))
     config = body.loss_fn_config or {}
     numbers = {k: float(v) for k, v in config.items() if not isinstance(v, str)}
     texts = {k: v for k, v in config.items() if isinstance(v, str)}
@@ -203,17 +219,28 @@ def _provenance_from_proto(datum: pb.Datum, where: str) -> dict[str, list[ops.Pr
     }
 
 
-def forward_backward_from_proto(message: pb.ForwardBackwardRequest) -> ForwardBackwardCall:
+def forward_backward_from_proto(
+    message: pb.ForwardBackwardRequest, rules: ImageRules | None = None
+) -> ForwardBackwardCall:
     datums: list[ops.Datum] = []
     for i, datum in enumerate(message.data):
-        tokens: list[int] = []
+        built = ModelInputBuilder(f"data[{i}].model_input", rules)
         for j, chunk in enumerate(datum.model_input):
             which = chunk.WhichOneof("chunk")
-            if which != "encoded_text":
-                raise InvalidRequestError(f"data[{i}].model_input chunk {j} is {which!r}; tinkerd serves text only")
-            tokens.extend(tokens_from_proto(chunk.encoded_text.tokens))
+            if which == "encoded_text":
+                built.text(tokens_from_proto(chunk.encoded_text.tokens), j)
+            elif which == "image":
+                image = chunk.image
+                if image.HasField("override_dimensions"):
+                    raise InvalidRequestError(f"data[{i}].model_input chunk {j}: override_dimensions is not supported")
+                expected = image.expected_tokens if image.HasField("expected_tokens") else None
+                built.image(image.data, image.format, expected, j)
+            else:
+                where = f"data[{i}].model_input chunk {j}"
+                raise InvalidRequestError(f"{where} is {which!r}; tinkerd takes text and image chunks")
         inputs = {name: array_from_proto(name, tensor) for name, tensor in datum.loss_fn_inputs.items()}
-        converted = ops.Datum(tokens=tokens, loss_fn_inputs=inputs, **_provenance_from_proto(datum, f"data[{i}]"))
+        provenance = _provenance_from_proto(datum, f"data[{i}]")
+        converted = ops.Datum(tokens=built.tokens, loss_fn_inputs=inputs, images=built.images, **provenance)
         check_provenance(converted, f"data[{i}]")
         datums.append(converted)
     numbers = dict(message.loss_fn_config)

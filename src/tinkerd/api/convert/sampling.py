@@ -6,8 +6,9 @@ from datetime import datetime
 
 from tinkerd.api import schemas
 from tinkerd.api.context import ServedModelInfo
-from tinkerd.api.convert.requests import text_chunks
+from tinkerd.api.convert.requests import model_input
 from tinkerd.api.convert.tensors import check_tokens, target_cells
+from tinkerd.api.images import ImageRules
 from tinkerd.domain import ops
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ids import sampler_id
@@ -66,8 +67,10 @@ def sample(
     sampler: Sampler,
     model: ServedModelInfo,
     reported: ops.LogprobDistribution = "tempered",
+    rules: ImageRules | None = None,
 ) -> Sample:
-    prompt = text_chunks("prompt", request.prompt.chunks)
+    built = model_input("prompt", request.prompt.chunks, rules)
+    prompt = built.tokens
     check_tokens(prompt, "prompt", model.vocab_size, model.max_context_length)
     num_samples = 1 if request.num_samples is None else request.num_samples
     if not 1 <= num_samples <= MAX_NUM_SAMPLES:
@@ -106,6 +109,7 @@ def sample(
         prompt_logprobs_last_n=request.prompt_logprobs_last_n,
         target_prompt_logprobs=targets,
         prompt_alt_tokens_k=nonnegative("prompt_alt_tokens_k", request.prompt_alt_tokens_k or 0),
+        images=built.images,
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from tinkerd.api.context import ServedModelInfo
 from tinkerd.api.convert.tensors import check_tokens
+from tinkerd.api.images import ImageRules, ModelInputBuilder, decode_base64
 from tinkerd.api.loops import schemas
 from tinkerd.api.loops.common import to_bt
 from tinkerd.domain import ops
@@ -51,13 +52,17 @@ def _array(where: str, tensor: schemas.TensorData) -> ops.ArrayData:
     raise InvalidRequestError(f"{where} has dtype {tensor.dtype!r}; use an int or float dtype")
 
 
-def _tokens(where: str, model_input: schemas.ModelInput) -> list[int]:
-    tokens: list[int] = []
+def _model_input(where: str, model_input: schemas.ModelInput, rules: ImageRules | None) -> ModelInputBuilder:
+    built = ModelInputBuilder(where, rules)
     for index, chunk in enumerate(model_input.chunks):
-        if chunk.type != "encoded_text":
-            raise InvalidRequestError(f"{where} chunk {index} is {chunk.type!r}; tinkerd serves text models only")
-        tokens.extend(chunk.tokens or ())
-    return tokens
+        if chunk.type == "encoded_text":
+            built.text(chunk.tokens or (), index)
+        elif chunk.type == "image":
+            data = decode_base64(chunk.data or "", f"{where} chunk {index}")
+            built.image(data, chunk.format, chunk.expected_tokens, index)
+        else:
+            raise InvalidRequestError(f"{where} chunk {index} is {chunk.type!r}; tinkerd takes text and image chunks")
+    return built
 
 
 def _masked_cross_entropy(inputs: dict[str, ops.ArrayData]) -> dict[str, ops.ArrayData]:
@@ -93,7 +98,8 @@ def _normalised(datums: list[ops.Datum]) -> list[ops.Datum]:
     for datum in datums:
         weights = datum.loss_fn_inputs["weights"]
         scaled = ops.ArrayData(values=[float(w) / count for w in weights.values], shape=weights.shape)
-        out.append(ops.Datum(tokens=datum.tokens, loss_fn_inputs={**datum.loss_fn_inputs, "weights": scaled}))
+        inputs = {**datum.loss_fn_inputs, "weights": scaled}
+        out.append(ops.Datum(tokens=datum.tokens, loss_fn_inputs=inputs, images=datum.images))
     return out
 
 
@@ -102,7 +108,12 @@ def skips_normalization(config: dict[str, Any] | None) -> bool:
 
 
 def forward_backward(
-    body: schemas.ForwardBackwardRequest, run_id: str, model: ServedModelInfo, *, backward: bool
+    body: schemas.ForwardBackwardRequest,
+    run_id: str,
+    model: ServedModelInfo,
+    *,
+    backward: bool,
+    rules: ImageRules | None = None,
 ) -> ForwardBackward:
     if not body.data:
         raise InvalidRequestError("data is empty: forward_backward needs at least one datum")
@@ -120,14 +131,15 @@ def forward_backward(
         numbers[key] = float(value)
     datums: list[ops.Datum] = []
     for i, datum in enumerate(body.data):
-        tokens = _tokens(f"data[{i}].model_input", datum.model_input)
+        built = _model_input(f"data[{i}].model_input", datum.model_input, rules)
+        tokens = built.tokens
         check_tokens(tokens, f"data[{i}].model_input", model.vocab_size, model.max_context_length)
         inputs = {
             name: _array(f"data[{i}].loss_fn_inputs[{name!r}]", tensor) for name, tensor in datum.loss_fn_inputs.items()
         }
         if body.loss_fn == "cross_entropy":
             inputs = _masked_cross_entropy(inputs)
-        datums.append(ops.Datum(tokens=tokens, loss_fn_inputs=inputs))
+        datums.append(ops.Datum(tokens=tokens, loss_fn_inputs=inputs, images=built.images))
     if body.loss_fn == "cross_entropy" and not skip and all("weights" in d.loss_fn_inputs for d in datums):
         datums = _normalised(datums)
     return ForwardBackward(

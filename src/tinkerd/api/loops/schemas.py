@@ -122,6 +122,9 @@ class TensorData(LoopsModel):
 class Chunk(LoopsModel):
     type: str = "encoded_text"
     tokens: list[int] | None = None
+    data: str | None = None  # "image": the file in base64
+    format: str | None = None
+    expected_tokens: int | None = None
 
 
 class ModelInput(LoopsModel):

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Response
 from tinkerd.api.context import ApiContext
 from tinkerd.api.loops import convert, operations, schemas
 from tinkerd.api.loops.common import TRAINER_PREFIX, Context, Owner, from_bt
-from tinkerd.api.routes.common import JSON, fill_refused_seq, submit
+from tinkerd.api.routes.common import JSON, fill_refused_seq, image_rules, submit
 from tinkerd.domain.errors import CapacityError, InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.domain.ids import validate_run_id
 from tinkerd.domain.records import RequestKind, TrainingRun
@@ -87,13 +87,20 @@ def init_trainer_server(run_id: str, body: schemas.InitTrainerServerRequest, ctx
     return _submit_op(ctx, owner, run_id, body, RequestKind.RESET_ADAPTER, build)
 
 
+def _forward_backward(
+    ctx: ApiContext, body: schemas.ForwardBackwardRequest, run: TrainingRun, backward: bool
+) -> DomainRequest:
+    model = ctx.model(run.base_model)
+    return convert.forward_backward(body, run.id, model, backward=backward, rules=image_rules(ctx, model))
+
+
 def _forward(
     run_id: str, body: schemas.ForwardBackwardRequest, ctx: ApiContext, owner: str, backward: bool
 ) -> Response:
     kind = RequestKind.FORWARD_BACKWARD if backward else RequestKind.FORWARD
     return _submit_op(
         ctx, owner, run_id, body, kind,
-        lambda run: convert.forward_backward(body, run.id, ctx.model(run.base_model), backward=backward),
+        lambda run: _forward_backward(ctx, body, run, backward),
         skip_normalization=convert.skips_normalization(body.loss_fn_config),
     )  # fmt: skip
 

@@ -8,7 +8,8 @@ from fastapi import Depends, Request, Response
 from pydantic import BaseModel
 
 from tinkerd.api import auth, schemas
-from tinkerd.api.context import ApiContext
+from tinkerd.api.context import ApiContext, ServedModelInfo
+from tinkerd.api.images import ImageRules
 from tinkerd.api.submit import admit, check_run_cap, fill_refused_seq, in_thread, submit
 
 __all__ = ["admit", "check_run_cap", "fill_refused_seq", "in_thread", "submit"]
@@ -38,3 +39,8 @@ def json_response(model: BaseModel, status_code: int = 200) -> Response:
 
 def future_response(future: schemas.UntypedAPIFuture) -> Response:
     return json_response(future)
+
+
+def image_rules(ctx: ApiContext, model: ServedModelInfo) -> ImageRules:
+    """What image chunks sent to this model are checked against."""
+    return ImageRules(model=model.name, vision=model.vision, max_pixels=ctx.settings.max_image_pixels)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from tinkerd.api import schemas
 from tinkerd.api.convert import sampling as convert
-from tinkerd.api.routes.common import Context, Owner, future_response, json_response, submit
+from tinkerd.api.routes.common import Context, Owner, future_response, image_rules, json_response, submit
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ids import validate_sampler_id
 from tinkerd.domain.paths import parse_tinker_path
@@ -51,7 +51,8 @@ def asample(body: schemas.SampleRequest, http: Request, ctx: Context, owner: Own
     sampler = ctx.store.samplers.get(validate_sampler_id(body.sampling_session_id), owner)
     header = http.headers.get(convert.LOGPROBS_HEADER)
     reported = convert.logprobs_of(header) if header is not None else ctx.settings.sample_logprobs
-    request = convert.sample(body, sampler, ctx.model(sampler.base_model), reported)
+    model = ctx.model(sampler.base_model)
+    request = convert.sample(body, sampler, model, reported, image_rules(ctx, model))
     record = submit(
         ctx,
         owner,
