@@ -38,6 +38,13 @@ def refuse_unsupported(job: SampleJob, *, max_logprobs: int, max_lora_rank: int,
         )
     if job.target_prompt_logprobs is not None:
         raise InvalidRequestError("target_prompt_logprobs is not supported" + why)
+    if (job.prompt_logprobs or job.topk_prompt_logprobs > 0) and job.num_samples > 1:
+        # vLLM 0.32's CPU LoRA logits path crashes its engine on this combination (einsum size mismatch): refuse it
+        raise InvalidRequestError(
+            "prompt logprobs with num_samples > 1 are not supported"
+            + why
+            + "; ask for prompt logprobs in a request with num_samples=1"
+        )
     if job.prompt_alt_tokens_k > 0:
         raise InvalidRequestError("prompt_alt_tokens_k is not supported" + why)
     if job.params.logprobs_of == "sampled":
