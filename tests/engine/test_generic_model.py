@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from tests.engine.tiny_models import FAMILIES, GENERIC_FAMILIES, tiny_generic_model, tiny_model
+from tests.engine.tiny_models import FAMILIES, GENERIC_FAMILIES, hf_logprobs, tiny_generic_model, tiny_model
 from tinkerd.domain.architectures import EnginePath, UnsupportedModelError
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import AdamParams, ArrayData, Datum, LoraConfig, SamplingParams
@@ -37,15 +37,6 @@ def datum(tokens: list[int]) -> Datum:
 def logprobs(model: ServedModel, adapter: str | None, seqs: list[list[int]]) -> list[torch.Tensor]:
     (result,) = model.forward([ForwardJob(adapter, [datum(s) for s in seqs], "cross_entropy")])
     return [torch.tensor(out["logprobs"].values) for out in result.loss_fn_outputs]
-
-
-def hf_logprobs(hf: torch.nn.Module, seqs: list[list[int]]) -> list[torch.Tensor]:
-    out = []
-    with torch.no_grad():
-        for s in seqs:
-            logp = torch.log_softmax(hf(torch.tensor([s])).logits[0].float(), dim=-1)
-            out.append(logp.gather(1, torch.tensor([*s[1:], 2])[:, None])[:, 0])
-    return out
 
 
 def trained(model: ServedModel, adapter: str, seed: int) -> None:

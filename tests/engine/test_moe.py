@@ -12,7 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.engine.tiny_models import MOE_FAMILIES, tiny_moe_model
+from tests.engine.tiny_models import MOE_FAMILIES, hf_logprobs, tiny_moe_model
 from tinkerd.domain.architectures import EnginePath
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import AdamParams, ArrayData, Datum, LoraConfig, SamplingParams
@@ -44,15 +44,6 @@ def datum(tokens: list[int]) -> Datum:
 def logprobs(model: ServedModel, adapter: str | None, seqs: list[list[int]]) -> list[torch.Tensor]:
     (result,) = model.forward([ForwardJob(adapter, [datum(s) for s in seqs], "cross_entropy")])
     return [torch.tensor(out["logprobs"].values) for out in result.loss_fn_outputs]
-
-
-def hf_logprobs(hf: Any, seqs: list[list[int]]) -> list[torch.Tensor]:
-    out = []
-    with torch.no_grad():
-        for s in seqs:
-            logp = torch.log_softmax(hf(torch.tensor([s])).logits[0].float(), dim=-1)
-            out.append(logp.gather(1, torch.tensor([*s[1:], 2])[:, None])[:, 0])
-    return out
 
 
 def randomise(model: ServedModel, adapter: str, seed: int) -> None:

@@ -136,3 +136,14 @@ def tiny_generic_model(family: str, seed: int = 0, vocab_size: int = 96) -> torc
     model = AutoModelForCausalLM.from_config(tiny_generic_config(family, vocab_size), dtype=torch.float32)
     model.eval()
     return model
+
+
+def hf_logprobs(hf: Any, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """The Hugging Face model's own logprob of each next token (the last position scores token 2), one sequence at a
+    time: the reference the engine's forward is compared with."""
+    out = []
+    with torch.no_grad():
+        for s in seqs:
+            logp = torch.log_softmax(hf(torch.tensor([s])).logits[0].float(), dim=-1)
+            out.append(logp.gather(1, torch.tensor([*s[1:], 2])[:, None])[:, 0])
+    return out
