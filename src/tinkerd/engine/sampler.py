@@ -37,7 +37,7 @@ from tinkerd.engine.lora import LoraRouting, LoraWeights, Segment
 from tinkerd.engine.rescoring import RescoreItem, rescore
 from tinkerd.engine.sampling_ops import draw_uniforms, sample_tokens
 from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES, validate_logprob_options, validate_sample_request
-from tinkerd.engine.transformer import Transformer
+from tinkerd.engine.transformer import ModelShape, Transformer
 
 # Prompt tokens prefilled in one packed forward (at least one whole prompt is always taken).
 MAX_PREFILL_TOKENS = 4096
@@ -73,6 +73,24 @@ class SampleJob:
     def reports_otherwise(self) -> bool:
         """Whether its sampled tokens need more than ``sample_tokens`` reports (another distribution, top-k lists)."""
         return self.topk_sample_logprobs > 0 or self.params.logprobs_of != "tempered"
+
+
+def validate_job(job: SampleJob, shape: ModelShape, max_num_samples: int, can_decode_text: bool) -> None:
+    """Raise InvalidRequestError for anything wrong with a sampling request (any sampler backend, before it runs)."""
+    validate_sample_request(
+        job.prompt, job.params, job.num_samples, job.topk_prompt_logprobs, shape, max_num_samples, can_decode_text
+    )
+    validate_logprob_options(
+        len(job.prompt),
+        job.params,
+        job.num_samples,
+        shape.vocab_size,
+        prompt_logprobs=job.prompt_logprobs,
+        topk_sample_logprobs=job.topk_sample_logprobs,
+        last_n=job.prompt_logprobs_last_n,
+        targets=job.target_prompt_logprobs,
+        alt_k=job.prompt_alt_tokens_k,
+    )
 
 
 @dataclass(eq=False)
@@ -161,26 +179,7 @@ class Sampler:
     def submit(self, job: SampleJob) -> int:
         """Queue a request (validated now, so a bad one never reaches a batch); returns its ticket."""
         self.check_images(job)
-        validate_sample_request(
-            job.prompt,
-            job.params,
-            job.num_samples,
-            job.topk_prompt_logprobs,
-            self.transformer.shape,
-            self.max_num_samples,
-            self.decode_text is not None,
-        )
-        validate_logprob_options(
-            len(job.prompt),
-            job.params,
-            job.num_samples,
-            self.transformer.shape.vocab_size,
-            prompt_logprobs=job.prompt_logprobs,
-            topk_sample_logprobs=job.topk_sample_logprobs,
-            last_n=job.prompt_logprobs_last_n,
-            targets=job.target_prompt_logprobs,
-            alt_k=job.prompt_alt_tokens_k,
-        )
+        validate_job(job, self.transformer.shape, self.max_num_samples, self.decode_text is not None)
         ticket = next(self._tickets)
         state = _JobState(
             ticket=ticket,

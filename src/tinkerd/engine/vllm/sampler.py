@@ -26,8 +26,8 @@ from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import SampleResult, SamplingParams
 from tinkerd.engine.lora import LoraWeights
 from tinkerd.engine.rescoring import RescoreItem, rescore
-from tinkerd.engine.sampler import SampleJob
-from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES, validate_logprob_options, validate_sample_request
+from tinkerd.engine.sampler import SampleJob, validate_job
+from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES
 from tinkerd.engine.transformer import ModelShape, Transformer
 from tinkerd.engine.vllm.adapters import AdapterRegistry
 from tinkerd.engine.vllm.completions import parse_response, refuse_unsupported, request_body
@@ -159,26 +159,7 @@ class VllmSampler:
         self._pending: dict[int, _Pending] = {}
 
     def submit(self, job: SampleJob) -> int:
-        validate_sample_request(
-            job.prompt,
-            job.params,
-            job.num_samples,
-            job.topk_prompt_logprobs,
-            self.shape,
-            self.max_num_samples,
-            self.decode_text is not None,
-        )
-        validate_logprob_options(
-            len(job.prompt),
-            job.params,
-            job.num_samples,
-            self.shape.vocab_size,
-            prompt_logprobs=job.prompt_logprobs,
-            topk_sample_logprobs=job.topk_sample_logprobs,
-            last_n=job.prompt_logprobs_last_n,
-            targets=job.target_prompt_logprobs,
-            alt_k=job.prompt_alt_tokens_k,
-        )
+        validate_job(job, self.shape, self.max_num_samples, self.decode_text is not None)
         config = self.backend.engine.config
         refuse_unsupported(
             job, max_logprobs=config.max_logprobs, max_lora_rank=config.max_lora_rank, rescored=self.scorer is not None
