@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from baseten.loops import ServiceClient
+from baseten.loops.helpers.datum import attach_reference_logprobs
 from baseten.loops.models import AdamParams, Datum, ModelInput, SamplingParams, TensorData
 
 PROMPT = [1, 330, 1345, 314, 260, 2593, 30, 216]  # token ids of SmolLM2's vocabulary
@@ -38,6 +39,60 @@ def weighted_datum() -> Datum:
             "weights": TensorData(data=weights, dtype="float32", shape=[len(weights)]),
         },
     )
+
+
+def preference_pair(chosen: list[int], rejected: list[int]) -> list[Datum]:
+    """A (chosen, rejected) pair of continuations of PROMPT, the prompt's targets masked with -100."""
+    out = []
+    for answer in (chosen, rejected):
+        tokens = [*PROMPT, *answer]
+        targets = [-100] * (len(PROMPT) - 1) + [*answer, 2]
+        out.append(
+            Datum(
+                model_input=ModelInput.from_ints(tokens),
+                loss_fn_inputs={"target_tokens": TensorData(data=targets, dtype="int64", shape=[len(targets)])},
+            )
+        )
+    return out
+
+
+def preference_and_rl(service: Any, base_model: str, out: dict[str, Any]) -> None:
+    """DPO the way the SDK's helper does it (reference logprobs from a snapshot before any step), a dppo forward,
+    and top_k_logprobs, on a run of their own."""
+    tc = service.create_lora_training_client(base_model=base_model, rank=4, ready_timeout=READY_TIMEOUT)
+    reference = tc.save_weights_and_get_sampling_client("reference")
+    pairs = attach_reference_logprobs(
+        preference_pair([330, 1345, 314], [2593, 30, 216, 260]) + preference_pair([260, 2593], [314, 330]), reference
+    )
+    out["dpo"] = []
+    for _ in range(4):
+        step = tc.forward_backward(pairs, "dpo", {"beta": 0.5}).result()
+        out["dpo"].append({"loss": step.loss, "metrics": step.metrics})
+        tc.optim_step(AdamParams(learning_rate=0.02)).result()
+
+    sampled = tc.save_weights_and_get_sampling_client("rl").sample(
+        ModelInput.from_ints(PROMPT), num_samples=1, sampling_params=SamplingParams(max_tokens=4, temperature=1.0)
+    )
+    answer, answer_logprobs = list(sampled.sequences[0].tokens), list(sampled.sequences[0].logprobs or [])
+    tokens = [*PROMPT, *answer]
+    n = len(tokens)
+    behaviour = [0.0] * (len(PROMPT) - 1) + answer_logprobs + [0.0]
+    advantages = [0.0] * (len(PROMPT) - 1) + [1.0] * len(answer) + [0.0]
+    rl = Datum(
+        model_input=ModelInput.from_ints(tokens),
+        loss_fn_inputs={
+            "target_tokens": TensorData(data=[*tokens[1:], 2], dtype="int64", shape=[n]),
+            "logprobs": TensorData(data=behaviour, dtype="float32", shape=[n]),
+            "advantages": TensorData(data=advantages, dtype="float32", shape=[n]),
+        },
+    )
+    dppo = tc.forward([rl], "dppo", {"dppo_mask_high": 0.2, "kl_tau": 0.01}).result()
+    out["dppo"] = {"loss": dppo.loss, "metrics": dppo.metrics, "answer_logprobs": answer_logprobs,
+                   "trainer_logprobs": dppo.loss_fn_outputs[0]["logprobs"].tolist()[len(PROMPT) - 1 : -1]}  # fmt: skip
+
+    top = tc.forward([weighted_datum()], "cross_entropy", top_k_logprobs=3).result().loss_fn_outputs[0]
+    out["top_k"] = {name: {"data": top[name].data, "shape": top[name].shape, "dtype": top[name].dtype}
+                    for name in ("top_k_logprobs", "top_k_token_ids", "logprobs")}  # fmt: skip
 
 
 def greedy(sampler: Any) -> list[int]:
@@ -111,6 +166,8 @@ def main() -> None:
     restored = service.create_training_client_from_state_with_optimizer(state.path)
     out["restored_run"] = restored.run_id
     out["restored_loss"] = restored.forward([weighted_datum()], "cross_entropy").result().loss
+
+    preference_and_rl(service, base_model, out)
 
     out_path.write_text(json.dumps(out))
 

@@ -9,6 +9,7 @@ the test fails with pip's output rather than skipping (a skipped compatibility t
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.loops
 
 HERE = Path(__file__).parent
 CLIENT_TIMEOUT_S = 600
+TARGETS = [330, 1345, 314, 260, 2593, 30, 216, 2]  # loops_client.py's weighted_datum targets
 
 
 def _python(which: tuple[str, str, str]) -> Path:
@@ -133,6 +135,7 @@ def test_loops_sdk_trains_saves_samples_and_downloads(server: Server, tmp_path: 
     assert out["restored_run"] != run
     assert out["restored_loss"] == pytest.approx(out["state_loss"], rel=1e-4)
 
+    _check_losses_and_top_k(out)
     routes = _check_wire(wire)
     for route in (
         "/v1/loops/sessions", "/v1/loops/trainers", "/v1/loops/samplers", "/v1/loops/capabilities",
@@ -144,6 +147,34 @@ def test_loops_sdk_trains_saves_samples_and_downloads(server: Server, tmp_path: 
         assert routes[route] > 0, (route, routes)
     # The run's paired sampler is made once and reused by every save; the other is the standalone one (model_path).
     assert routes["/v1/loops/samplers"] == 2
+
+
+def _check_losses_and_top_k(out: dict[str, Any]) -> None:
+    # DPO with reference logprobs from a snapshot taken before any step (the SDK's attach_reference_logprobs): the
+    # policy is the reference at first, so z = 0 and the loss is log 2; the steps then separate chosen from rejected.
+    dpo = out["dpo"]
+    assert dpo[0]["loss"] == pytest.approx(math.log(2), abs=2e-3)
+    assert dpo[0]["metrics"]["dpo_margin:mean"] == pytest.approx(0.0, abs=5e-3)
+    assert dpo[-1]["loss"] < dpo[0]["loss"] - 0.01
+    assert dpo[-1]["metrics"]["dpo_margin:mean"] > 0 and dpo[-1]["metrics"]["dpo_accuracy:mean"] == 1.0
+    # dppo on the trainer's own fresh sample: p = q, so no token leaves the trust region and each sampled token
+    # contributes -A * p/q = -1; the KL term is 0.
+    dppo = out["dppo"]
+    assert dppo["trainer_logprobs"] == pytest.approx(dppo["answer_logprobs"], abs=1e-3)
+    assert dppo["metrics"]["dppo_masked_fraction:mean"] == 0.0
+    assert dppo["loss"] == pytest.approx(-len(dppo["answer_logprobs"]), abs=0.02)
+    # top_k_logprobs=3: [T, 3] per datum, most likely first; the target's own logprob agrees where it is among them.
+    top = out["top_k"]
+    positions = top["logprobs"]["shape"][0]
+    assert top["top_k_logprobs"]["shape"] == [positions, 3] == top["top_k_token_ids"]["shape"]
+    assert top["top_k_token_ids"]["dtype"] == "int64"
+    values, ids = top["top_k_logprobs"]["data"], top["top_k_token_ids"]["data"]
+    for t, target_logprob in enumerate(top["logprobs"]["data"]):
+        row, row_ids = values[3 * t : 3 * t + 3], ids[3 * t : 3 * t + 3]
+        assert row == sorted(row, reverse=True) and target_logprob <= row[0] + 1e-5
+        target = TARGETS[t]
+        if target in row_ids:
+            assert row[row_ids.index(target)] == pytest.approx(target_logprob, abs=1e-5)
 
 
 def test_the_tinker_shim_runs_a_short_sft_loop(server: Server, tmp_path: Path) -> None:

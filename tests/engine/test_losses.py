@@ -80,6 +80,25 @@ def ref_stable_reinforce(lp: Floats, inp: dict[str, Floats]) -> tuple[float, Flo
     return sum(-w * lp[t] * a[t] for t, w in enumerate(weights)), [-w * a[t] for t, w in enumerate(weights)]
 
 
+def ref_dppo(
+    lp: Floats, inp: dict[str, Floats], high: float = 0.2, low: float = 0.2, adv_tau: float = 1.0, kl_tau: float = 1e-3
+) -> tuple[float, Floats]:
+    """Tokens with an advantage count; one whose probability moved past the bound its advantage pushes toward leaves
+    the policy-gradient term; every counted token keeps the squared log-ratio term."""
+    q, a = inp["logprobs"], inp["advantages"]
+    loss, grad = 0.0, []
+    for t in range(len(lp)):
+        if a[t] == 0:
+            grad.append(0.0)
+            continue
+        moved = math.exp(lp[t]) - math.exp(q[t])
+        keep = not ((a[t] > 0 and moved > high) or (a[t] < 0 and moved < -low))
+        policy = adv_tau * a[t] * math.exp(lp[t] - q[t]) if keep else 0.0
+        loss += -policy + kl_tau * (lp[t] - q[t]) ** 2
+        grad.append(-policy + 2 * kl_tau * (lp[t] - q[t]))
+    return loss, grad
+
+
 REFERENCES: dict[str, Reference] = {
     "cross_entropy": ref_cross_entropy,
     "importance_sampling": ref_importance_sampling,
@@ -88,6 +107,7 @@ REFERENCES: dict[str, Reference] = {
     "dro": ref_dro,
     "gspo": ref_gspo,
     "stable_reinforce": ref_stable_reinforce,
+    "dppo": ref_dppo,
 }
 
 
@@ -423,7 +443,10 @@ def test_required_inputs_for_the_engine() -> None:
     assert required_inputs("cross_entropy") == ("target_tokens", "weights")
     assert required_inputs("ppo") == ("target_tokens", "logprobs", "advantages")
     assert required_inputs("gspo") == ("target_tokens", "logprobs", "advantages")
-    assert set(LOSSES) == {"cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"}
+    assert required_inputs("dpo") == ("target_tokens", "weights", "ref_logprobs")
+    assert set(LOSSES) == {
+        "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce", "dppo"
+    }  # fmt: skip
 
 
 # ---- batch metrics ----
@@ -447,7 +470,7 @@ def test_reduce_metrics_combines_by_suffix() -> None:
 
 # ---- sampler/trainer drift ----
 
-RL_LOSSES = ["importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"]
+RL_LOSSES = ["importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce", "dppo"]
 
 
 @pytest.mark.parametrize("loss", RL_LOSSES)

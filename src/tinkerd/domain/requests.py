@@ -40,6 +40,7 @@ class ForwardBackward:
     loss_fn: str
     loss_fn_config: dict[str, float] = field(default_factory=dict)
     backward: bool = True
+    top_k_logprobs: int = 0  # also return each position's most likely next tokens (Loops' forward option)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -131,17 +131,31 @@ def pack_rows(rows: Sequence[Row], adapters: Mapping[str, LoraWeights | None], d
     return PackedRows(rows=ordered, offsets=offsets, routing=LoraRouting(tuple(segments)), targets_N_K=targets)
 
 
-def micro_batches(rows: Sequence[Row], max_tokens: int) -> list[list[Row]]:
-    """Split rows (kept whole) into groups of at most max_tokens tokens, longest first, to bound activation memory."""
+def units(rows: Sequence[Row], paired: Callable[[Row], bool]) -> list[list[Row]]:
+    """Rows in the units that must run in one pass: a datum alone, or a (chosen, rejected) pair of a paired loss (the
+    datums ``2i`` and ``2i + 1`` of one request), in first-seen order."""
+    by_key: dict[tuple[int, int], list[Row]] = {}
+    for row in rows:
+        key = (row.job, row.index // 2) if paired(row) else (row.job, -1 - row.index)
+        by_key.setdefault(key, []).append(row)
+    return list(by_key.values())
+
+
+def micro_batches(
+    rows: Sequence[Row], max_tokens: int, paired: Callable[[Row], bool] = lambda _: False
+) -> list[list[Row]]:
+    """Split rows (kept whole, and pairs of a paired loss kept together) into groups of at most max_tokens tokens
+    (a unit larger than that runs alone), longest first, to bound activation memory."""
     groups: list[list[Row]] = []
     current: list[Row] = []
     count = 0
-    for row in sorted(rows, key=lambda r: -len(r.tokens)):
-        if current and count + len(row.tokens) > max_tokens:
+    for unit in sorted(units(rows, paired), key=lambda u: -sum(len(r.tokens) for r in u)):
+        size = sum(len(r.tokens) for r in unit)
+        if current and count + size > max_tokens:
             groups.append(current)
             current, count = [], 0
-        current.append(row)
-        count += len(row.tokens)
+        current.extend(unit)
+        count += size
     if current:
         groups.append(current)
     return groups

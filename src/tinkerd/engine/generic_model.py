@@ -122,6 +122,18 @@ class GenericTransformer:
         images: Sequence[Images] | None = None,
     ) -> torch.Tensor:
         """fp32 [N, K] logprobs of targets for sequences packed back to back; differentiable into the adapters."""
+        return self.sequence_logprobs_and_top_k(seqs, targets_N_K, routing, 0, images)[0]
+
+    def sequence_logprobs_and_top_k(
+        self,
+        seqs: Sequence[Sequence[int]],
+        targets_N_K: torch.Tensor,
+        routing: LoraRouting,
+        k: int,
+        images: Sequence[Images] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``sequence_logprobs`` and, from the same pass, each position's ``k`` most likely tokens: (logprobs [N, K],
+        top-k logprobs [N, k], their ids [N, k]; empty [N, 0] when k is 0); only the first is differentiable."""
         offsets = [0]
         for seq in seqs:
             offsets.append(offsets[-1] + len(seq))
@@ -130,6 +142,7 @@ class GenericTransformer:
             weights = next(s.weights for s in routing.segments if s.start <= start < s.end)
             groups.setdefault(id(weights), (weights, []))[1].append(i)
         pieces: list[torch.Tensor | None] = [None] * len(seqs)
+        tops: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(seqs)
         for weights, members in groups.values():
             member_images = [images[i] for i in members] if images is not None else None
             logits_B_T_V = self.padded_logits([seqs[i] for i in members], weights, member_images)
@@ -137,7 +150,11 @@ class GenericTransformer:
                 n = len(seqs[i])
                 logprobs_T_V = F.log_softmax(logits_B_T_V[b, :n], dim=-1)
                 pieces[i] = logprobs_T_V.gather(1, targets_N_K[offsets[i] : offsets[i] + n])
-        return torch.cat([p for p in pieces if p is not None], dim=0)
+                top = logprobs_T_V.detach().topk(min(k, logprobs_T_V.shape[-1]), dim=-1)
+                tops[i] = (top.values, top.indices)
+        values = torch.cat([t[0] for t in tops if t is not None])
+        ids = torch.cat([t[1] for t in tops if t is not None])
+        return torch.cat([p for p in pieces if p is not None], dim=0), values, ids
 
     def last_logits(
         self,

@@ -122,6 +122,26 @@ def chunked_logits(
     return torch.cat([_chunk_logits(h_N_d, w_V_d, lora, c) for c in _chunks(segments)])
 
 
+def chunked_top_k(
+    h_N_d: torch.Tensor,
+    w_V_d: torch.Tensor,
+    segments: tuple[HeadSegment, ...],
+    lora: list[tuple[torch.Tensor, torch.Tensor]],
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely next tokens of every row and their fp32 logprobs ([N, k] each, most likely first), from
+    the logits ``target_logprobs`` uses, one chunk at a time (never [N, V] at once; no autograd)."""
+    values: list[torch.Tensor] = []
+    ids: list[torch.Tensor] = []
+    with torch.no_grad():
+        for c in _chunks(segments):
+            logprobs = torch.log_softmax(_chunk_logits(h_N_d, w_V_d, lora, c), dim=-1)
+            top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+            values.append(top.values)
+            ids.append(top.indices)
+    return torch.cat(values), torch.cat(ids)
+
+
 def target_logprobs(
     h_N_d: torch.Tensor,
     w_V_d: torch.Tensor,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +12,13 @@ import torch
 
 from tinkerd.domain.errors import InvalidRequestError, NotFoundError
 from tinkerd.domain.ops import AdamParams, ArrayData, Datum, ForwardResult, LoraConfig, OptimStepResult
-from tinkerd.engine.batching import Row, micro_batches, pack_rows, prepare_row
+from tinkerd.engine.batching import PackedRows, Row, micro_batches, pack_rows, prepare_row
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.generic_model import GenericTransformer
 from tinkerd.engine.lora import LoraWeights, init_lora_weights
 from tinkerd.engine.lora_targets import is_expert_param
-from tinkerd.engine.losses import LossInputs, compute_loss, reduce_metrics, required_inputs
+from tinkerd.engine.losses import LossInputs, LossOutput, compute_loss, is_paired, reduce_metrics, required_inputs
+from tinkerd.engine.losses.preference import check_pairing, compute_pair_loss
 from tinkerd.engine.model_paths import build_forward, load_hf_model, load_image_processor
 from tinkerd.engine.moe import RouterTrace, router_metrics
 from tinkerd.engine.optim import AdamState, adamw_step
@@ -48,6 +49,14 @@ class ForwardJob:
     loss_fn: str
     loss_fn_config: Mapping[str, float] = field(default_factory=dict)
     backward: bool = False
+    # how many datums the request has when ``datums`` holds none of them (a distributed trainer's follower gets the
+    # job without its datums); 0 means ``len(datums)``
+    request_size: int = 0
+    top_k: int = 0  # also return each position's top_k most likely next tokens and their logprobs
+
+    @property
+    def num_datums(self) -> int:
+        return self.request_size or len(self.datums)
 
 
 class ServedModel:
@@ -138,7 +147,7 @@ class ServedModel:
         done: dict[tuple[int, int], DatumOutcome] = {}
         for grad_mode in (False, True):
             selected = [r for r in rows if jobs[r.job].backward == grad_mode]
-            for group in micro_batches(selected, self.config.max_tokens_per_pass):
+            for group in micro_batches(selected, self.config.max_tokens_per_pass, paired_rows(jobs)):
                 self._run_group(group, jobs, grad_mode, done)
         return done
 
@@ -148,12 +157,20 @@ class ServedModel:
         The loss runs once on stand-in logprobs so that bad loss config or input shapes fail here, alone, rather
         than inside a batch shared with other runs' work.
         """
-        for row in self._rows_of(0, job):
+        rows = self._rows_of(0, job)
+        stand_ins: list[LossInputs] = []
+        for row in rows:
             for i, image in enumerate(row.images):  # processed and encoded (and cached) now, before any batch
                 assert isinstance(self.train, GenericTransformer) and self.train.images is not None
                 self.train.images.encode(image, f"datum {row.index} image {i}")
             stand_in = torch.zeros(row.targets_T_K.shape if row.targets_2d else row.targets_T_K.shape[:1])
-            compute_loss(job.loss_fn, _loss_inputs(row, stand_in, job))
+            stand_ins.append(_loss_inputs(row, stand_in, job))
+        if is_paired(job.loss_fn):
+            for chosen, rejected in zip(stand_ins[0::2], stand_ins[1::2], strict=True):
+                compute_pair_loss(job.loss_fn, chosen, rejected, len(rows) // 2)
+        else:
+            for inputs in stand_ins:
+                compute_loss(job.loss_fn, inputs)
 
     def _rows_of(self, j: int, job: ForwardJob) -> list[Row]:
         if job.adapter_id is not None:
@@ -162,6 +179,7 @@ class ServedModel:
             raise InvalidRequestError("forward_backward needs a LoRA training run; the base model is frozen")
         if not job.datums:
             raise InvalidRequestError("the request has no datums")
+        check_pairing(job.loss_fn, len(job.datums))
         needed = required_inputs(job.loss_fn)
         key = job.adapter_id if job.adapter_id is not None else BASE_KEY
         rows: list[Row] = []
@@ -190,28 +208,41 @@ class ServedModel:
         moe = isinstance(self.train, Transformer) and any(self.train.sparse)
         tracing = self.train.tracing_router() if isinstance(self.train, Transformer) and moe else nullcontext(None)
         with torch.set_grad_enabled(grad_mode), tracing as trace:
-            seqs = [r.tokens for r in packed.rows]
-            images = [r.images for r in packed.rows]
-            if any(images):  # only a generic forward with an image encoder lets rows with images through _rows_of
-                assert isinstance(self.train, GenericTransformer)
-                logprobs_N_K = self.train.sequence_logprobs(seqs, packed.targets_N_K, packed.routing, images)
-            else:
-                logprobs_N_K = self.train.sequence_logprobs(seqs, packed.targets_N_K, packed.routing)
+            k = max(jobs[r.job].top_k for r in packed.rows)
+            logprobs_N_K, top_N_k = self._score(packed, k)
             total: torch.Tensor | None = None
+            inputs: dict[tuple[int, int], LossInputs] = {}
             for row, off in zip(packed.rows, packed.offsets, strict=True):
                 k = row.targets_T_K.shape[1]
                 lp = logprobs_N_K[off : off + len(row.tokens), :k]
-                lp = lp if row.targets_2d else lp[:, 0]
-                job = jobs[row.job]
-                out = compute_loss(job.loss_fn, _loss_inputs(row, lp, job))
+                inputs[(row.job, row.index)] = _loss_inputs(row, lp if row.targets_2d else lp[:, 0], jobs[row.job])
+            for key, out in _losses(inputs, jobs).items():
                 total = out.loss if total is None else total + out.loss
-                outputs = {"logprobs": _array(lp.detach())}
+                outputs = {"logprobs": _array(inputs[key].logprobs.detach())}
                 outputs.update({name: _array(t.detach()) for name, t in out.outputs.items()})
-                done[(row.job, row.index)] = DatumOutcome(outputs, out.metrics)
+                done[key] = DatumOutcome(outputs, out.metrics)
+            if top_N_k is not None:
+                _add_top_k(top_N_k, packed.rows, packed.offsets, jobs, done)
             if trace is not None:
                 _add_router_metrics(trace, packed.rows, packed.offsets, done)
             if grad_mode and total is not None and total.requires_grad:
                 total.backward()
+
+    def _score(self, packed: PackedRows, k: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The packed rows' target logprobs (differentiable) and, when ``k`` > 0, each position's top-k (logprobs,
+        token ids) from the same pass."""
+        seqs = [r.tokens for r in packed.rows]
+        images = [r.images for r in packed.rows]
+        if any(images):  # only a generic forward with an image encoder lets rows with images through _rows_of
+            assert isinstance(self.train, GenericTransformer)
+            lp, values, ids = self.train.sequence_logprobs_and_top_k(
+                seqs, packed.targets_N_K, packed.routing, k, images
+            )
+            return lp, (values, ids) if k > 0 else None
+        if k == 0:
+            return self.train.sequence_logprobs(seqs, packed.targets_N_K, packed.routing), None
+        lp, values, ids = self.train.sequence_logprobs_and_top_k(seqs, packed.targets_N_K, packed.routing, k)
+        return lp, (values, ids)
 
     # -- optimizer --------------------------------------------------------------------------------------------------
 
@@ -262,8 +293,49 @@ def _add_router_metrics(
         done[(job, first[job].index)].metrics.update(router_metrics(trace, torch.tensor(index)))
 
 
+def _add_top_k(
+    top_N_k: tuple[torch.Tensor, torch.Tensor],
+    rows: Sequence[Row],
+    offsets: Sequence[int],
+    jobs: Sequence[ForwardJob],
+    done: Mapping[tuple[int, int], DatumOutcome],
+) -> None:
+    """``top_k_logprobs`` and ``top_k_token_ids`` ([T, k], most likely first) into the outputs of the rows whose
+    request asked for them."""
+    values_N_k, ids_N_k = top_N_k
+    for row, off in zip(rows, offsets, strict=True):
+        k = jobs[row.job].top_k
+        if k == 0:
+            continue
+        span = slice(off, off + len(row.tokens))
+        outputs = done[(row.job, row.index)].outputs
+        outputs["top_k_logprobs"] = _array(values_N_k[span, :k])
+        ids = ids_N_k[span, :k]
+        outputs["top_k_token_ids"] = ArrayData(values=ids.flatten().tolist(), shape=tuple(ids.shape), dtype="int64")
+
+
 def _array(t: torch.Tensor) -> ArrayData:
     return ArrayData(values=t.float().flatten().tolist(), shape=tuple(t.shape), dtype="float32")
+
+
+def paired_rows(jobs: Sequence[ForwardJob]) -> Callable[[Row], bool]:
+    """Which rows belong to a request whose loss scores pairs of datums (to keep each pair in one pass)."""
+    return lambda row: is_paired(jobs[row.job].loss_fn)
+
+
+def _losses(
+    inputs: Mapping[tuple[int, int], LossInputs], jobs: Sequence[ForwardJob]
+) -> dict[tuple[int, int], LossOutput]:
+    """Each datum's loss by (job, datum index); a paired loss's datums come with their partners (micro_batches)."""
+    out: dict[tuple[int, int], LossOutput] = {}
+    for (j, i), x in inputs.items():
+        job = jobs[j]
+        if not is_paired(job.loss_fn):
+            out[(j, i)] = compute_loss(job.loss_fn, x)
+        elif i % 2 == 0:
+            chosen, rejected = compute_pair_loss(job.loss_fn, x, inputs[(j, i + 1)], job.num_datums // 2)
+            out[(j, i)], out[(j, i + 1)] = chosen, rejected
+    return out
 
 
 def _loss_inputs(row: Row, logprobs: torch.Tensor, job: ForwardJob) -> LossInputs:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinkerd.engine.head import HeadSegment, chunked_logits, target_logprobs
+from tinkerd.engine.head import HeadSegment, chunked_logits, chunked_top_k, target_logprobs
 from tinkerd.engine.lora import MIN_INVARIANT_ROWS, LoraRouting, LoraWeights, Segment, apply_linear, rows_mm
 from tinkerd.engine.moe import RouterTrace, expert_targets, is_sparse_block, sparse_block
 
@@ -237,6 +237,18 @@ class Transformer:
     ) -> torch.Tensor:
         """fp32 [N, K] logprobs of targets for whole sequences packed back to back; differentiable into adapters."""
         return self.target_logprobs(self.packed_hidden(seqs, routing), targets_N_K, routing)
+
+    def sequence_logprobs_and_top_k(
+        self, seqs: Sequence[Sequence[int]], targets_N_K: torch.Tensor, routing: LoraRouting, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``sequence_logprobs`` in the same pass as each position's ``k`` most likely tokens: (logprobs [N, K],
+        top-k logprobs [N, k], their token ids [N, k]); only the first is differentiable."""
+        h_N_d = self.packed_hidden(seqs, routing)
+        logprobs_N_K = self.target_logprobs(h_N_d, targets_N_K, routing)
+        with torch.no_grad():
+            segments, pairs = self._head_lora(h_N_d.detach(), routing)
+            values_N_k, ids_N_k = chunked_top_k(h_N_d.detach(), self.lm_head.weight, segments, pairs, k)
+        return logprobs_N_K, values_N_k, ids_N_k
 
     def logits(self, h_N_d: torch.Tensor, routing: LoraRouting) -> torch.Tensor:
         """Full fp32 logits [N, vocab]; for sampling and prompt top-k, never under autograd."""

@@ -66,7 +66,9 @@ def run_forward_batch(runtime: Runtime, items: Sequence[ForwardItem]) -> list[tu
 def _prepare(runtime: Runtime, item: ForwardItem) -> _Prepared:
     req = item.request
     run, host, _ = runtime.training(req.run_id, item.future.owner)
-    job = ForwardJob(run.run_id, req.datums, req.loss_fn, dict(req.loss_fn_config), backward=req.backward)
+    job = ForwardJob(
+        run.run_id, req.datums, req.loss_fn, dict(req.loss_fn_config), backward=req.backward, top_k=req.top_k_logprobs
+    )
     return _Prepared(item, host, job)
 
 

@@ -10,7 +10,13 @@ Loss semantics (the Loops docs and SDK 0.32, facts only):
   forward_backward calls; tinkerd divides per call, which is the same for the usual one call per step.
 - With the flag, ``loss`` is ``sum(-logprobs * weights)`` and the answer's metrics say
   ``skip_token_normalization: 1.0`` (``forward_backward_custom`` requires it).
+- ``dpo`` takes the same -100 targets (or weights), ``ref_logprobs`` aligned with them and (chosen, rejected) pairs
+  at even and odd indices; its ``loss`` is the mean over the request's pairs (``engine.losses.preference``).
 - Other losses take their inputs as the Tinker API does, unnormalised.
+- ``top_k_logprobs=k`` adds ``top_k_logprobs`` (float32) and ``top_k_token_ids`` (int64), each ``[T, k]`` with the
+  most likely first, to every datum's ``loss_fn_outputs``: the trainer's next-token distribution at each position.
+- The answer's ``metrics`` carry the loss's own metrics (``dpo_accuracy:mean``, the sampler-drift means, ...) beside
+  ``loss``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,10 @@ from tinkerd.domain.requests import AdapterState, ForwardBackward, OptimStep, Pa
 
 IGNORE_INDEX = -100  # the masked-target marker of PyTorch's cross-entropy, which Loops examples use
 SKIP_NORMALIZATION = "skip_token_normalization"
+# the losses whose targets may hold -100 where a position is masked (Loops' cross_entropy and dpo examples)
+MASKED_TARGET_LOSSES = ("cross_entropy", "dpo")
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+MAX_TOP_K_LOGPROBS = 20  # the SDK's documented range is 0 through 20
 
 
 def _array(where: str, tensor: schemas.TensorData) -> ops.ArrayData:
@@ -65,7 +74,7 @@ def _model_input(where: str, model_input: schemas.ModelInput, rules: ImageRules 
     return built
 
 
-def _masked_cross_entropy(inputs: dict[str, ops.ArrayData]) -> dict[str, ops.ArrayData]:
+def _masked_targets(inputs: dict[str, ops.ArrayData]) -> dict[str, ops.ArrayData]:
     """-100 targets become target 0 with weight 0; no weights means weight 1 on every real target."""
     targets = inputs.get("target_tokens")
     if targets is None or targets.dtype != "int64":
@@ -117,9 +126,9 @@ def forward_backward(
 ) -> ForwardBackward:
     if not body.data:
         raise InvalidRequestError("data is empty: forward_backward needs at least one datum")
-    if body.top_k_logprobs != 0:
+    if not 0 <= body.top_k_logprobs <= MAX_TOP_K_LOGPROBS:
         raise InvalidRequestError(
-            f"top_k_logprobs={body.top_k_logprobs} is not supported by tinkerd yet; leave it at 0"
+            f"top_k_logprobs must be between 0 and {MAX_TOP_K_LOGPROBS}, got {body.top_k_logprobs}"
         )
     config = dict(body.loss_fn_config or {})
     skip = skips_normalization(config)
@@ -137,13 +146,18 @@ def forward_backward(
         inputs = {
             name: _array(f"data[{i}].loss_fn_inputs[{name!r}]", tensor) for name, tensor in datum.loss_fn_inputs.items()
         }
-        if body.loss_fn == "cross_entropy":
-            inputs = _masked_cross_entropy(inputs)
+        if body.loss_fn in MASKED_TARGET_LOSSES:
+            inputs = _masked_targets(inputs)
         datums.append(ops.Datum(tokens=tokens, loss_fn_inputs=inputs, images=built.images))
     if body.loss_fn == "cross_entropy" and not skip and all("weights" in d.loss_fn_inputs for d in datums):
         datums = _normalised(datums)
     return ForwardBackward(
-        run_id=run_id, datums=datums, loss_fn=body.loss_fn, loss_fn_config=numbers, backward=backward
+        run_id=run_id,
+        datums=datums,
+        loss_fn=body.loss_fn,
+        loss_fn_config=numbers,
+        backward=backward,
+        top_k_logprobs=body.top_k_logprobs,
     )
 
 
@@ -181,7 +195,7 @@ def _tensor(array: ops.ArrayData) -> dict[str, Any]:
 
 def forward_output(result: ops.ForwardResult, skip_normalization: bool) -> dict[str, Any]:
     loss = float(result.metrics.get("loss:sum", 0.0))
-    metrics: dict[str, float] = {"loss": loss}
+    metrics: dict[str, float] = {**result.metrics, "loss": loss}
     if skip_normalization:
         metrics[SKIP_NORMALIZATION] = 1.0
     return {

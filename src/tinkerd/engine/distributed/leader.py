@@ -17,7 +17,7 @@ import torch
 
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import AdamParams, ForwardResult, LoraConfig, OptimStepResult
-from tinkerd.engine.batching import Row
+from tinkerd.engine.batching import Row, units
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.distributed.channel import Channel
 from tinkerd.engine.distributed.commands import (
@@ -33,7 +33,14 @@ from tinkerd.engine.distributed.replica import ShareFailure, digest, run_share, 
 from tinkerd.engine.distributed.split import balance, datum_cost
 from tinkerd.engine.lora import LoraWeights, validate_lora_config
 from tinkerd.engine.optim import AdamState, check_adam_params
-from tinkerd.engine.served_model import Adapter, DatumOutcome, ForwardJob, ServedModel, assemble_results
+from tinkerd.engine.served_model import (
+    Adapter,
+    DatumOutcome,
+    ForwardJob,
+    ServedModel,
+    assemble_results,
+    paired_rows,
+)
 
 
 class DistributedServedModel(ServedModel):
@@ -92,7 +99,7 @@ class DistributedServedModel(ServedModel):
     def forward(self, jobs: Sequence[ForwardJob]) -> list[ForwardResult]:
         rows = self.rows_of_jobs(jobs)  # every datum is checked here, before any rank runs anything
         shares = self._split(rows, jobs)
-        headers = tuple(dataclasses.replace(job, datums=()) for job in jobs)
+        headers = tuple(dataclasses.replace(job, datums=(), request_size=len(job.datums)) for job in jobs)
         sends: list[ForwardShare | None] = [None]
         for share in shares[1:]:
             datums = tuple((r.job, r.index, jobs[r.job].datums[r.index]) for r in share)
@@ -111,8 +118,10 @@ class DistributedServedModel(ServedModel):
         return assemble_results(jobs, done)
 
     def _split(self, rows: list[Row], jobs: Sequence[ForwardJob]) -> list[list[Row]]:
-        costs = [datum_cost(len(r.tokens), jobs[r.job].backward) for r in rows]
-        return [[rows[i] for i in share] for share in balance(costs, self.channel.world_size)]
+        """Shares of about equal work; a pair of a paired loss (DPO) stays on one rank, whose pass scores it whole."""
+        grouped = units(rows, paired_rows(jobs))
+        costs = [sum(datum_cost(len(r.tokens), jobs[r.job].backward) for r in unit) for unit in grouped]
+        return [[r for i in share for r in grouped[i]] for share in balance(costs, self.channel.world_size)]
 
     # -- optimizer --------------------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from tinkerd.engine.losses.registry import (
     LossSpec,
     check_inputs,
     compute_loss,
+    is_paired,
     required_inputs,
     resolve_config,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "LossSpec",
     "check_inputs",
     "compute_loss",
+    "is_paired",
     "reduce_metrics",
     "required_inputs",
     "resolve_config",

@@ -130,3 +130,69 @@ def sampled_log_ratio_penalty(
     """coeff/2 * (log p - log q)^2 on the sampled tokens, 0 elsewhere: a pull toward the sampler, as in DRO."""
     diff_T = torch.where(sampled_T, logprobs_T - sampler_logprobs_T, torch.zeros_like(logprobs_T))
     return 0.5 * coeff * diff_T**2
+
+
+def dppo(
+    logprobs_T: torch.Tensor,
+    sampler_logprobs_T: torch.Tensor,
+    advantages_T: torch.Tensor,
+    mask_T: torch.Tensor,
+    mask_high: float,
+    mask_low: float,
+    adv_tau: float,
+    kl_tau: float,
+) -> torch.Tensor:
+    """DPPO with a binary total-variation trust region, plus a squared log-ratio pull toward the sampler, per token:
+
+    ``-keep * adv_tau * A * p/q + kl_tau * m * (log p - log q)^2``, where ``m`` is the token mask and ``keep`` drops
+    (from the policy-gradient term only) a masked-in token whose probability has left the trust region in the
+    direction its advantage pushes: ``p - q > mask_high`` with A > 0, or ``p - q < -mask_low`` with A < 0 (p and q
+    are probabilities here, not ratios). The trust-region test is on values, so it carries no gradient.
+    """
+    inside_T = mask_T != 0
+    log_ratio_T = torch.where(inside_T, logprobs_T - sampler_logprobs_T, torch.zeros_like(logprobs_T))
+    with torch.no_grad():
+        left_T = dppo_left_trust_region(logprobs_T, sampler_logprobs_T, advantages_T, mask_T, mask_high, mask_low)
+        keep_T = (inside_T & ~left_T).to(logprobs_T.dtype)
+    policy_T = keep_T * adv_tau * advantages_T * torch.exp(log_ratio_T)
+    return -policy_T + kl_tau * mask_T * log_ratio_T**2
+
+
+def dppo_left_trust_region(
+    logprobs_T: torch.Tensor,
+    sampler_logprobs_T: torch.Tensor,
+    advantages_T: torch.Tensor,
+    mask_T: torch.Tensor,
+    mask_high: float,
+    mask_low: float,
+) -> torch.Tensor:
+    """[T] bool: the masked-in tokens DPPO drops from its policy-gradient term (for the metrics)."""
+    moved_T = torch.exp(logprobs_T) - torch.exp(sampler_logprobs_T)
+    left_T = torch.where(advantages_T > 0, moved_T > mask_high, (advantages_T < 0) & (moved_T < -mask_low))
+    return left_T & (mask_T != 0)
+
+
+def dpo(
+    chosen_logprobs_T: torch.Tensor,
+    chosen_ref_T: torch.Tensor,
+    chosen_weights_T: torch.Tensor,
+    rejected_logprobs_T: torch.Tensor,
+    rejected_ref_T: torch.Tensor,
+    rejected_weights_T: torch.Tensor,
+    beta: float,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One preference pair's DPO loss (the sigmoid form, with conservative label smoothing), and the two implicit
+    rewards' log-ratios it compares.
+
+    ``s = sum_t w_t * (log p_t - log ref_t)`` over each sequence's weighted targets; ``z = beta * (s_chosen -
+    s_rejected)``; loss ``= -(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z)`` with ``eps = label_smoothing``.
+    Returns (loss, s_chosen, s_rejected), all scalars; only the loss is meant for backward.
+    """
+    s_chosen = (chosen_weights_T * (chosen_logprobs_T - chosen_ref_T)).sum()
+    s_rejected = (rejected_weights_T * (rejected_logprobs_T - rejected_ref_T)).sum()
+    z = beta * (s_chosen - s_rejected)
+    loss = -(1.0 - label_smoothing) * torch.nn.functional.logsigmoid(z) - label_smoothing * (
+        torch.nn.functional.logsigmoid(-z)
+    )
+    return loss, s_chosen, s_rejected

@@ -5,7 +5,11 @@ stable-reinforce} and tinker/datum ("Provenance"); the tinker-cookbook 0.6.1 tut
 0.8 and 1.2), recipes/rl_loop.py (gspo's ``sequence_ratio_mask``, stable_reinforce's provenance) and rl/train.py
 (stable_reinforce "only accepts nonzero advantages on sampled tokens"); the tinker SDK 0.38 ``Datum`` (which types
 ``clip_low_threshold`` / ``clip_high_threshold`` as per-token loss_fn_inputs, so a datum may carry its own bounds) and
-its proto (stable_reinforce's ``loss_fn_config`` example ``{"kl_coeff": 0.01}``).
+its proto (stable_reinforce's ``loss_fn_config`` example ``{"kl_coeff": 0.01}``). The Baseten Loops SDK 0.32
+(``TrainingClient.forward_backward``'s docstring) gives ``dpo``'s and ``dppo``'s config keys and defaults and DPO's
+pairing (even datums chosen, odd rejected; ``helpers/datum.py``: ``ref_logprobs`` aligned with ``target_tokens``);
+``dppo``'s names and defaults are those of PRIME-RL's default loss (DPPO-Binary TV, arXiv 2602.04879, plus a squared
+log-ratio KL term), whose formula ``kernels.dppo`` follows.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ DRO_BETA_DEFAULT = 0.05
 STABLE_REINFORCE_TRUNCATION = 2.0
 # Its one documented setting; off unless asked for (the docs show no default, only the example value 0.01).
 STABLE_REINFORCE_KL_COEFF_DEFAULT = 0.0
+DPO_CONFIG = {"beta": 0.1, "label_smoothing": 0.0}
+DPPO_CONFIG = {"dppo_mask_high": 0.2, "dppo_mask_low": 0.2, "adv_tau": 1.0, "kl_tau": 1e-3}
 
 _CLIP_CONFIG = {"clip_low_threshold": CLIP_LOW_DEFAULT, "clip_high_threshold": CLIP_HIGH_DEFAULT}
 _CLIP_INPUTS = ("clip_low_threshold", "clip_high_threshold")
@@ -43,6 +49,7 @@ class LossSpec:
     config: Mapping[str, float] = field(default_factory=dict)  # the accepted loss_fn_config keys and defaults
     soft_targets: bool = False  # accepts (T, K) target_tokens
     needs_provenance: bool = False  # every datum must carry provenance, with nonzero advantages on sampled tokens only
+    paired: bool = False  # datums come in (chosen, rejected) pairs, even index chosen; the loss is per pair
 
 
 SPECS: dict[str, LossSpec] = {
@@ -55,6 +62,8 @@ SPECS: dict[str, LossSpec] = {
     "stable_reinforce": LossSpec(
         required=_RL_INPUTS, config={"kl_coeff": STABLE_REINFORCE_KL_COEFF_DEFAULT}, needs_provenance=True
     ),
+    "dppo": LossSpec(required=_RL_INPUTS, optional=("weights",), config=DPPO_CONFIG),
+    "dpo": LossSpec(required=("target_tokens", "weights", "ref_logprobs"), config=DPO_CONFIG, paired=True),
 }
 
 
@@ -63,6 +72,11 @@ def _spec(name: str) -> LossSpec:
     if spec is None:
         raise InvalidRequestError(f"unknown loss_fn {name!r}; built-in losses are: {', '.join(SPECS)}")
     return spec
+
+
+def is_paired(name: str) -> bool:
+    """Whether loss ``name`` scores (chosen, rejected) pairs of datums rather than each datum alone."""
+    return _spec(name).paired
 
 
 def required_inputs(name: str) -> tuple[str, ...]:
@@ -89,9 +103,13 @@ def resolve_config(name: str, config: Mapping[str, object]) -> dict[str, float]:
             f"loss_fn_config needs 0 <= clip_low_threshold <= clip_high_threshold, got {low} and {high} "
             "(they bound the ratio p/q itself, e.g. 0.8 and 1.2)"
         )
-    for key in ("beta", "kl_coeff"):
+    for key in ("beta", "kl_coeff", *DPPO_CONFIG):
         if resolved.get(key, 0.0) < 0.0:
             raise InvalidRequestError(f"loss_fn_config[{key!r}] must be >= 0, got {resolved[key]}")
+    if not 0.0 <= resolved.get("label_smoothing", 0.0) <= 0.5:
+        raise InvalidRequestError(
+            f"loss_fn_config['label_smoothing'] must be between 0 and 0.5, got {resolved['label_smoothing']}"
+        )
     return resolved
 
 
@@ -175,13 +193,21 @@ def check_provenance_use(name: str, x: LossInputs) -> None:
         )
 
 
-def compute_loss(name: str, x: LossInputs) -> LossOutput:
-    """Validate one datum's request for loss ``name`` and compute its loss; user mistakes raise InvalidRequestError."""
+def checked(name: str, x: LossInputs) -> LossInputs:
+    """One datum's inputs for loss ``name`` validated, with its config resolved; user mistakes raise
+    InvalidRequestError."""
     config = resolve_config(name, x.config)
     check_inputs(name, x.inputs)
     _check_logprobs(name, x)
     check_provenance_use(name, x)
-    return LOSSES[name](LossInputs(logprobs=x.logprobs, inputs=x.inputs, config=config, sampled=x.sampled))
+    return LossInputs(logprobs=x.logprobs, inputs=x.inputs, config=config, sampled=x.sampled)
+
+
+def compute_loss(name: str, x: LossInputs) -> LossOutput:
+    """Validate one datum's request for loss ``name`` and compute its loss (a paired loss: ``preference``)."""
+    if _spec(name).paired:
+        raise ValueError(f"loss {name!r} scores pairs of datums: use preference.compute_pair_loss")
+    return LOSSES[name](checked(name, x))
 
 
 # ---- adapters: LossInputs -> kernel -> LossOutput. They assume validated inputs; compute_loss validates. ----
@@ -294,6 +320,20 @@ def _stable_reinforce(x: LossInputs) -> LossOutput:
     return _rl_output(x, elementwise)
 
 
+def _dppo(x: LossInputs) -> LossOutput:
+    """``kernels.dppo`` over the datum's ``weights`` when it has them, else over its scored tokens (sampled, or with a
+    nonzero advantage); the metrics add the fraction of those tokens outside the trust region."""
+    q, adv = _float_input(x, "logprobs"), _float_input(x, "advantages")
+    mask = _float_input(x, "weights") if "weights" in x.inputs else _scored_tokens(x).to(x.logprobs.dtype)
+    high, low = x.config["dppo_mask_high"], x.config["dppo_mask_low"]
+    out = _rl_output(x, kernels.dppo(x.logprobs, q, adv, mask, high, low, x.config["adv_tau"], x.config["kl_tau"]))
+    with torch.no_grad():
+        left = kernels.dppo_left_trust_region(x.logprobs.detach(), q, adv, mask, high, low)
+        inside = int((mask != 0).sum())
+        out.metrics["dppo_masked_fraction:mean"] = float(left.sum()) / inside if inside else 0.0
+    return out
+
+
 LOSSES: dict[str, Callable[[LossInputs], LossOutput]] = {
     "cross_entropy": _cross_entropy,
     "importance_sampling": _importance_sampling,
@@ -302,4 +342,5 @@ LOSSES: dict[str, Callable[[LossInputs], LossOutput]] = {
     "dro": _dro,
     "gspo": _gspo,
     "stable_reinforce": _stable_reinforce,
+    "dppo": _dppo,
 }
