@@ -65,10 +65,23 @@ def test_other_losses_pass_through_unnormalised() -> None:
     assert converted.loss_fn_inputs["target_tokens"].values == [1, 2]
 
 
+def test_dpo_takes_minus_100_targets_and_top_k_reaches_the_engine() -> None:
+    datum = _datum([1, 2, 3])
+    datum["loss_fn_inputs"]["target_tokens"]["data"] = [-100, 2, 3]
+    datum["loss_fn_inputs"]["ref_logprobs"] = {"data": [0.0, -1.0, -2.0], "dtype": "float32", "shape": [3]}
+    body = {"seq_id": 2, "data": [datum, datum], "loss_fn": "dpo", "top_k_logprobs": 4}
+    request = convert.forward_backward(schemas.ForwardBackwardRequest.model_validate(body), "r", MODEL, backward=True)
+    assert request.top_k_logprobs == 4
+    for converted in request.datums:
+        assert converted.loss_fn_inputs["weights"].values == [0.0, 1.0, 1.0]  # not normalised: dpo is per pair
+        assert converted.loss_fn_inputs["target_tokens"].values == [0, 2, 3]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"top_k_logprobs": 5}, "top_k_logprobs"),
+        ({"top_k_logprobs": 21}, "top_k_logprobs must be between 0 and 20"),
+        ({"top_k_logprobs": -1}, "top_k_logprobs must be between 0 and 20"),
         ({"data": []}, "at least one datum"),
         ({"loss_fn_config": {"beta": "x"}}, "loss_fn_config['beta']"),
     ],
@@ -92,7 +105,7 @@ def test_results_in_the_sdk_shapes() -> None:
     )
     answer = convert.op_result(RequestKind.FORWARD, forward, skip_normalization=True)
     assert answer["loss"] == 1.5
-    assert answer["metrics"] == {"loss": 1.5, "skip_token_normalization": 1.0}
+    assert answer["metrics"] == {"loss": 1.5, "loss:sum": 1.5, "skip_token_normalization": 1.0}
     assert answer["loss_fn_outputs"] == [{"logprobs": {"data": [-1.0, -2.0], "dtype": "float32", "shape": [2]}}]
     saved = PathResult(path="tinker://s:train:0/sampler_weights/a", step=3)
     assert convert.op_result(RequestKind.SAVE_WEIGHTS_FOR_SAMPLER, saved) == {

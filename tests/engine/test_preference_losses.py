@@ -163,3 +163,26 @@ def test_dppo_drops_only_tokens_pushed_past_the_trust_region() -> None:
     assert grad[2] == pytest.approx(0.6 / 0.3)  # rose, but A < 0 pushes it down: kept
     assert grad[3] == 0.0  # fell by 0.3 with A < 0: dropped
     assert out.metrics["dppo_masked_fraction:mean"] == pytest.approx(0.5)
+
+
+def test_units_keep_each_pair_in_one_pass_and_one_rank_share() -> None:
+    from tinkerd.engine.batching import micro_batches, units
+    from tinkerd.engine.distributed.split import balance
+
+    model = served()
+    rows = model.rows_of_jobs(
+        [ForwardJob(None, _preference_batch(), "dpo"), ForwardJob(None, _preference_batch(), "cross_entropy")]
+    )
+    paired = lambda row: row.job == 0  # noqa: E731
+    grouped = units(rows, paired)
+    assert [[(r.job, r.index) for r in u] for u in grouped][:3] == [
+        [(0, 0), (0, 1)],
+        [(0, 2), (0, 3)],
+        [(0, 4), (0, 5)],
+    ]
+    assert all(len(u) == 1 for u in grouped[3:]) and len(grouped) == 9
+    for group in micro_batches(rows, 10, paired):
+        keys = {(r.job, r.index) for r in group}
+        assert all((0, i ^ 1) in keys for (j, i) in keys if j == 0)
+    shares = balance([sum(len(r.tokens) for r in u) for u in grouped], 2)
+    assert sorted(i for share in shares for i in share) == list(range(len(grouped)))
