@@ -28,7 +28,8 @@ from tinkerd.domain.ops import ArrayData, Datum, LoraConfig, SamplingParams
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.generic_model import GenericTransformer
 from tinkerd.engine.generic_sampler import GenericSampler
-from tinkerd.engine.sampler import SampleJob, Sampler
+from tinkerd.engine.sample_job import SampleJob
+from tinkerd.engine.sampler import Sampler
 from tinkerd.engine.served_model import ForwardJob, ServedModel
 from tinkerd.engine.transformer import Transformer
 

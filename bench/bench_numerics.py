@@ -19,7 +19,8 @@ from bench.bench_training import make_batch, to_datums
 from bench.common import default_model_dir
 from tinkerd.domain.ops import AdamParams, LoraConfig, SamplingParams
 from tinkerd.engine.config import EngineConfig
-from tinkerd.engine.sampler import SampleJob, Sampler
+from tinkerd.engine.sample_job import SampleJob
+from tinkerd.engine.sampler import Sampler
 from tinkerd.engine.served_model import ForwardJob
 from tinkerd.engine.transformer import Transformer
 from tinkerd.worker.hosts import ModelHost

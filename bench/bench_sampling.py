@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tinkerd.domain.ops import SamplingParams
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.decode_layout import use_decode_layout
-from tinkerd.engine.sampler import SampleJob, Sampler
+from tinkerd.engine.sample_job import SampleJob
+from tinkerd.engine.sampler import Sampler
 from tinkerd.engine.transformer import Transformer
 from tinkerd.worker.hosts import ModelHost
 

@@ -32,7 +32,8 @@ from bench.common import default_model_dir, interleaved_medians
 from tinkerd.domain.ops import LoraConfig, SampleResult, SamplingParams
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.lora import LoraWeights, init_lora_weights
-from tinkerd.engine.sampler import SampleJob, Sampler
+from tinkerd.engine.sample_job import SampleJob
+from tinkerd.engine.sampler import Sampler
 from tinkerd.engine.transformer import Transformer
 from tinkerd.engine.vllm import VllmConfig, VllmSampler, installed_python, start_backend
 from tinkerd.worker.hosts import ModelHost

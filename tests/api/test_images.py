@@ -18,7 +18,7 @@ from tests.engine.tiny_vlm import (
     tiny_image_processor,
 )
 from tinkerd.api import schemas
-from tinkerd.api.convert.requests import model_input
+from tinkerd.api.convert.model_input import model_input
 from tinkerd.api.images import ImageRules, ModelInputBuilder
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.vision import VisionSpec, image_token_count, vision_spec_of

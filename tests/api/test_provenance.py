@@ -8,7 +8,7 @@ import pytest
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
-from tinkerd.api.convert.requests import forward_backward_from_proto, parse_forward_backward_proto
+from tinkerd.api.convert.forward_backward import forward_backward_from_proto, parse_forward_backward_proto
 from tinkerd.api.proto import tinker_public_pb2 as pb
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import ProvenanceSpan

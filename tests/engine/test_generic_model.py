@@ -18,7 +18,7 @@ from tinkerd.engine.checkpoint import load_checkpoint, save_checkpoint
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.generic_model import GenericTransformer
 from tinkerd.engine.model_paths import load_hf_model, path_of
-from tinkerd.engine.sampler import SampleJob
+from tinkerd.engine.sample_job import SampleJob
 from tinkerd.engine.served_model import ForwardJob, ServedModel
 from tinkerd.worker.hosts import ModelHost
 

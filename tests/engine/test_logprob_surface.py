@@ -12,7 +12,8 @@ import torch
 from tests.engine.test_sampler import PROMPTS, adapter, engine, full_logprobs, job
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import CellGrid, LogprobDistribution, SamplingParams
-from tinkerd.engine.sampler import SampleJob, Sampler
+from tinkerd.engine.sample_job import SampleJob
+from tinkerd.engine.sampler import Sampler
 from tinkerd.engine.transformer import Transformer
 
 

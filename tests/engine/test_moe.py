@@ -22,7 +22,7 @@ from tinkerd.engine.export import export_merged, export_peft
 from tinkerd.engine.lora import LoraRouting
 from tinkerd.engine.model_paths import path_of
 from tinkerd.engine.moe import RouterTrace, router_metrics
-from tinkerd.engine.sampler import SampleJob
+from tinkerd.engine.sample_job import SampleJob
 from tinkerd.engine.served_model import ForwardJob, ServedModel
 from tinkerd.engine.transformer import Transformer
 from tinkerd.worker.hosts import ModelHost

@@ -16,7 +16,8 @@ import torch
 from tests.engine.tiny_models import FAMILIES, tiny_model
 from tinkerd.domain.ops import AdamParams, ArrayData, Datum, LoraConfig, SampleResult, SamplingParams
 from tinkerd.engine.config import EngineConfig
-from tinkerd.engine.sampler import SampleJob, Sampler
+from tinkerd.engine.sample_job import SampleJob
+from tinkerd.engine.sampler import Sampler
 from tinkerd.engine.served_model import ForwardJob, ServedModel
 from tinkerd.engine.transformer import Transformer
 from tinkerd.worker.hosts import ModelHost

@@ -15,7 +15,8 @@ from tinkerd.domain.ops import LoraConfig, SampleResult, SamplingParams
 from tinkerd.engine import sampling_ops
 from tinkerd.engine.decode_layout import PackedLinear, can_pack, use_decode_layout
 from tinkerd.engine.lora import LoraRouting, LoraWeights, init_lora_weights
-from tinkerd.engine.sampler import SampleJob, Sampler
+from tinkerd.engine.sample_job import SampleJob
+from tinkerd.engine.sampler import Sampler
 from tinkerd.engine.transformer import Transformer
 
 VOCAB = 96

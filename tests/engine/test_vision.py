@@ -30,7 +30,7 @@ from tinkerd.domain.ops import AdamParams, ArrayData, Datum, ImageInput, LoraCon
 from tinkerd.engine.checkpoint import load_checkpoint, save_checkpoint
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.lora import target_module_names
-from tinkerd.engine.sampler import SampleJob
+from tinkerd.engine.sample_job import SampleJob
 from tinkerd.engine.served_model import ForwardJob, ServedModel
 from tinkerd.worker.hosts import ModelHost
 

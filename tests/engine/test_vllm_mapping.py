@@ -15,7 +15,7 @@ import torch
 from tinkerd.domain.errors import InvalidRequestError, SettingsError
 from tinkerd.domain.ops import CellGrid, SamplingParams
 from tinkerd.engine.lora import LoraWeights
-from tinkerd.engine.sampler import SampleJob
+from tinkerd.engine.sample_job import SampleJob
 from tinkerd.engine.vllm import VllmConfig, VllmEngine, VllmStartError, installed_python
 from tinkerd.engine.vllm.completions import parse_response, refuse_unsupported, request_body
 

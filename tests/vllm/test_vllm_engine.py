@@ -23,7 +23,8 @@ from tinkerd.domain.ops import CellGrid, LoraConfig, SampleResult, SamplingParam
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.lora import LoraWeights, init_lora_weights
 from tinkerd.engine.rescoring import RescoreItem, rescore
-from tinkerd.engine.sampler import SampleJob, Sampler
+from tinkerd.engine.sample_job import SampleJob
+from tinkerd.engine.sampler import Sampler
 from tinkerd.engine.transformer import Transformer
 from tinkerd.engine.vllm import VllmBackend, VllmConfig, VllmSampler, start_backend
 from tinkerd.worker.hosts import ModelHost

@@ -123,7 +123,7 @@ def test_run_forever_serves_until_stopped_and_puts_unstarted_work_back(
         fb = api.forward_backward(run, datums(0))
         worker.wake()
         deadline = time.monotonic() + 20
-        # Notified first, recorded right after (see Worker._finish): wait for both.
+        # Notified first, recorded right after (see OutcomeRecorder.finish): wait for both.
         while not (fb in notified and api.record(fb).state.finished) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert api.loss(fb) > 0

@@ -19,7 +19,9 @@ from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import SampleResult
 from tinkerd.engine import prompt_scoring
 from tinkerd.engine.generic_model import GenericTransformer
-from tinkerd.engine.sampler import PROMPT_LOGPROB_CHUNK, SampleJob, Sampler, _JobState
+from tinkerd.engine.sample_job import SampleJob
+from tinkerd.engine.sampler import PROMPT_LOGPROB_CHUNK, Sampler
+from tinkerd.engine.sampler_state import JobState
 from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES
 from tinkerd.engine.transformer import Transformer
 
@@ -47,7 +49,7 @@ class GenericSampler(Sampler):
         for i, image in enumerate(job.images):
             encoder.encode(image, f"prompt image {i}")
 
-    def _prefill(self, batch: list[_JobState]) -> None:
+    def _prefill(self, batch: list[JobState]) -> None:
         m = self.model
         s = m.shape
         no_positions = torch.zeros(s.num_layers, s.num_kv_heads, 0, s.head_dim, dtype=m.dtype, device=m.device)

@@ -17,6 +17,9 @@ training forward and reports those logprobs, bit-identical to ``forward()`` on t
 
 Speed: give it a ``Transformer`` of its own, prepared with ``decode_layout.use_decode_layout`` (oneDNN-packed
 weights: ~2x faster decoding and prefill on CPU). Pure engine: no threads, no I/O. The caller serialises calls.
+
+The request it takes is ``sample_job.SampleJob`` (checked by ``sampling_validation.validate_job``); the records it
+keeps per request and per live sequence are in ``sampler_state``.
 """
 
 from __future__ import annotations
@@ -25,19 +28,20 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from tinkerd.domain.errors import InvalidRequestError
-from tinkerd.domain.ops import CellGrid, ImageInput, SampledSequence, SampleResult, SamplingParams, StopReason, TopkRow
+from tinkerd.domain.ops import SampledSequence, SampleResult, StopReason
 from tinkerd.engine import prompt_scoring, reported_logprobs
 from tinkerd.engine.kv_cache import KVCache, prefill_attention
 from tinkerd.engine.lora import LoraRouting, LoraWeights, Segment
 from tinkerd.engine.rescoring import RescoreItem, rescore
+from tinkerd.engine.sample_job import SampleJob
+from tinkerd.engine.sampler_state import JobState, Row
 from tinkerd.engine.sampling_ops import draw_uniforms, sample_tokens
-from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES, validate_logprob_options, validate_sample_request
-from tinkerd.engine.transformer import ModelShape, Transformer
+from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES, validate_job
+from tinkerd.engine.transformer import Transformer
 
 # Prompt tokens prefilled in one packed forward (at least one whole prompt is always taken).
 MAX_PREFILL_TOKENS = 4096
@@ -45,93 +49,11 @@ MAX_PREFILL_TOKENS = 4096
 PROMPT_LOGPROB_CHUNK = 512
 
 
-@dataclass(frozen=True, eq=False)
-class SampleJob:
-    """One sampling request: ``num_samples`` continuations of ``prompt`` through ``weights`` (None: the base)."""
-
-    prompt: list[int]
-    params: SamplingParams
-    num_samples: int
-    weights: LoraWeights | None
-    prompt_logprobs: bool = False
-    topk_prompt_logprobs: int = 0
-    topk_sample_logprobs: int = 0
-    prompt_logprobs_last_n: int | None = None
-    target_prompt_logprobs: CellGrid | None = None  # int ids; row i = prompt position i + 1
-    prompt_alt_tokens_k: int = 0
-    images: Sequence[ImageInput] = ()  # a vision-language model's images in the prompt (generic path only)
-
-    def prompt_questions(self) -> prompt_scoring.PromptQuestions:
-        return prompt_scoring.PromptQuestions(
-            prompt_logprobs=self.prompt_logprobs,
-            topk=self.topk_prompt_logprobs,
-            last_n=self.prompt_logprobs_last_n,
-            targets=self.target_prompt_logprobs,
-            alt_k=self.prompt_alt_tokens_k,
-        )
-
-    def reports_otherwise(self) -> bool:
-        """Whether its sampled tokens need more than ``sample_tokens`` reports (another distribution, top-k lists)."""
-        return self.topk_sample_logprobs > 0 or self.params.logprobs_of != "tempered"
-
-
-def validate_job(job: SampleJob, shape: ModelShape, max_num_samples: int, can_decode_text: bool) -> None:
-    """Raise InvalidRequestError for anything wrong with a sampling request (any sampler backend, before it runs)."""
-    validate_sample_request(
-        job.prompt, job.params, job.num_samples, job.topk_prompt_logprobs, shape, max_num_samples, can_decode_text
-    )
-    validate_logprob_options(
-        len(job.prompt),
-        job.params,
-        job.num_samples,
-        shape.vocab_size,
-        prompt_logprobs=job.prompt_logprobs,
-        topk_sample_logprobs=job.topk_sample_logprobs,
-        last_n=job.prompt_logprobs_last_n,
-        targets=job.target_prompt_logprobs,
-        alt_k=job.prompt_alt_tokens_k,
-    )
-
-
-@dataclass(eq=False)
-class _JobState:
-    ticket: int
-    job: SampleJob
-    sequences: list[SampledSequence | None]
-    stop_ids: frozenset[int]
-    next_sample: int = 0  # samples [0, next_sample) have a slot
-    unfinished: int = 0
-    # the prefilled prompt, kept until every sample has been copied into a slot
-    k_L_G_P_D: torch.Tensor | None = None
-    v_L_G_P_D: torch.Tensor | None = None
-    last_logits_1_V: torch.Tensor | None = None
-    prompt: prompt_scoring.PromptAnswers = field(default_factory=prompt_scoring.PromptAnswers)
-    live: dict[int, _Row] = field(default_factory=dict)  # sample index -> its row, while it decodes
-
-
-@dataclass(eq=False)
-class _Row:
-    """One live sequence: a sample of a job, in a KV cache slot."""
-
-    job: _JobState
-    sample_index: int
-    slot: int
-    uniforms: list[float]
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    topk: list[TopkRow] = field(default_factory=list)
-
-    @property
-    def position(self) -> int:
-        """Where the last sampled token goes when it is fed back in."""
-        return len(self.job.job.prompt) + len(self.tokens) - 1
-
-
 def _adapter_order(weights: LoraWeights | None) -> int:
     return 0 if weights is None else id(weights)
 
 
-def _last_logits(state: _JobState) -> torch.Tensor:
+def _last_logits(state: JobState) -> torch.Tensor:
     assert state.last_logits_1_V is not None, "a request is prefilled before its samples get slots"
     return state.last_logits_1_V
 
@@ -169,10 +91,10 @@ class Sampler:
         self.max_prefill_tokens = max_prefill_tokens
         self.cache = KVCache(transformer.shape, transformer.act_dtype, transformer.device, max_batch)
         self._tickets = itertools.count()
-        self._waiting: deque[_JobState] = deque()  # not prefilled yet
-        self._stamping: deque[_JobState] = deque()  # prefilled, some samples still without a slot
-        self._rows: list[_Row] = []
-        self._jobs: dict[int, _JobState] = {}  # every request not yet finished or cancelled, by ticket
+        self._waiting: deque[JobState] = deque()  # not prefilled yet
+        self._stamping: deque[JobState] = deque()  # prefilled, some samples still without a slot
+        self._rows: list[Row] = []
+        self._jobs: dict[int, JobState] = {}  # every request not yet finished or cancelled, by ticket
 
     # -- the public surface -----------------------------------------------------------------------------------------
 
@@ -181,7 +103,7 @@ class Sampler:
         self.check_images(job)
         validate_job(job, self.transformer.shape, self.max_num_samples, self.decode_text is not None)
         ticket = next(self._tickets)
-        state = _JobState(
+        state = JobState(
             ticket=ticket,
             job=job,
             sequences=[None] * job.num_samples,
@@ -203,7 +125,7 @@ class Sampler:
             for state in [s for s in queue if s.ticket == ticket]:
                 queue.remove(state)
                 found = True
-        kept: list[_Row] = []
+        kept: list[Row] = []
         for row in self._rows:
             if row.job.ticket == ticket:
                 self.cache.release(row.slot)
@@ -271,7 +193,7 @@ class Sampler:
     # -- admission --------------------------------------------------------------------------------------------------
 
     def _admit(self, done: list[tuple[int, SampleResult]]) -> None:
-        new_rows: list[_Row] = []
+        new_rows: list[Row] = []
         while self._stamping and self.cache.num_free > 0:
             state = self._stamping[0]
             new_rows += self._stamp(state, self.cache.num_free)
@@ -294,9 +216,9 @@ class Sampler:
             self._rows += new_rows
             self._advance(new_rows, logits_B_V, done)
 
-    def _take_prefill_batch(self, free_slots: int) -> list[_JobState]:
+    def _take_prefill_batch(self, free_slots: int) -> list[JobState]:
         """Waiting requests in arrival order, while their prompts fit the token budget and their samples the slots."""
-        batch: list[_JobState] = []
+        batch: list[JobState] = []
         tokens = samples = 0
         while self._waiting:
             job = self._waiting[0].job
@@ -307,7 +229,7 @@ class Sampler:
             samples += job.num_samples
         return batch
 
-    def _prefill(self, batch: list[_JobState]) -> None:
+    def _prefill(self, batch: list[JobState]) -> None:
         """One packed forward over the prompts (grouped by adapter): keeps their K/V and last-position logits."""
         t = self.transformer
         batch.sort(key=lambda s: _adapter_order(s.job.weights))  # stable: arrival order within an adapter
@@ -343,7 +265,7 @@ class Sampler:
                     state.job.prompt, state.job.params, questions, logits_of, PROMPT_LOGPROB_CHUNK
                 )
 
-    def _stamp(self, state: _JobState, limit: int) -> list[_Row]:
+    def _stamp(self, state: JobState, limit: int) -> list[Row]:
         """Give up to ``limit`` more samples of a prefilled request a slot holding a copy of its prompt's K/V."""
         assert state.k_L_G_P_D is not None and state.v_L_G_P_D is not None
         job = state.job
@@ -351,7 +273,7 @@ class Sampler:
         slots = [self.cache.allocate() for _ in range(n)]
         self.cache.store_prompt(slots, state.k_L_G_P_D, state.v_L_G_P_D)
         rows = [
-            _Row(state, i, slot, draw_uniforms(job.params.seed, i, job.params.max_tokens))
+            Row(state, i, slot, draw_uniforms(job.params.seed, i, job.params.max_tokens))
             for i, slot in zip(range(state.next_sample, state.next_sample + n), slots, strict=True)
         ]
         state.live.update((row.sample_index, row) for row in rows)
@@ -373,7 +295,7 @@ class Sampler:
         h_B_d = t.hidden(tokens_B, positions_B, routing, attend)
         self._advance(rows, t.logits(h_B_d, routing), done)
 
-    def _advance(self, rows: list[_Row], logits_B_V: torch.Tensor, done: list[tuple[int, SampleResult]]) -> None:
+    def _advance(self, rows: list[Row], logits_B_V: torch.Tensor, done: list[tuple[int, SampleResult]]) -> None:
         """Sample one token per row, append it, and retire the rows that stop."""
         params = [r.job.job.params for r in rows]
         tokens_B, logprobs_B = sample_tokens(
@@ -387,7 +309,7 @@ class Sampler:
         other = [i for i, r in enumerate(rows) if r.job.job.reports_otherwise()]
         if other:
             self._report_otherwise(rows, other, logits_B_V, tokens_B, logprobs)
-        finished: list[_Row] = []
+        finished: list[Row] = []
         for row, token, logprob, p in zip(rows, tokens_B.tolist(), logprobs, params, strict=True):
             row.tokens.append(token)
             row.logprobs.append(logprob)
@@ -403,7 +325,7 @@ class Sampler:
 
     def _report_otherwise(
         self,
-        rows: list[_Row],
+        rows: list[Row],
         which: list[int],
         logits_B_V: torch.Tensor,
         tokens_B: torch.Tensor,
@@ -431,14 +353,14 @@ class Sampler:
             if k > 0:
                 rows[i].topk.append(pairs)
 
-    def _hits_stop_string(self, row: _Row, stop_strings: Sequence[str]) -> bool:
+    def _hits_stop_string(self, row: Row, stop_strings: Sequence[str]) -> bool:
         # Whole-text decode each step: exact for any tokenizer (a suffix decode can drop or merge characters at its
         # edge), and cheap next to a forward pass.
         assert self.decode_text is not None
         text = self.decode_text(row.tokens)
         return any(s in text for s in stop_strings)
 
-    def _finish(self, row: _Row, reason: StopReason, done: list[tuple[int, SampleResult]]) -> None:
+    def _finish(self, row: Row, reason: StopReason, done: list[tuple[int, SampleResult]]) -> None:
         self.cache.release(row.slot)
         state = row.job
         topk = row.topk if state.job.topk_sample_logprobs > 0 else None

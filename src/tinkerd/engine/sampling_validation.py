@@ -8,10 +8,29 @@ from collections.abc import Sequence
 
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import LOGPROB_DISTRIBUTIONS, CellGrid, SamplingParams
+from tinkerd.engine.sample_job import SampleJob
 from tinkerd.engine.transformer import ModelShape
 
 MAX_NUM_SAMPLES = 256
 MAX_TOPK_PROMPT_LOGPROBS = 1024
+
+
+def validate_job(job: SampleJob, shape: ModelShape, max_num_samples: int, can_decode_text: bool) -> None:
+    """Raise InvalidRequestError for anything wrong with a sampling request (any sampler backend, before it runs)."""
+    validate_sample_request(
+        job.prompt, job.params, job.num_samples, job.topk_prompt_logprobs, shape, max_num_samples, can_decode_text
+    )
+    validate_logprob_options(
+        len(job.prompt),
+        job.params,
+        job.num_samples,
+        shape.vocab_size,
+        prompt_logprobs=job.prompt_logprobs,
+        topk_sample_logprobs=job.topk_sample_logprobs,
+        last_n=job.prompt_logprobs_last_n,
+        targets=job.target_prompt_logprobs,
+        alt_k=job.prompt_alt_tokens_k,
+    )
 
 
 def validate_sample_request(

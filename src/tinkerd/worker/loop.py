@@ -1,4 +1,4 @@
-"""The worker loop: claim ready futures, plan, execute on the engine, record each result, repeat.
+"""The worker loop: claim ready futures, plan, execute on the engine, record each result (``outcomes``), repeat.
 
 Threading: every engine call happens on the thread that runs ``run_forever`` (torch state and our adapters are not
 thread-safe). Other threads may only call ``wake``; ``notify`` is called on the worker's thread.
@@ -11,7 +11,6 @@ training requests join the planner's next round.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -21,10 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinkerd.domain import codec
-from tinkerd.domain.errors import TinkerdError
-from tinkerd.domain.records import Clock, ErrorCategory, FutureRecord, FutureState, utc_now
-from tinkerd.domain.requests import CreateModel, Finished, ForwardBackward, LoadWeights, Request, Result, Sample
-from tinkerd.store.db import DatabaseBusyError
+from tinkerd.domain.records import Clock, FutureRecord, FutureState, utc_now
+from tinkerd.domain.requests import CreateModel, Finished, ForwardBackward, LoadWeights, Request, Sample
 from tinkerd.store.files import CheckpointFiles
 from tinkerd.store.sequencing import ClaimScope
 from tinkerd.store.store import Store
@@ -32,10 +29,10 @@ from tinkerd.worker.forward_batch import ForwardItem, run_forward_batch
 from tinkerd.worker.handlers import Handlers
 from tinkerd.worker.hosts import ModelHost
 from tinkerd.worker.housekeeping import Housekeeper, HousekeepingConfig
+from tinkerd.worker.outcomes import Outcome, OutcomeRecorder
 from tinkerd.worker.planner import Job, JobKind, ModelCursorState, PendingWork, PlanLimits, plan
 from tinkerd.worker.runtime import Runtime
 from tinkerd.worker.sampling import OnProgress, SamplingService, Watching
-from tinkerd.worker.step_metrics import step_metrics_of
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +43,6 @@ RESTART_TRAINING_MESSAGE = (
     "create_training_client_from_state_with_optimizer"
 )
 _HANDED_LIMIT = 4096
-Outcome = Result | Exception
 
 
 @dataclass(frozen=True)
@@ -94,15 +90,13 @@ class Worker:
     ) -> None:
         self.store = store
         self.config = config or WorkerConfig()
-        self.notify = notify
-        self.await_answer = await_answer
-        self._clock = clock
         self.runtime = Runtime(hosts, self.config.weights_cache_size)
         self.files = CheckpointFiles(data_dir)
         self.handlers = Handlers(store, self.runtime, self.files, clock, share_snapshots=self.config.share_snapshots)
         # Streaming clients in this process see tokens as they come (``watching``/``on_progress``, the notifier's).
         self.sampling = SamplingService(store, self.runtime, self.files, watching=watching, on_progress=on_progress)
         self.housekeeper = Housekeeper(store, self.runtime, self.files, self.config.housekeeping)
+        self.outcomes = OutcomeRecorder(store, clock, notify, await_answer, self.config.answer_wait_s, self._idle)
         self._pool: dict[str, _Claimed] = {}  # claimed training requests not yet run, by request id
         self._round: deque[Job] = deque()  # the planner's current round, run one job per iteration
         self._wakeup = threading.Event()
@@ -240,13 +234,13 @@ class Worker:
             try:
                 request = request if request is not None else codec.decode(future.payload or b"")
             except Exception as exc:
-                self._finish(future, RuntimeError(f"could not decode the stored request: {exc!r}"))
+                self.outcomes.finish(future, RuntimeError(f"could not decode the stored request: {exc!r}"))
                 continue
             if isinstance(request, Sample):
                 try:
                     self.sampling.submit(future, request)
                 except Exception as exc:
-                    self._finish(future, exc)
+                    self.outcomes.finish(future, exc)
             else:
                 self._pool[future.request_id] = _Claimed(future, request)
         return True
@@ -303,17 +297,18 @@ class Worker:
             forward = [ForwardItem(c.future, c.request) for c in items if isinstance(c.request, ForwardBackward)]
             for c in items:
                 if not isinstance(c.request, ForwardBackward):
-                    self._finish(c.future, RuntimeError(f"{type(c.request).__name__} planned as a forward pass"))
+                    planned_wrong = RuntimeError(f"{type(c.request).__name__} planned as a forward pass")
+                    self.outcomes.finish(c.future, planned_wrong)
             results = run_forward_batch(self.runtime, forward)
             for i, (item, outcome) in enumerate(results):
-                self._finish(item.future, outcome, last=i == len(results) - 1, request=item.request)
+                self.outcomes.finish(item.future, outcome, last=i == len(results) - 1, request=item.request)
             return
         for i, c in enumerate(items):  # SINGLE jobs hold one request; anything else would run in order too
             try:
                 outcome: Outcome = self.handlers.execute(c.future, c.request)
             except Exception as exc:
                 outcome = exc
-            self._finish(c.future, outcome, last=i == len(items) - 1, request=c.request)
+            self.outcomes.finish(c.future, outcome, last=i == len(items) - 1, request=c.request)
 
     def _sample_for(self, budget_s: float) -> None:
         """Decode steps until ``budget_s`` of wall time is used or nothing is left (at least one step)."""
@@ -321,82 +316,11 @@ class Worker:
         self.sampling.drop_cancelled()
         while self.sampling.has_work():
             for future, outcome in self.sampling.step():
-                self._finish(future, outcome)
+                self.outcomes.finish(future, outcome)
             # a sampler that decodes in another process (vLLM) only hands over results: no use waiting out the budget
             if time.perf_counter() >= deadline or self.sampling.decodes_elsewhere():
                 break
 
-    def _finish(
-        self, future: FutureRecord, outcome: Outcome, *, last: bool = False, request: Request | None = None
-    ) -> None:
-        """Hand the outcome to the api (which may answer its client at once), then record it in the ledger.
-
-        The ledger write follows the hand-off, on this thread and before anything else runs, so the next request
-        of the same run is claimed only once this one is recorded (seq order holds). Should the process die in
-        between, the client may have its answer while the ledger fails the request as left running: never a lost
-        result, at worst an error for an answer already given.
-
-        ``last``: the job's last request. If nothing else waits for this thread then, it lets a waiting poll send
-        the answer before it writes the ledger (``WorkerConfig.answer_wait_s``). ``request``: the request that ran,
-        when known; a training step's metrics are recorded with its result (``step_metrics_of``).
-        """
-        finished, value = self._finished_record(future, outcome)
-        if self.notify is not None:
-            try:
-                self.notify(future.request_id, Finished(finished, value))
-                if last and self.await_answer is not None and self._idle():
-                    # Nothing else waits for this thread: let the answer out first (the write competes for the GIL).
-                    self.await_answer(future.request_id, self.config.answer_wait_s)
-            except Exception:
-                log.exception("notify(%s) failed", future.request_id)
-        while True:
-            try:
-                if finished.state is FutureState.COMPLETED:
-                    metrics = step_metrics_of(future, request, value, finished.finished_at or self._clock())
-                    self.store.futures.complete(future.request_id, finished.result or b"", metrics=metrics)
-                else:
-                    self.store.futures.fail(
-                        future.request_id,
-                        finished.error_message or "request failed",
-                        finished.error_category or "server",
-                    )
-                return
-            except DatabaseBusyError as exc:  # unreachable past the store's retries: keep the result until it is back
-                log.warning("could not record the outcome of %s yet (%s); retrying", future.request_id, exc)
-                time.sleep(1.0)
-            except TinkerdError as exc:  # already finished elsewhere (failed as in flight, purged): nothing to record
-                log.warning("could not record the outcome of %s: %s", future.request_id, exc)
-                return
-
     def _idle(self) -> bool:
         """Whether no other claimed, handed-over or sampling work waits for this thread."""
         return not (self._pool or self._round or self._preclaimed or self._submitted or self.sampling.has_work())
-
-    def _finished_record(self, future: FutureRecord, outcome: Outcome) -> tuple[FutureRecord, Result | None]:
-        """The record as the ledger will hold it once finished, and the result object if it completed."""
-        done = dataclasses.replace(future, payload=None, finished_at=self._clock())
-        if not isinstance(outcome, Exception):
-            try:
-                data = codec.encode(outcome)
-            except ValueError as exc:  # NaN or infinity: JSON cannot carry it
-                log.error("result of %s cannot be stored: %s", future.request_id, exc)
-                outcome = _Unstorable("the result holds NaN or infinite values")
-            else:
-                return dataclasses.replace(done, state=FutureState.COMPLETED, result=data), outcome
-        message, category = _describe(future, outcome)
-        return dataclasses.replace(done, state=FutureState.FAILED, error_message=message, error_category=category), None
-
-
-class _Unstorable(Exception):
-    """A result the ledger cannot hold (a server-side fault, not the user's)."""
-
-
-def _describe(future: FutureRecord, exc: Exception) -> tuple[str, ErrorCategory]:
-    if isinstance(exc, TinkerdError):
-        return str(exc) or type(exc).__name__, "user"
-    if isinstance(exc, _Unstorable):
-        return str(exc), "server"
-    log.error("%s %s failed", future.kind.value, future.request_id, exc_info=exc)
-    detail = str(exc)
-    detail = detail if len(detail) <= 200 else detail[:200] + "..."
-    return f"internal error while running {future.kind.value}: {type(exc).__name__}: {detail}", "server"

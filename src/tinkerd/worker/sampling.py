@@ -20,7 +20,7 @@ from tinkerd.domain.records import FutureRecord
 from tinkerd.domain.requests import Sample, SampleProgress
 from tinkerd.engine.checkpoint import check_compatible, load_checkpoint
 from tinkerd.engine.lora import LoraWeights
-from tinkerd.engine.sampler import SampleJob
+from tinkerd.engine.sample_job import SampleJob
 from tinkerd.engine.vllm import VllmSampler
 from tinkerd.store.storage import CheckpointStorage
 from tinkerd.store.store import Store

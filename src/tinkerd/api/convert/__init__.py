@@ -1,3 +1,4 @@
-"""Wire <-> domain conversion, all of it: ``tensors`` (arrays and tokens), ``requests`` (training requests, sessions,
-runs), ``sampling`` (samplers and sample requests) and ``results`` (results and records back to JSON or protobuf).
+"""Wire <-> domain conversion, all of it: ``tensors`` (arrays and tokens), ``model_input`` (chunks to tokens and
+images), ``requests`` (sessions, runs, optimizer steps, weights), ``forward_backward`` (forward/backward bodies),
+``sampling`` (samplers and sample requests) and ``results`` (results and records back to JSON or protobuf).
 Routes never build domain objects or response bodies by hand."""

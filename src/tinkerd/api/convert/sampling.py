@@ -6,7 +6,7 @@ from datetime import datetime
 
 from tinkerd.api import schemas
 from tinkerd.api.context import ServedModelInfo
-from tinkerd.api.convert.requests import model_input
+from tinkerd.api.convert.model_input import model_input
 from tinkerd.api.convert.tensors import check_tokens, target_cells
 from tinkerd.api.images import ImageRules
 from tinkerd.domain import ops

@@ -20,6 +20,13 @@ from tinkerd.api import schemas
 from tinkerd.api.context import ApiContext
 from tinkerd.api.convert import requests as convert
 from tinkerd.api.convert import results
+from tinkerd.api.convert.forward_backward import (
+    ForwardBackwardCall,
+    check_forward_backward,
+    forward_backward_from_json,
+    forward_backward_from_proto,
+    parse_forward_backward_proto,
+)
 from tinkerd.api.images import ImageRules
 from tinkerd.api.routes.common import (
     PROTOBUF,
@@ -140,12 +147,12 @@ def _parse_json(model: type[M], body: bytes) -> M:
 
 def _submit_forward(
     ctx: ApiContext, owner: str, model_id: str, seq_id: int | None, forward_only: bool,
-    convert_call: Callable[[ImageRules], convert.ForwardBackwardCall],
+    convert_call: Callable[[ImageRules], ForwardBackwardCall],
 ) -> Response:  # fmt: skip
     def build(run: TrainingRun) -> tuple[DomainRequest, int]:
         model = ctx.model(run.base_model)
         call = convert_call(image_rules(ctx, model))
-        convert.check_forward_backward(call, model)
+        check_forward_backward(call, model)
         return call.request, call.token_count
 
     kind = RequestKind.FORWARD if forward_only else RequestKind.FORWARD_BACKWARD
@@ -154,16 +161,16 @@ def _submit_forward(
 
 def _forward_backward(ctx: ApiContext, owner: str, body: bytes, content_type: str) -> Response:
     if PROTOBUF in content_type:
-        message = convert.parse_forward_backward_proto(body)
+        message = parse_forward_backward_proto(body)
         return _submit_forward(
             ctx, owner, message.model_id, message.seq_id, message.forward_only,
-            lambda rules: convert.forward_backward_from_proto(message, rules),
+            lambda rules: forward_backward_from_proto(message, rules),
         )  # fmt: skip
     parsed = _parse_json(schemas.ForwardBackwardJsonRequest, body)
     data, model_id, seq_id = parsed.forward_backward_input, parsed.model_id, parsed.seq_id
     return _submit_forward(
         ctx, owner, model_id, seq_id, False,
-        lambda rules: convert.forward_backward_from_json(data, model_id, seq_id, backward=True, rules=rules),
+        lambda rules: forward_backward_from_json(data, model_id, seq_id, backward=True, rules=rules),
     )  # fmt: skip
 
 
@@ -172,7 +179,7 @@ def _forward(ctx: ApiContext, owner: str, body: bytes) -> Response:
     data, model_id, seq_id = parsed.forward_input, parsed.model_id, parsed.seq_id
     return _submit_forward(
         ctx, owner, model_id, seq_id, True,
-        lambda rules: convert.forward_backward_from_json(data, model_id, seq_id, backward=False, rules=rules),
+        lambda rules: forward_backward_from_json(data, model_id, seq_id, backward=False, rules=rules),
     )  # fmt: skip
 
 

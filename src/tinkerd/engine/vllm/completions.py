@@ -18,7 +18,7 @@ from typing import Any
 from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import SampledSequence, SampleResult, StopReason, TopkRow
 from tinkerd.engine.lora import LoraWeights
-from tinkerd.engine.sampler import SampleJob
+from tinkerd.engine.sample_job import SampleJob
 
 _TOKEN_PREFIX = "token_id:"
 

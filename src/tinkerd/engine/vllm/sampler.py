@@ -26,8 +26,8 @@ from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import SampleResult, SamplingParams
 from tinkerd.engine.lora import LoraWeights
 from tinkerd.engine.rescoring import RescoreItem, rescore
-from tinkerd.engine.sampler import SampleJob, validate_job
-from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES
+from tinkerd.engine.sample_job import SampleJob
+from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES, validate_job
 from tinkerd.engine.transformer import ModelShape, Transformer
 from tinkerd.engine.vllm.adapters import AdapterRegistry
 from tinkerd.engine.vllm.completions import parse_response, refuse_unsupported, request_body
