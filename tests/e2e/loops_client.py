@@ -42,11 +42,12 @@ def weighted_datum() -> Datum:
 
 
 def preference_pair(chosen: list[int], rejected: list[int]) -> list[Datum]:
-    """A (chosen, rejected) pair of continuations of PROMPT, the prompt's targets masked with -100."""
+    """A (chosen, rejected) pair of continuations of PROMPT: the targets are the answer's tokens, the prompt's and the
+    last position (which predicts past the sequence, and gets no reference logprob) masked with -100."""
     out = []
     for answer in (chosen, rejected):
         tokens = [*PROMPT, *answer]
-        targets = [-100] * (len(PROMPT) - 1) + [*answer, 2]
+        targets = [-100] * (len(PROMPT) - 1) + [*answer, -100]
         out.append(
             Datum(
                 model_input=ModelInput.from_ints(tokens),

@@ -145,8 +145,9 @@ def test_loops_sdk_trains_saves_samples_and_downloads(server: Server, tmp_path: 
         "trainer:/load_state_with_optimizer", "trainer:/operations", "sampler:/sample", "sampler:/operations",
     ):  # fmt: skip
         assert routes[route] > 0, (route, routes)
-    # The run's paired sampler is made once and reused by every save; the other is the standalone one (model_path).
-    assert routes["/v1/loops/samplers"] == 2
+    # Each run's paired sampler is made once and reused by every save (two runs: the SFT one and the DPO one); the
+    # third is the standalone one (model_path).
+    assert routes["/v1/loops/samplers"] == 3
 
 
 def _check_losses_and_top_k(out: dict[str, Any]) -> None:
