@@ -105,7 +105,7 @@ def test_results_in_the_sdk_shapes() -> None:
     )
     answer = convert.op_result(RequestKind.FORWARD, forward, skip_normalization=True)
     assert answer["loss"] == 1.5
-    assert answer["metrics"] == {"loss": 1.5, "loss:sum": 1.5, "skip_token_normalization": 1.0}
+    assert answer["metrics"] == {"loss": 1.5, "skip_token_normalization": 1.0}
     assert answer["loss_fn_outputs"] == [{"logprobs": {"data": [-1.0, -2.0], "dtype": "float32", "shape": [2]}}]
     saved = PathResult(path="tinker://s:train:0/sampler_weights/a", step=3)
     assert convert.op_result(RequestKind.SAVE_WEIGHTS_FOR_SAMPLER, saved) == {

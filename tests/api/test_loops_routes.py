@@ -79,7 +79,7 @@ def test_a_run_trains_saves_and_samples_through_operations(api: Api) -> None:
     sampler = loops.ok("/v1/loops/samplers", {"session_id": session, "run_id": run})["sampler"]
     assert sampler["model_id"] is None
     sbase = sampler["base_url"].removeprefix("http://testserver")
-    body = {"prompt": [1, 2, 3], "n": 2, "max_tokens": 2, "prompt_logprobs": 0, "lora": path}
+    body = {"prompt": [1, 2, 3], "n": 2, "max_tokens": 2, "prompt_logprobs": 0, "lora": path, "model": MODEL}
     response = loops.api.client.post(f"{sbase}/sample", json=body, headers={"Idempotency-Key": "k1"})
     assert response.status_code == 202
     choices = loops.result(sbase, response.json()["operation_id"])["result"]["choices"]
@@ -92,6 +92,11 @@ def test_a_run_trains_saves_and_samples_through_operations(api: Api) -> None:
     assert again.json()["operation_id"] == response.json()["operation_id"]
     models = loops.get(f"{sbase}/v1/models").json()["data"]
     assert models == [{"id": MODEL, "object": "model", "parent": None}]
+    # A dedicated or local client (ServiceClient.local) names no model: the completion comes in the answer itself.
+    direct = loops.api.client.post(f"{sbase}/sample", json={**body, "model": None})
+    assert direct.status_code == 200
+    tokens = [c["logprobs"]["tokens"] for c in direct.json()["choices"]]
+    assert tokens == [["token_id:7", "token_id:8"], ["token_id:7", "token_id:9"]]
 
 
 def test_a_resubmitted_op_is_the_same_operation(api: Api) -> None:

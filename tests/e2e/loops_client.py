@@ -8,6 +8,7 @@ Writes what the SDK returned as JSON; the test (test_loops_sdk.py) checks it and
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,35 @@ def preference_and_rl(service: Any, base_model: str, out: dict[str, Any]) -> Non
                     for name in ("top_k_logprobs", "top_k_token_ids", "logprobs")}  # fmt: skip
 
 
+def local_clients(base_model: str, out: dict[str, Any]) -> None:
+    """``ServiceClient.local(trainer_url, sampler_url)``: a run and its paired sampler made over the control plane with
+    plain HTTP, then driven by a local ServiceClient, which talks to those URLs only (no control plane)."""
+    import httpx
+
+    root = os.environ["LOOPS_BASE_URL"].rstrip("/")
+    headers = {"Authorization": f"Api-Key {os.environ['BASETEN_API_KEY']}"}
+    with httpx.Client(headers=headers, timeout=30) as http:
+        session = http.post(f"{root}/v1/loops/sessions", json={}).json()["session"]["id"]
+        body = {"session_id": session, "base_model": base_model, "lora_rank": 4}
+        run = http.post(f"{root}/v1/loops/trainers", json=body).json()["run"]
+        sampler = http.post(f"{root}/v1/loops/samplers", json={"session_id": session, "run_id": run["id"]}).json()
+    local = ServiceClient.local(trainer_url=run["base_url"], sampler_url=sampler["sampler"]["base_url"])
+    tc = local.create_lora_training_client(base_model=base_model, rank=4, ready_timeout=READY_TIMEOUT)
+    losses = []
+    for _ in range(3):
+        losses.append(tc.forward_backward([weighted_datum()], "cross_entropy").result().loss)
+        tc.optim_step(AdamParams(learning_rate=1e-3)).result()
+    # A local TrainingClient has no run id, and the SDK refuses every save and load without one; its sampler URL is
+    # sampled directly (the run has no sampler weights yet, so its paired sampler serves the base model).
+    sampled = greedy(local.create_sampling_client(base_model=base_model, ready_timeout=READY_TIMEOUT))
+    base = greedy(service_base_sampler(base_model))
+    out["local"] = {"run_id": run["id"], "losses": losses, "sampled": sampled, "base": base}
+
+
+def service_base_sampler(base_model: str) -> Any:
+    return ServiceClient().create_sampling_client(base_model=base_model, ready_timeout=READY_TIMEOUT)
+
+
 def greedy(sampler: Any) -> list[int]:
     params = SamplingParams(max_tokens=6, temperature=0.0, stop=[])
     response = sampler.sample(ModelInput.from_ints(PROMPT), num_samples=1, sampling_params=params)
@@ -169,6 +199,7 @@ def main() -> None:
     out["restored_loss"] = restored.forward([weighted_datum()], "cross_entropy").result().loss
 
     preference_and_rl(service, base_model, out)
+    local_clients(base_model, out)
 
     out_path.write_text(json.dumps(out))
 

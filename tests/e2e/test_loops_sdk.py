@@ -136,6 +136,10 @@ def test_loops_sdk_trains_saves_samples_and_downloads(server: Server, tmp_path: 
     assert out["restored_loss"] == pytest.approx(out["state_loss"], rel=1e-4)
 
     _check_losses_and_top_k(out)
+    # ServiceClient.local(trainer_url, sampler_url) on a run made over the control plane: it trains and samples.
+    local = out["local"]
+    assert local["losses"][2] < local["losses"][0]
+    assert local["sampled"] == local["base"] and len(local["sampled"]) == 6
     routes = _check_wire(wire)
     for route in (
         "/v1/loops/sessions", "/v1/loops/trainers", "/v1/loops/samplers", "/v1/loops/capabilities",
@@ -146,8 +150,8 @@ def test_loops_sdk_trains_saves_samples_and_downloads(server: Server, tmp_path: 
     ):  # fmt: skip
         assert routes[route] > 0, (route, routes)
     # Each run's paired sampler is made once and reused by every save (two runs: the SFT one and the DPO one); the
-    # third is the standalone one (model_path).
-    assert routes["/v1/loops/samplers"] == 3
+    # others are the standalone ones (model_path, and the base model the local sampler is compared with).
+    assert routes["/v1/loops/samplers"] == 4
 
 
 def _check_losses_and_top_k(out: dict[str, Any]) -> None:

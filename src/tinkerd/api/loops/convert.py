@@ -195,7 +195,8 @@ def _tensor(array: ops.ArrayData) -> dict[str, Any]:
 
 def forward_output(result: ops.ForwardResult, skip_normalization: bool) -> dict[str, Any]:
     loss = float(result.metrics.get("loss:sum", 0.0))
-    metrics: dict[str, float] = {**result.metrics, "loss": loss}
+    metrics: dict[str, float] = {k: v for k, v in result.metrics.items() if k != "loss:sum"}
+    metrics["loss"] = loss
     if skip_normalization:
         metrics[SKIP_NORMALIZATION] = 1.0
     return {

@@ -21,7 +21,7 @@ from tinkerd.api.context import ApiContext
 from tinkerd.api.loops import convert
 from tinkerd.api.routes.common import JSON, in_thread
 from tinkerd.domain import codec
-from tinkerd.domain.errors import NotFoundError
+from tinkerd.domain.errors import InvalidRequestError, NotFoundError
 from tinkerd.domain.records import FutureRecord, FutureState
 from tinkerd.domain.requests import Result
 
@@ -98,6 +98,25 @@ async def poll(ctx: ApiContext, owner: str, operation_id: str, model_id: str, re
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(remaining, ctx.settings.poll_interval_s)):
                     await woken.wait()
+
+
+async def result_now(ctx: ApiContext, owner: str, operation_id: str, model_id: str, render: Any) -> Response:
+    """The finished operation's result itself, in a 200 (held for as long as it runs); its failure raised, a user's
+    mistake as InvalidRequestError (a final 4xx) and anything else as a server error."""
+    response = await poll(ctx, owner, operation_id, model_id, render)
+    while response.status_code == 408 and not ctx.notifier.closed:
+        response = await poll(ctx, owner, operation_id, model_id, render)
+    body = json.loads(bytes(response.body))
+    if body.get("status") == "error":
+        if body.get("error_class") == "ValueError":
+            raise InvalidRequestError(body["error"])
+        raise RuntimeError(body["error"])
+    if body.get("status") != "done":  # the server is shutting down: 503, which the SDK retries elsewhere
+        message = f"operation {operation_id!r} did not finish: the server is shutting down"
+        return Response(json.dumps({"error": message, "detail": message}), status_code=503, media_type=JSON)
+    answer = Response(json.dumps(body["result"], allow_nan=False), media_type=JSON)
+    answer.background = response.background
+    return answer
 
 
 def _check_scope(record: FutureRecord, operation_id: str, model_id: str) -> None:

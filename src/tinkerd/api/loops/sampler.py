@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -27,7 +28,7 @@ from tinkerd.api.context import ApiContext
 from tinkerd.api.convert.tensors import check_tokens
 from tinkerd.api.loops import convert, operations, schemas
 from tinkerd.api.loops.common import SAMPLER_PREFIX, Context, Owner, from_bt, to_bt
-from tinkerd.api.routes.common import JSON, submit
+from tinkerd.api.routes.common import JSON, in_thread, submit
 from tinkerd.domain import ops
 from tinkerd.domain.errors import InvalidRequestError, TinkerdError
 from tinkerd.domain.ids import validate_run_id, validate_sampler_id
@@ -125,7 +126,24 @@ def _seq_id(request: Request) -> int | None:
 
 
 @router.post("/sample")
-def sample(sampler_id: str, body: schemas.SampleRequest, request: Request, ctx: Context, owner: Owner) -> Response:
+async def sample(
+    sampler_id: str, body: schemas.SampleRequest, request: Request, ctx: Context, owner: Owner
+) -> Response:
+    """A serverless client (it names the ``model``) gets 202 and an operation to poll; a dedicated or local one
+    (``ServiceClient.local``, no ``model``) expects the completion itself in a 200, as a vLLM server answers."""
+    submitted = await in_thread(_submit_sample, sampler_id, body, request, ctx, owner)
+    if isinstance(submitted, Response):
+        return submitted
+    if body.model is not None:
+        return operations.accepted(submitted)
+    render = _completions(_memo(request), submitted)
+    return await operations.result_now(ctx, owner, submitted, validate_sampler_id(sampler_id), render)
+
+
+def _submit_sample(
+    sampler_id: str, body: schemas.SampleRequest, request: Request, ctx: ApiContext, owner: str
+) -> str | Response:
+    """The sample's request id in the ledger, or the 408 of a version floor not reached yet."""
     sampler = _sampler(ctx, owner, sampler_id)
     try:
         serving = _pinned(ctx, owner, sampler, request, body)
@@ -140,7 +158,7 @@ def sample(sampler_id: str, body: schemas.SampleRequest, request: Request, ctx: 
     )  # fmt: skip
     if payload.prompt_logprobs:
         _memo(request).keep(record.request_id, payload.prompt)
-    return operations.accepted(record.request_id)
+    return record.request_id
 
 
 class PromptMemo:
@@ -171,14 +189,19 @@ def _memo(request: Request) -> PromptMemo:
 
 @router.get("/operations/{operation_id}")
 async def get_operation(sampler_id: str, operation_id: str, request: Request, ctx: Context, owner: Owner) -> Response:
-    memo = _memo(request)
+    render = _completions(_memo(request), operation_id)
+    return await operations.poll(ctx, owner, operation_id, validate_sampler_id(sampler_id), render)
 
-    def completions(record: FutureRecord, result: Result, _skip: bool) -> dict[str, Any]:
+
+def _completions(memo: PromptMemo, operation_id: str) -> Callable[[FutureRecord, Result, bool], dict[str, Any]]:
+    """How a finished sample is rendered: vLLM's completions JSON, prompt logprobs keyed by the prompt's tokens."""
+
+    def render(record: FutureRecord, result: Result, _skip: bool) -> dict[str, Any]:
         if not isinstance(result, ops.SampleResult):
             raise InvalidRequestError(f"operation {operation_id!r} is not a sample")
         return convert.sample_completions(result, memo.get(record.request_id))
 
-    return await operations.poll(ctx, owner, operation_id, validate_sampler_id(sampler_id), completions)
+    return render
 
 
 @router.post("/operations/{operation_id}/cancel")
