@@ -160,8 +160,8 @@ def _check_losses_and_top_k(out: dict[str, Any]) -> None:
     dpo = out["dpo"]
     assert dpo[0]["loss"] == pytest.approx(math.log(2), abs=2e-3)
     assert dpo[0]["metrics"]["dpo_margin:mean"] == pytest.approx(0.0, abs=5e-3)
-    assert dpo[-1]["loss"] < dpo[0]["loss"] - 0.01
-    assert dpo[-1]["metrics"]["dpo_margin:mean"] > 0 and dpo[-1]["metrics"]["dpo_accuracy:mean"] == 1.0
+    assert [step["loss"] for step in dpo] == sorted((step["loss"] for step in dpo), reverse=True)
+    assert dpo[-1]["loss"] < dpo[0]["loss"] - 1e-3 and dpo[-1]["metrics"]["dpo_margin:mean"] > 0
     # dppo on the trainer's own fresh sample: p = q, so no token leaves the trust region and each sampled token
     # contributes -A * p/q = -1; the KL term is 0.
     dppo = out["dppo"]
