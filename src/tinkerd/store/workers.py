@@ -20,8 +20,9 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select, update
 
 from tinkerd.domain.errors import CapacityError
-from tinkerd.domain.records import Clock, utc_now
+from tinkerd.domain.records import Clock
 from tinkerd.store.db import Database
+from tinkerd.store.ledger_clock import LedgerClock
 from tinkerd.store.reaping import (
     LOST_PREFIX,
     LOST_RUN_MESSAGE,
@@ -78,9 +79,10 @@ _RUN_COUNTS = (
 
 
 class WorkerRegistry:
-    def __init__(self, db: Database, clock: Clock = utc_now) -> None:
+    def __init__(self, db: Database, clock: Clock | None = None) -> None:
+        """``clock`` defaults to the database server's (``LedgerClock``): leases mean the same on every host."""
         self._db = db
-        self._clock = clock
+        self._clock = clock if clock is not None else LedgerClock(db)
 
     def register(
         self,
