@@ -88,17 +88,22 @@ def sessions(ctx: Ctx, owner: Owner, limit: Annotated[int, Query(ge=1, le=MAX_RU
 
 @router.get("/samplables")
 def samplables(ctx: Ctx, owner: Owner) -> dict[str, Any]:
-    """What the playground can sample: each served base model, and the caller's sampler checkpoints."""
-    bases = [{"base_model": m.name, "model_path": None, "label": m.name} for m in ctx.models.values() if m.sampleable]
-    checkpoints = []
-    base_of: dict[str, str] = {}
-    for c in ctx.store.checkpoints.list_for_owner(owner, limit=500).items:
-        if c.kind != "sampler_weights":
-            continue
-        if c.run_id not in base_of:
-            base_of[c.run_id] = ctx.store.runs.get(c.run_id, owner).base_model
-        checkpoints.append({"base_model": base_of[c.run_id], "model_path": c.tinker_path, "label": c.tinker_path})
-    return {"models": bases + checkpoints}
+    """What the playground can sample: each served base model, then every sampler checkpoint the caller may read
+    (their own, and the ones other users published), newest first."""
+    models = [
+        {"base_model": m.name, "model_path": None, "label": m.name, "owner": None, "mine": True, "public": False}
+        for m in ctx.models.values()
+        if m.sampleable
+    ]
+    served = {m.name for m in ctx.models.values() if m.sampleable}
+    for c, base_model in ctx.store.checkpoints.readable_with_base(owner, "sampler_weights", limit=MAX_RUNS):
+        if base_model not in served:
+            continue  # its base model is not served here now: creating a sampler from it would fail
+        models.append(
+            {"base_model": base_model, "model_path": c.tinker_path, "label": c.tinker_path, "owner": c.owner,
+             "mine": c.owner == owner, "public": c.public}
+        )  # fmt: skip
+    return {"models": models}
 
 
 @router.get("/server")
