@@ -5,7 +5,6 @@ the pages call the Tinker API for those."""
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import time
 from typing import Annotated, Any, Literal
 
@@ -15,6 +14,7 @@ from pydantic import BaseModel, Field
 from tinkerd.api.auth import owner as owner_of_key
 from tinkerd.api.context import ApiContext
 from tinkerd.console import views
+from tinkerd.console.memory import machine_memory, process_memory
 from tinkerd.console.tokens import Tokenizers
 from tinkerd.domain.ids import validate_run_id
 
@@ -125,7 +125,7 @@ def server(request: Request, ctx: Ctx, owner: Owner) -> dict[str, Any]:
         ],
         "queue": views.queue(ctx.store.overview.queue_depths(owner)),
         "roles": roles() if roles is not None else [],
-        "memory": _memory(),
+        "memory": process_memory() | machine_memory(),
         "limits": {
             "max_queued_per_user": ctx.settings.max_queued_per_user,
             "max_runs_per_user": ctx.settings.max_runs_per_user,
@@ -164,31 +164,3 @@ def tokenize(body: TokenizeRequest, request: Request, ctx: Ctx, _owner: Owner) -
 def detokenize(body: DetokenizeRequest, request: Request, ctx: Ctx, _owner: Owner) -> dict[str, Any]:
     ctx.model(body.model)
     return {"pieces": _tokenizers(request).pieces(body.model, body.tokens)}
-
-
-def _memory() -> dict[str, int | None]:
-    """This process's resident memory now and at its peak, and the machine's total and available memory."""
-    found: dict[str, int | None] = {
-        "rss_bytes": None,
-        "peak_rss_bytes": None,
-        "total_bytes": None,
-        "available_bytes": None,
-    }
-    for path, keys in (
-        ("/proc/self/status", {"VmRSS:": "rss_bytes", "VmHWM:": "peak_rss_bytes"}),
-        ("/proc/meminfo", {"MemTotal:": "total_bytes", "MemAvailable:": "available_bytes"}),
-    ):
-        try:
-            with open(path, encoding="ascii") as lines:
-                for line in lines:
-                    parts = line.split()
-                    if parts and parts[0] in keys:
-                        found[keys[parts[0]]] = int(parts[1]) * 1024  # kB
-        except OSError:
-            pass
-    if found["rss_bytes"] is None:
-        import resource
-
-        found["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    found["pid"] = os.getpid()
-    return found

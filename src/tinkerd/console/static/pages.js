@@ -287,12 +287,7 @@ async function serverPage(main) {
           )
         : h("p", { class: "muted", id: "queue" }, "Nothing queued."),
       h("h2", {}, "Roles and workers"),
-      h(
-        "table",
-        { id: "roles" },
-        h("thead", {}, h("tr", {}, ["Role", "Id", "Does", "Models"].map((t) => h("th", {}, t)))),
-        h("tbody", {}, s.roles.map((r) => h("tr", {}, h("td", {}, r.role), h("td", {}, r.id), h("td", {}, r.detail || ""), h("td", {}, (r.models || []).join(", "))))),
-      ),
+      rolesTable(s.roles),
     );
   };
   await render();
@@ -310,4 +305,28 @@ async function serverPage(main) {
     stopped = true;
     clearTimeout(timer);
   };
+}
+
+// The processes serving this deployment: for `tinkerd serve`, roles inside this one process; for a split deployment,
+// every process the ledger knows, with its lease (seconds left), its last heartbeat and the memory it reported.
+function rolesTable(roles) {
+  const head = ["Role", "Id", "Host / PID", "State", "Models", "Runs held", "Started", "Last heartbeat", "Lease left", "Memory (RSS)"];
+  const ago = (s) => (s === null || s === undefined ? "–" : `${fmtNum(s)} s ago`);
+  const rows = roles.map((r) =>
+    h(
+      "tr",
+      { class: "role", "data-role": r.role, "data-id": r.id, "data-state": r.state },
+      h("td", {}, r.role, r.detail ? h("div", { class: "muted" }, r.detail) : null),
+      h("td", {}, r.id),
+      h("td", {}, `${r.host || "–"} / ${r.pid ?? "–"}`),
+      h("td", { class: "role-state" }, h("span", { class: r.state === "gone" ? "state closed" : "state" }, r.state)),
+      h("td", {}, (r.models || []).join(", ")),
+      h("td", { class: "num" }, r.runs === null || r.runs === undefined ? "–" : `${r.runs}${r.capacity ? ` of ${r.capacity}` : ""}`),
+      h("td", {}, fmtTime(r.started_at)),
+      h("td", { class: "heartbeat" }, r.heartbeat_at ? ago(r.heartbeat_age_s) : "in process"),
+      h("td", { class: "num lease" }, r.lease_left_s === null || r.lease_left_s === undefined ? "–" : `${fmtNum(r.lease_left_s)} s`),
+      h("td", { class: "num memory" }, r.rss_bytes ? fmtBytes(r.rss_bytes) : "–"),
+    ),
+  );
+  return h("table", { id: "roles" }, h("thead", {}, h("tr", {}, head.map((t) => h("th", {}, t)))), h("tbody", {}, rows));
 }
