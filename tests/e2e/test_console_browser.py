@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
+import numpy as np
 import pytest
 import tinker
 from playwright.sync_api import BrowserContext, Dialog, Page, expect
@@ -18,7 +19,7 @@ from tinker import types
 
 from tests.e2e.browser import SCREENSHOTS, browser_context
 from tests.e2e.conftest import Server, start_server, stop_server
-from tests.e2e.test_sdk_training import datum
+from tests.e2e.test_sdk_training import PROMPT, datum
 
 pytestmark = pytest.mark.browser
 T = TypeVar("T")
@@ -67,6 +68,26 @@ def _sdk(work: Callable[[], T]) -> T:
 def _train_step(training: tinker.TrainingClient, learning_rate: float) -> None:
     training.forward_backward([datum()], "cross_entropy").result()
     training.optim_step(types.AdamParams(learning_rate=learning_rate)).result()
+
+
+def _drift_step(training: tinker.TrainingClient, sampler_path: str) -> None:
+    """An importance-sampling step on tokens a sampler drew with their sampler logprobs, so the step records how
+    far the trainer's logprobs are from the sampler's (the sampler/trainer agreement curve)."""
+    sampler = training.create_sampling_client(sampler_path).result()
+    params = types.SamplingParams(max_tokens=4, temperature=1.0, seed=3, stop=[])
+    sequence = sampler.sample(types.ModelInput.from_ints(PROMPT), 1, params).result().sequences[0]
+    assert sequence.logprobs is not None
+    tokens = PROMPT + sequence.tokens
+    sampled = [0.0] * (len(PROMPT) - 1) + list(sequence.logprobs)
+    advantages = [0.0] * (len(PROMPT) - 1) + [1.0] * len(sequence.tokens)
+    inputs = {
+        "target_tokens": types.TensorData.from_numpy(np.asarray(tokens[1:], dtype=np.int64)),
+        "logprobs": types.TensorData.from_numpy(np.asarray(sampled, dtype=np.float32)),
+        "advantages": types.TensorData.from_numpy(np.asarray(advantages, dtype=np.float32)),
+    }
+    datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs)
+    training.forward_backward([datum], "importance_sampling").result()
+    training.optim_step(types.AdamParams(learning_rate=1e-3)).result()
 
 
 def test_console_in_a_real_browser(two_user_server: Server, browser: BrowserContext) -> None:
@@ -158,6 +179,14 @@ def _browse(
     checkpoint.locator("input.ttl").fill("3600")
     checkpoint.locator("button.set-ttl").click()
     expect(checkpoint.locator(".expires")).not_to_have_text("never")
+    # A step scored against the sampler's logprobs adds the sampler/trainer agreement curve, live.
+    _sdk(lambda: _drift_step(training, path))
+    agreement = page.locator('.chart[data-metric="Sampler vs trainer: mean |Δ logprob|"]')
+    expect(agreement).to_have_attribute("data-points", "1", timeout=30_000)
+    private = _sdk(lambda: training.save_weights_for_sampler("console-private").result().path)
+    page.reload()
+    expect(page.locator("tr.checkpoint")).to_have_count(2)
+    expect(agreement).to_have_attribute("data-points", "1")
     _shot(page, "3-run-checkpoints")
 
     # The playground samples the published checkpoint through the Tinker API, tokens shaded by logprob.
@@ -192,7 +221,14 @@ def _browse(
     _shot(page, "5-sessions")
     page.click('nav a[data-page="server"]')
     expect(page.locator("#models")).to_contain_text(server.model)
-    expect(page.locator("#roles")).to_contain_text("worker")
+    # Roles: the api and the worker, both inside this one process (no lease), with its memory.
+    roles = page.locator("#roles tbody tr")
+    expect(roles).to_have_count(2)
+    for role in ("api", "worker"):
+        row = page.locator(f'#roles tr[data-role="{role}"]')
+        expect(row.locator(".role-state")).to_have_text("in process")
+        expect(row.locator(".memory")).to_contain_text("MB")
+    expect(page.locator('#roles tr[data-role="worker"]')).to_contain_text(server.model)
     _shot(page, "6-server")
 
     # Nothing a user wrote ran as script.
@@ -207,7 +243,17 @@ def _browse(
     assert training.model_id not in page.locator("#main").inner_text()
     page.goto(f"{server.url}/console/#/runs/{training.model_id}")
     expect(page.locator("#main .error")).to_contain_text("unknown")
+    # Bob's playground offers the base model and what Alice published, never her private checkpoint; he samples it.
     page.click('nav a[data-page="playground"]')
-    expect(page.locator("#pg-model option")).to_have_count(1)  # the base model; Bob has no checkpoints
+    expect(page.locator("#pg-model option")).to_have_count(2)
+    expect(page.locator('#pg-model optgroup[label="Published by alice"] option')).to_have_text(f"checkpoint {path}")
+    assert private not in page.locator("#pg-model").inner_text()
+    page.select_option("#pg-model", label=f"checkpoint {path}")
+    page.fill("#pg-prompt", "The quick brown fox")
+    page.fill("#pg-max_tokens", "5")
+    page.click("#pg-sample")
+    page.wait_for_selector("#pg-output .sample-card, #pg-output .error", timeout=60_000)
+    assert page.locator("#pg-output .error").count() == 0, page.locator("#pg-output").inner_text()
+    expect(page.locator(".sample-card .tok")).to_have_count(5)
     page.close()
     assert httpx.get(f"{server.url}/console/api/runs", headers={"X-API-Key": "tml-nobody"}).status_code == 401

@@ -8,6 +8,9 @@ const CURVES = [
   ["loss_per_token", "Loss per token", "forward_backward"],
   ["learning_rate", "Learning rate", "optim_step"],
   ["grad_norm", "Gradient norm", "optim_step"],
+  // Recorded by a loss given the sampler's logprobs: how far the trainer's logprobs of the same tokens are.
+  ["sampler_logprob_abs_diff:mean", "Sampler vs trainer: mean |Δ logprob|", "forward_backward"],
+  ["sampler_logprob_abs_diff:max", "Sampler vs trainer: max |Δ logprob|", "forward_backward"],
 ];
 const NOT_CURVES = new Set(["id", "step", "kind", "seq_id", "recorded_at", "update_skipped"]);
 
@@ -66,7 +69,11 @@ function makeChart(container, title, width) {
   const opts = {
     width: width,
     height: 220,
-    scales: { x: { time: false } },
+    // A curve of one point still gets a value range around it (uPlot's default spans 0..100 for a lone 0).
+    scales: {
+      x: { time: false },
+      y: { range: (_u, lo, hi) => (lo === hi ? [lo - (Math.abs(lo) || 1) / 2, hi + (Math.abs(hi) || 1) / 2] : uPlot.rangeNum(lo, hi, 0.1, true)) },
+    },
     axes: [{ label: "step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000] }, {}],
     series: [{ label: "step" }, { label: title, stroke: "#2f6fde", width: 1.5, points: { show: true, size: 4 } }],
     legend: { show: true },
