@@ -5,6 +5,11 @@ to build/console-screenshots/."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import tarfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,7 +95,40 @@ def _drift_step(training: tinker.TrainingClient, sampler_path: str) -> None:
     training.optim_step(types.AdamParams(learning_rate=1e-3)).result()
 
 
-def test_console_in_a_real_browser(two_user_server: Server, browser: BrowserContext) -> None:
+def _copied(page: Page) -> str:
+    """The command a copy button put on the clipboard, as its toast shows it (headless chromium may refuse the
+    clipboard, and then the toast offers the text to copy by hand)."""
+    toast = page.locator("#toast")
+    expect(toast).to_contain_text(re.compile("^Cop(ied|y this): "))
+    text = toast.text_content() or ""
+    page.evaluate("document.getElementById('toast').textContent = ''")
+    for prefix in ("Copied: ", "Copy this: "):
+        if text.startswith(prefix):
+            return text.removeprefix(prefix)
+    raise AssertionError(f"unexpected toast: {text!r}")
+
+
+def _shell(command: str, cwd: Path, env: dict[str, str]) -> None:
+    done = subprocess.run(command, shell=True, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True)
+    assert done.returncode == 0, (command, done.stdout, done.stderr)
+
+
+def _downloaded(command: str, server: Server, tmp_path: Path) -> None:
+    assert command.startswith("curl ") and "/archive" in command, command
+    _shell(command, tmp_path, {"TINKER_API_KEY": ALICE})
+    with tarfile.open(tmp_path / "console-ckpt.tar") as archive:
+        assert any(name.endswith("adapter_model.safetensors") for name in archive.getnames()), archive.getnames()
+
+
+def _exported(command: str, server: Server, tmp_path: Path) -> None:
+    assert command.startswith("tinkerd checkpoints export ") and "--owner alice" in command, command
+    bin_dir = str(Path(sys.executable).parent)
+    data_dir = str(server.log.parent / "data")
+    _shell(command, tmp_path, {"PATH": f"{bin_dir}:{os.environ['PATH']}", "TINKERD_DATA_DIR": data_dir})
+    assert (tmp_path / "console-ckpt" / "adapter_config.json").is_file()
+
+
+def test_console_in_a_real_browser(two_user_server: Server, browser: BrowserContext, tmp_path: Path) -> None:
     server = two_user_server
     alice = tinker.ServiceClient(base_url=server.url, api_key=ALICE, user_metadata={"team": XSS})
     bob = tinker.ServiceClient(base_url=server.url, api_key=BOB)
@@ -105,7 +143,7 @@ def test_console_in_a_real_browser(two_user_server: Server, browser: BrowserCont
 
     try:
         bob_run_id, training = _sdk(setup)
-        _browse(server, browser, training, bob_run_id)
+        _browse(server, browser, training, bob_run_id, tmp_path)
     finally:
         _sdk(lambda: (alice.close("success").result(), bob.close("success").result()))
 
@@ -115,11 +153,15 @@ def _browse(
     browser: BrowserContext,
     training: tinker.TrainingClient,
     bob_run_id: str,
+    tmp_path: Path,
 ) -> None:
     page = browser.new_page()
     dialogs: list[str] = []
 
     def on_dialog(dialog: Dialog) -> None:  # an alert() from injected script would land here
+        if dialog.type == "confirm" and dialog.message.startswith("Delete tinker://"):
+            dialog.accept()  # the page's own question before deleting a checkpoint
+            return
         dialogs.append(dialog.message)
         dialog.dismiss()
 
@@ -179,6 +221,10 @@ def _browse(
     checkpoint.locator("input.ttl").fill("3600")
     checkpoint.locator("button.set-ttl").click()
     expect(checkpoint.locator(".expires")).not_to_have_text("never")
+    # The copied commands work as they are: the download from anywhere with the key, the export on the server.
+    for button, check in (("copy-download", _downloaded), ("copy-export", _exported)):
+        checkpoint.locator(f"button.{button}").click()
+        check(_copied(page), server, tmp_path)
     # A step scored against the sampler's logprobs adds the sampler/trainer agreement curve, live.
     _sdk(lambda: _drift_step(training, path))
     agreement = page.locator('.chart[data-metric="Sampler vs trainer: mean |Δ logprob|"]')
@@ -188,6 +234,21 @@ def _browse(
     expect(page.locator("tr.checkpoint")).to_have_count(2)
     expect(agreement).to_have_attribute("data-points", "1")
     _shot(page, "3-run-checkpoints")
+    # A training checkpoint: published and unpublished again, its download command the SDK's CLI, then deleted.
+    state = _sdk(lambda: training.save_state("console-state").result().path)
+    page.reload()
+    row = page.locator(f'tr.checkpoint[data-path="{state}"]')
+    row.locator("button.publish").click()
+    expect(row.locator(".published")).to_have_text("published")
+    row.locator("button.unpublish").click()
+    expect(row.locator(".published")).to_have_text("private")
+    row.locator("button.copy-download").click()
+    assert _copied(page) == f"tinker checkpoint download {state}"
+    row.locator("button.delete").click()
+    expect(row).to_have_count(0)
+    expect(page.locator("tr.checkpoint")).to_have_count(2)
+    remaining = _sdk(lambda: rest.list_checkpoints(training.model_id).result().checkpoints)
+    assert sorted(c.tinker_path for c in remaining) == sorted([path, private])
 
     # The playground samples the published checkpoint through the Tinker API, tokens shaded by logprob.
     page.click('nav a[data-page="playground"]')

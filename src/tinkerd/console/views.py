@@ -62,6 +62,7 @@ def checkpoint(c: Checkpoint) -> dict[str, Any]:
     return {
         "tinker_path": c.tinker_path,
         "run_id": c.run_id,
+        "owner": c.owner,
         "kind": c.kind,
         "name": c.name,
         "size_bytes": c.size_bytes,

@@ -179,6 +179,19 @@ function checkpointUrl(c) {
   return `/api/v1/training_runs/${encodeURIComponent(c.run_id)}/checkpoints/${encodeURIComponent(c.kind)}/${encodeURIComponent(c.name)}`;
 }
 
+// Downloading from anywhere with the key: the SDK's CLI takes training (weights/) and external_weights/ checkpoints;
+// a sampler checkpoint comes as one tar from the archive endpoint (a redirect to a signed URL).
+function downloadCommand(c) {
+  if (c.kind !== "sampler_weights") return `tinker checkpoint download ${c.tinker_path}`;
+  const url = `${location.origin}${checkpointUrl(c)}/archive`;
+  return `curl -fL -H "X-API-Key: $TINKER_API_KEY" -o ${c.name}.tar ${url}`;
+}
+
+// Exporting on the server's host, from its data directory (add --data-dir when it is not the default).
+function exportCommand(c) {
+  return `tinkerd checkpoints export ${c.tinker_path} --format peft --out ./${c.name} --owner ${c.owner}`;
+}
+
 function renderCheckpoints(container, runId, items) {
   if (!items.length) {
     container.replaceChildren(h("p", { class: "muted" }, "No checkpoints yet."));
@@ -214,8 +227,8 @@ function renderCheckpoints(container, runId, items) {
           : h("button", { type: "button", class: "publish", onclick: act(() => call("POST", `${checkpointUrl(c)}/publish`)) }, "Publish"),
         ttl,
         h("button", { type: "button", class: "set-ttl", onclick: act(() => call("PUT", `${checkpointUrl(c)}/ttl`, { ttl_seconds: ttl.value ? Number(ttl.value) : null })) }, "Set TTL"),
-        h("button", { type: "button", class: "copy-download", onclick: () => copyText(`tinker checkpoint download ${c.tinker_path}`) }, "Copy download command"),
-        h("button", { type: "button", class: "copy-export", onclick: () => copyText(`tinkerd checkpoints export ${c.tinker_path} --format peft --out ./${c.name}`) }, "Copy export command"),
+        h("button", { type: "button", class: "copy-download", onclick: () => copyText(downloadCommand(c)) }, "Copy download command"),
+        h("button", { type: "button", class: "copy-export", onclick: () => copyText(exportCommand(c)) }, "Copy export command"),
         h("button", {
           type: "button",
           class: "delete danger",
