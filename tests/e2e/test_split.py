@@ -96,6 +96,12 @@ def test_the_sdk_trains_and_samples_across_api_trainers_and_sampler(deployment: 
         rows = httpx.get(url, headers=headers, timeout=30).json()["rows"]
         assert [(r["kind"], r["step"]) for r in rows] == [("forward_backward", 0), ("optim_step", 0)]
         assert rows[0]["loss:sum"] > 0 and rows[1]["learning_rate"] == pytest.approx(1e-2)
+    # ... and `tinkerd runs metrics` reads them from the ledger, for people without a browser.
+    printed = subprocess.run(
+        [*CLI, "runs", "metrics", first.model_id, "--csv", "--database-url", deployment.database_url],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert [line.split(",")[2] for line in printed.stdout.splitlines()[1:]] == ["forward_backward", "optim_step"]
     tokenized = httpx.post(
         f"{deployment.url}/console/api/tokenize", json={"model": deployment.model, "text": "Hello"}, headers=headers,
         timeout=120,
