@@ -125,3 +125,11 @@ def test_the_playground_offers_every_readable_sampler_checkpoint(client: TestCli
         [(None, None, True), ("tinker://b:train:0/sampler_weights/bobs-private", "bob", True), (*shared, True)],
         key=str,
     )
+
+
+def test_runs_are_listed_newest_first(client: TestClient, store: Store) -> None:
+    for n, day in enumerate([3, 1, 2]):
+        add_run(store, f"a:train:{n}", "alice", at=datetime(2026, 1, day, tzinfo=UTC))
+    listed = client.get("/console/api/runs", headers=ALICE).json()
+    assert [r["id"] for r in listed["runs"]] == ["a:train:0", "a:train:2", "a:train:1"]
+    assert listed["total_count"] == 3

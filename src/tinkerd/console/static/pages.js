@@ -331,7 +331,8 @@ async function serverPage(main) {
 // every process the ledger knows, with its lease (seconds left), its last heartbeat and the memory it reported.
 function rolesTable(roles) {
   const head = ["Role", "Id", "Host / PID", "State", "Models", "Runs held", "Started", "Last heartbeat", "Lease left", "Memory (RSS)"];
-  const ago = (s) => (s === null || s === undefined ? "–" : `${fmtNum(s)} s ago`);
+  const seconds = (s) => `${Number(s).toFixed(1)} s`;
+  const ago = (s) => (s === null || s === undefined ? "–" : `${seconds(s)} ago`);
   const rows = roles.map((r) =>
     h(
       "tr",
@@ -344,7 +345,7 @@ function rolesTable(roles) {
       h("td", { class: "num" }, r.runs === null || r.runs === undefined ? "–" : `${r.runs}${r.capacity ? ` of ${r.capacity}` : ""}`),
       h("td", {}, fmtTime(r.started_at)),
       h("td", { class: "heartbeat" }, r.heartbeat_at ? ago(r.heartbeat_age_s) : "in process"),
-      h("td", { class: "num lease" }, r.lease_left_s === null || r.lease_left_s === undefined ? "–" : `${fmtNum(r.lease_left_s)} s`),
+      h("td", { class: "num lease" }, r.lease_left_s === null || r.lease_left_s === undefined ? "–" : seconds(r.lease_left_s)),
       h("td", { class: "num memory" }, r.rss_bytes ? fmtBytes(r.rss_bytes) : "–"),
     ),
   );
