@@ -79,6 +79,10 @@ def test_runs_are_scoped_to_the_key_and_carry_state_and_last_loss(client: TestCl
     assert server["roles"][0]["id"] == "w1" and server["models"][0]["name"] == SERVED[0].name
     assert server["memory"]["rss_bytes"] > 0
     assert client.get("/console/api/server", headers=BOB).json()["queue"] == []
+    # Bob sees how busy the server is, in counts only: not whose work, nor for which run.
+    store.futures.submit(owner="bob", model_id="b:train:0", seq_id=None, kind=RequestKind.OPTIM_STEP, payload=b"")
+    total = {"model_id": "all", "pending": 2, "running": 0}
+    assert client.get("/console/api/server", headers=BOB).json()["queue_total"] == total
 
     sessions = client.get("/console/api/sessions", headers=ALICE).json()["sessions"]
     assert [(s["id"], s["runs"]) for s in sessions] == [("sess-alice", ["a:train:0"])]

@@ -282,6 +282,7 @@ def _browse(
     _shot(page, "5-sessions")
     page.click('nav a[data-page="server"]')
     expect(page.locator("#models")).to_contain_text(server.model)
+    expect(page.locator("#main .facts")).to_contain_text("0 pending, 0 running")  # all users' queue, counts only
     # Roles: the api and the worker, both inside this one process (no lease), with its memory.
     roles = page.locator("#roles tbody tr")
     expect(roles).to_have_count(2)

@@ -124,6 +124,7 @@ def server(request: Request, ctx: Ctx, owner: Owner) -> dict[str, Any]:
             for m in ctx.models.values()
         ],
         "queue": views.queue(ctx.store.overview.queue_depths(owner)),
+        "queue_total": views.queue([ctx.store.overview.queue_totals()])[0],
         "roles": roles() if roles is not None else [],
         "memory": process_memory() | machine_memory(),
         "limits": {

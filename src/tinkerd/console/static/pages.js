@@ -286,6 +286,7 @@ async function serverPage(main) {
             ["Up for", `${Math.round(s.uptime_s)} s`],
             ["Process memory", `${fmtBytes(mem.rss_bytes)} (peak ${fmtBytes(mem.peak_rss_bytes)})`],
             ["Machine memory", `${fmtBytes(mem.available_bytes)} available of ${fmtBytes(mem.total_bytes)}`],
+            ["Queued, all users", `${s.queue_total.pending} pending, ${s.queue_total.running} running`],
             ["Limits per user", `${s.limits.max_queued_per_user || "no"} queued requests, ${s.limits.max_runs_per_user || "no"} open runs`],
           ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
         ),
