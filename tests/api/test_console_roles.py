@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from tinkerd.api import ApiSettings, FutureNotifier, InProcess, create_app
 from tinkerd.console import ConsoleConfig, mount_console
 from tinkerd.console.tokens import Tokenizers
 from tinkerd.domain.errors import NotFoundError
+from tinkerd.domain.records import utc_now
 from tinkerd.roles.console import LedgerRoles, LocalTokenizerDirs
 from tinkerd.roles.health import HealthServer
 from tinkerd.store import Store
@@ -51,6 +53,9 @@ def test_the_server_page_lists_the_ledgers_workers_with_leases_and_memory(store:
 
     register("trainer-old", "trainer", None)
     registry.stop("trainer-old")  # its lease ended: listed, as gone
+    long_ago = WorkerRegistry(store.db, clock=lambda: utc_now() - timedelta(hours=2))
+    long_ago.register(worker_id="api-before", role="api", host="node-1", pid=1, base_models={}, lease_s=LEASE_S)
+    # ... but not a process gone for hours (an api restarted since, under a new id)
     register("sampler-1", "sampler", _closed_port_url())  # live in the ledger, but its health does not answer
     register("trainer-a", "trainer", health.url, capacity=4)
     register("api-1", "api", None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tinkerd.domain.records import Clock, utc_now
 from tinkerd.hub.catalog import has_tokenizer, resolve_model
 from tinkerd.store.workers import WorkerInfo, WorkerRegistry
 
+GONE_SHOWN_S = 3600.0  # a process gone longer ago than this is left off (each restart of an api adds an id)
 HEALTH_TIMEOUT_S = 1.0  # a worker busy computing still answers its health thread at once; a dead one is skipped
 _ROLE_ORDER = {"api": 0, "trainer": 1, "sampler": 2}
 
@@ -36,7 +38,8 @@ def fetch_memory(url: str) -> Mapping[str, Any] | None:
 
 
 class LedgerRoles:
-    """The server page's roles and workers, read from the ledger at each call."""
+    """The server page's roles and workers, read from the ledger at each call: the live ones, and those gone
+    within the last hour."""
 
     def __init__(self, registry: WorkerRegistry, self_id: str, fetch: Fetch = fetch_memory, clock: Clock = utc_now):
         self._registry = registry
@@ -45,8 +48,9 @@ class LedgerRoles:
         self._clock = clock
 
     def __call__(self) -> list[dict[str, Any]]:
-        infos = self._registry.all()
         now = self._clock()
+        shown_since = now - timedelta(seconds=GONE_SHOWN_S)
+        infos = [i for i in self._registry.all() if i.heartbeat_at > shown_since]
         live = [i for i in infos if i.stopped_at is None and i.lease_expires_at > now]
         asked = [i for i in live if i.id != self._self_id and i.health_url]
         memories: dict[str, Mapping[str, Any] | None] = {}
