@@ -1,11 +1,13 @@
 """`tinkerd runs metrics RUN [--plot out.png] [--csv]`: a run's step metrics for people without a browser.
 
-Reads the data directory directly, like the other `runs` commands. ``--plot`` needs matplotlib, which is the
+Reads the data directory directly, like the other `runs` commands, or a split deployment's ledger
+(``--database-url``). ``--plot`` needs matplotlib, which is the
 optional ``plot`` extra (``pip install 'tinkerd[plot]'``): the server never needs it, and it is large.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -22,7 +24,7 @@ from tinkerd.domain.records import StepMetrics
 from tinkerd.settings import Settings
 
 # The curves drawn by --plot, in this order, when a run has them.
-PLOTTED = ("loss_per_token", "learning_rate", "grad_norm")
+PLOTTED = ("loss_per_token", "learning_rate", "grad_norm", "sampler_logprob_abs_diff:mean")
 
 
 def runs_metrics(
@@ -35,10 +37,19 @@ def runs_metrics(
         Path | None, typer.Option("--data-dir", help="The server's data directory.", file_okay=False)
     ] = None,
     owner: Annotated[str, typer.Option("--owner", help="Whose run (single user: local).")] = DEFAULT_OWNER,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="A split deployment's ledger instead of a data directory. Env: TINKERD_DATABASE_URL.",
+        ),
+    ] = None,
 ) -> None:
     """Print a run's step metrics (loss per token, learning rate, gradient norm, ...) or plot them to a PNG."""
+    if database_url is None and data_dir is None:
+        database_url = os.environ.get("TINKERD_DATABASE_URL") or None
     try:
-        rows = _read(run_id, data_dir, owner)
+        rows = _read_ledger(run_id, database_url, owner) if database_url else _read(run_id, data_dir, owner)
     except TinkerdError as error:
         views.console(stderr=True).print(f"Error: {error}", markup=False)
         raise typer.Exit(code=1) from error
@@ -57,6 +68,17 @@ def runs_metrics(
         views.console().print(f"No metrics recorded for {run_id} yet.", markup=False)
     else:
         views.console().print(table(rows, run_id))
+
+
+def _read_ledger(run_id: str, database_url: str, owner: str) -> list[StepMetrics]:
+    from tinkerd.roles.settings import open_ledger  # SQLAlchemy: only when the database is read
+
+    store = open_ledger(database_url)
+    try:
+        run = store.runs.get(run_id, owner)
+        return store.metrics.for_run(run.id, owner)
+    finally:
+        store.close()
 
 
 def _read(run_id: str, data_dir: Path | None, owner: str) -> list[StepMetrics]:

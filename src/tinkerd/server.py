@@ -30,10 +30,13 @@ import uvicorn
 from tinkerd import hub
 from tinkerd.api import ApiSettings, FutureNotifier, InProcess, ServedModelInfo, create_app, load_keys_file
 from tinkerd.console import ConsoleConfig, mount_console
+from tinkerd.console import views as console_views
 from tinkerd.domain.architectures import preferred_path
 from tinkerd.domain.errors import ModelFetchError
 from tinkerd.domain.ops import LOGPROB_DISTRIBUTIONS
+from tinkerd.domain.records import utc_now
 from tinkerd.domain.vision import vision_spec_of
+from tinkerd.hub.catalog import has_tokenizer
 from tinkerd.hub.layout import is_repo_id
 from tinkerd.settings import Settings, SettingsError
 from tinkerd.store import Store, default_url
@@ -58,10 +61,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _has_tokenizer(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-
-
 def model_info(model: hub.ResolvedModel, engine_path: str | None = None) -> ServedModelInfo:
     """The facts the API needs about a served model, from its config files (no torch).
 
@@ -75,7 +74,7 @@ def model_info(model: hub.ResolvedModel, engine_path: str | None = None) -> Serv
     architectures = config.get("architectures") or [config.get("model_type", "unknown")]
     max_context = facts.get("max_position_embeddings") or facts.get("n_positions") or 2048
     tokenizer_id: str | None = None
-    if _has_tokenizer(model.path):
+    if has_tokenizer(model.path):
         # A repo id lets remote clients fetch the tokenizer from the hub (or the HF_HOME tinkerd prints); a local
         # directory only works on this machine, which is where clients of a loopback server are.
         tokenizer_id = model.name if is_repo_id(model.name) else str(model.path)
@@ -220,15 +219,16 @@ def build(
 def _console_config(models: Sequence[hub.ResolvedModel], worker: Worker, world_size: int = 1) -> ConsoleConfig:
     names = [m.name for m in models]
     detail = "trainer and sampler" + (f" (trainer on {world_size} ranks)" if world_size > 1 else "")
+    started = utc_now()
 
     def roles() -> list[dict[str, Any]]:
         # One process plays every role here: the api, and one worker thread owning the engine and all models.
         return [
-            {"role": "api", "id": f"pid {os.getpid()}", "detail": "Tinker API and console", "models": names},
-            {"role": "worker", "id": worker.config.worker_id, "detail": detail, "models": names},
+            console_views.in_process("api", f"pid {os.getpid()}", "Tinker API and console", names, started),
+            console_views.in_process("worker", worker.config.worker_id, detail, names, started),
         ]
 
-    return ConsoleConfig(tokenizer_dirs={m.name: m.path for m in models if _has_tokenizer(m.path)}, roles=roles)
+    return ConsoleConfig(tokenizer_dirs={m.name: m.path for m in models if has_tokenizer(m.path)}, roles=roles)
 
 
 class _Uvicorn(uvicorn.Server):

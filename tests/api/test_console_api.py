@@ -13,7 +13,8 @@ from tests.api.conftest import SERVED
 from tests.store.conftest import add_run
 from tinkerd.api import ApiSettings, FutureNotifier, InProcess, create_app
 from tinkerd.console import ConsoleConfig, mount_console
-from tinkerd.domain.records import RequestKind, StepMetrics
+from tinkerd.domain.paths import CheckpointKind
+from tinkerd.domain.records import Checkpoint, RequestKind, StepMetrics
 from tinkerd.store import Store
 
 ALICE, BOB = {"X-API-Key": "tml-alice"}, {"X-API-Key": "tml-bob"}
@@ -78,6 +79,10 @@ def test_runs_are_scoped_to_the_key_and_carry_state_and_last_loss(client: TestCl
     assert server["roles"][0]["id"] == "w1" and server["models"][0]["name"] == SERVED[0].name
     assert server["memory"]["rss_bytes"] > 0
     assert client.get("/console/api/server", headers=BOB).json()["queue"] == []
+    # Bob sees how busy the server is, in counts only: not whose work, nor for which run.
+    store.futures.submit(owner="bob", model_id="b:train:0", seq_id=None, kind=RequestKind.OPTIM_STEP, payload=b"")
+    total = {"model_id": "all", "pending": 2, "running": 0}
+    assert client.get("/console/api/server", headers=BOB).json()["queue_total"] == total
 
     sessions = client.get("/console/api/sessions", headers=ALICE).json()["sessions"]
     assert [(s["id"], s["runs"]) for s in sessions] == [("sess-alice", ["a:train:0"])]
@@ -93,3 +98,42 @@ def test_tokenizer_errors_name_the_problem(client: TestClient) -> None:
     )
     assert bad.status_code == 400
     assert client.get("/console/api/runs?limit=0", headers=ALICE).status_code == 400
+
+
+def test_the_playground_offers_every_readable_sampler_checkpoint(client: TestClient, store: Store) -> None:
+    model = SERVED[0].name
+    add_run(store, "a:train:0", "alice", base_model=model)
+    add_run(store, "b:train:0", "bob", base_model=model)
+    add_run(store, "b:train:1", "bob", base_model="not-served-here")
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    saved: list[tuple[str, CheckpointKind, str, str, bool]] = [
+        ("a:train:0", "sampler_weights", "mine", "alice", False),
+        ("a:train:0", "weights", "state", "alice", False),  # training state: nothing to sample
+        ("b:train:0", "sampler_weights", "bobs-private", "bob", False),
+        ("b:train:0", "sampler_weights", "bobs-shared", "bob", True),
+        ("b:train:1", "sampler_weights", "elsewhere", "bob", True),  # its base model is not served
+    ]
+    for run_id, kind, name, who, public in saved:
+        store.checkpoints.add(Checkpoint(run_id, kind, name, who, at, public=public))
+
+    def offered(headers: dict[str, str]) -> list[tuple[str | None, str | None, bool]]:
+        models = client.get("/console/api/samplables", headers=headers).json()["models"]
+        assert all(m["base_model"] == model for m in models)
+        return [(m["model_path"], m["owner"], m["mine"]) for m in models]
+
+    shared = ("tinker://b:train:0/sampler_weights/bobs-shared", "bob")
+    assert sorted(offered(ALICE), key=str) == sorted(
+        [(None, None, True), ("tinker://a:train:0/sampler_weights/mine", "alice", True), (*shared, False)], key=str
+    )
+    assert sorted(offered(BOB), key=str) == sorted(
+        [(None, None, True), ("tinker://b:train:0/sampler_weights/bobs-private", "bob", True), (*shared, True)],
+        key=str,
+    )
+
+
+def test_runs_are_listed_newest_first(client: TestClient, store: Store) -> None:
+    for n, day in enumerate([3, 1, 2]):
+        add_run(store, f"a:train:{n}", "alice", at=datetime(2026, 1, day, tzinfo=UTC))
+    listed = client.get("/console/api/runs", headers=ALICE).json()
+    assert [r["id"] for r in listed["runs"]] == ["a:train:0", "a:train:2", "a:train:1"]
+    assert listed["total_count"] == 3

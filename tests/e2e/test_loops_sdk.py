@@ -15,9 +15,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import API_KEY, Server
 from tests.e2e.loops_venvs import LOOPS, SHIM, loops_python
 from tests.e2e.sdk_venvs import SdkVenvError, clean_env
 
@@ -101,6 +102,13 @@ def test_loops_sdk_trains_saves_samples_and_downloads(server: Server, tmp_path: 
     assert out["raw_metrics"]["skip_token_normalization"] == 1.0
     assert out["loss_after_step"] < out["weighted_loss"]
     assert out["loss_after_more_steps"] < out["loss_after_step"]
+    # The Loops protocol's steps are recorded as the Tinker API's are: the run's curves have them.
+    url = f"{server.url}/api/v1/training_runs/{run}/metrics"
+    rows = httpx.get(url, headers={"X-API-Key": API_KEY}, timeout=30).json()["rows"]
+    kinds = Counter(row["kind"] for row in rows)
+    assert kinds["optim_step"] >= 9 and kinds["forward_backward"] >= 9, kinds
+    assert all(row["loss:sum"] > 0 for row in rows if row["kind"] == "forward_backward")
+    assert all(row["learning_rate"] > 0 for row in rows if row["kind"] == "optim_step")
 
     # Each save is its own checkpoint; a sampler stays pinned to its save while training goes on.
     assert out["s1_path"].startswith(f"bt://loops:{run}/sampler_weights/step-1")

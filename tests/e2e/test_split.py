@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import tinker
 from tinker import types
@@ -77,6 +78,35 @@ def test_the_sdk_trains_and_samples_across_api_trainers_and_sampler(deployment: 
     assert by_kind["sample"] == {"sampler-1"}
     assert by_kind["forward_backward"] == {"trainer-a", "trainer-b"}
     store.close()
+
+    # The console on the api role: its server page lists every process the ledger knows, live, with its lease, its
+    # last heartbeat and the memory its health endpoint reports; the trainers recorded the steps' metrics; the
+    # playground tokenizes with the model's tokenizer found on the api's host.
+    headers = {"X-API-Key": API_KEY}
+    page = httpx.get(f"{deployment.url}/console/api/server", headers=headers, timeout=30).json()
+    roles = {r["id"]: r for r in page["roles"]}
+    assert [r["role"] for r in page["roles"] if r["state"] == "live"] == ["api", "trainer", "trainer", "sampler"]
+    for worker in ("trainer-a", "trainer-b", "sampler-1"):
+        row = roles[worker]
+        assert 0 < row["lease_left_s"] <= deployment.lease_s and row["heartbeat_age_s"] < deployment.lease_s, row
+        assert row["rss_bytes"] > 0 and row["models"] == [deployment.model], row
+    assert (roles["trainer-a"]["runs"], roles["trainer-b"]["runs"]) == (1, 1)
+    for client in (first, second):
+        url = f"{deployment.url}/api/v1/training_runs/{client.model_id}/metrics"
+        rows = httpx.get(url, headers=headers, timeout=30).json()["rows"]
+        assert [(r["kind"], r["step"]) for r in rows] == [("forward_backward", 0), ("optim_step", 0)]
+        assert rows[0]["loss:sum"] > 0 and rows[1]["learning_rate"] == pytest.approx(1e-2)
+    # ... and `tinkerd runs metrics` reads them from the ledger, for people without a browser.
+    printed = subprocess.run(
+        [*CLI, "runs", "metrics", first.model_id, "--csv", "--database-url", deployment.database_url],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert [line.split(",")[2] for line in printed.stdout.splitlines()[1:]] == ["forward_backward", "optim_step"]
+    tokenized = httpx.post(
+        f"{deployment.url}/console/api/tokenize", json={"model": deployment.model, "text": "Hello"}, headers=headers,
+        timeout=120,
+    )  # fmt: skip
+    assert tokenized.status_code == 200 and tokenized.json()["pieces"][-1] == "Hello", tokenized.text
 
     status = subprocess.run(
         [*CLI, "status", "--database-url", deployment.database_url], capture_output=True, text=True, check=True

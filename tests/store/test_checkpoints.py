@@ -94,6 +94,27 @@ def test_owner_isolation_and_publishing(store: Store, clock: FakeClock) -> None:
         store.checkpoints.get(theirs.path, DEFAULT_OWNER)
 
 
+def test_readable_sampler_checkpoints_are_ones_own_and_everyone_published(store: Store, clock: FakeClock) -> None:
+    add_run(store, RUN)
+    add_run(store, "bob:train:0", owner="bob", base_model="other-base")
+    mine = save(store, clock, "mine", kind="sampler_weights")
+    save(store, clock, "my-weights")  # training weights: not samplable
+    hidden = save(store, clock, "private", kind="sampler_weights", run_id="bob:train:0", owner="bob")
+    shared = save(store, clock, "shared", kind="sampler_weights", run_id="bob:train:0", owner="bob")
+    store.checkpoints.set_public(shared.path, "bob", True)
+
+    def readable(owner: str) -> list[tuple[str, str]]:
+        return [(c.tinker_path, base) for c, base in store.checkpoints.readable_with_base(owner, "sampler_weights")]
+
+    # Newest first, each with its run's base model; Bob's private one never shows to anyone else.
+    assert readable(DEFAULT_OWNER) == [(shared.tinker_path, "other-base"), (mine.tinker_path, "tiny")]
+    assert readable("bob") == [(shared.tinker_path, "other-base"), (hidden.tinker_path, "other-base")]
+    assert readable("carol") == [(shared.tinker_path, "other-base")]
+    assert [c.name for c, _ in store.checkpoints.readable_with_base("bob", "sampler_weights", limit=1)] == ["shared"]
+    with pytest.raises(InvalidRequestError):
+        store.checkpoints.readable_with_base("bob", "sampler_weights", limit=0)
+
+
 @pytest.mark.usefixtures("runs")
 def test_delete_returns_the_row_for_file_cleanup(store: Store, clock: FakeClock) -> None:
     saved = save(store, clock, "old", size_bytes=10)

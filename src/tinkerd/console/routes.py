@@ -5,7 +5,6 @@ the pages call the Tinker API for those."""
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import time
 from typing import Annotated, Any, Literal
 
@@ -15,6 +14,7 @@ from pydantic import BaseModel, Field
 from tinkerd.api.auth import owner as owner_of_key
 from tinkerd.api.context import ApiContext
 from tinkerd.console import views
+from tinkerd.console.memory import machine_memory, process_memory
 from tinkerd.console.tokens import Tokenizers
 from tinkerd.domain.ids import validate_run_id
 
@@ -88,17 +88,22 @@ def sessions(ctx: Ctx, owner: Owner, limit: Annotated[int, Query(ge=1, le=MAX_RU
 
 @router.get("/samplables")
 def samplables(ctx: Ctx, owner: Owner) -> dict[str, Any]:
-    """What the playground can sample: each served base model, and the caller's sampler checkpoints."""
-    bases = [{"base_model": m.name, "model_path": None, "label": m.name} for m in ctx.models.values() if m.sampleable]
-    checkpoints = []
-    base_of: dict[str, str] = {}
-    for c in ctx.store.checkpoints.list_for_owner(owner, limit=500).items:
-        if c.kind != "sampler_weights":
-            continue
-        if c.run_id not in base_of:
-            base_of[c.run_id] = ctx.store.runs.get(c.run_id, owner).base_model
-        checkpoints.append({"base_model": base_of[c.run_id], "model_path": c.tinker_path, "label": c.tinker_path})
-    return {"models": bases + checkpoints}
+    """What the playground can sample: each served base model, then every sampler checkpoint the caller may read
+    (their own, and the ones other users published), newest first."""
+    models = [
+        {"base_model": m.name, "model_path": None, "label": m.name, "owner": None, "mine": True, "public": False}
+        for m in ctx.models.values()
+        if m.sampleable
+    ]
+    served = {m.name for m in ctx.models.values() if m.sampleable}
+    for c, base_model in ctx.store.checkpoints.readable_with_base(owner, "sampler_weights", limit=MAX_RUNS):
+        if base_model not in served:
+            continue  # its base model is not served here now: creating a sampler from it would fail
+        models.append(
+            {"base_model": base_model, "model_path": c.tinker_path, "label": c.tinker_path, "owner": c.owner,
+             "mine": c.owner == owner, "public": c.public}
+        )  # fmt: skip
+    return {"models": models}
 
 
 @router.get("/server")
@@ -119,8 +124,9 @@ def server(request: Request, ctx: Ctx, owner: Owner) -> dict[str, Any]:
             for m in ctx.models.values()
         ],
         "queue": views.queue(ctx.store.overview.queue_depths(owner)),
+        "queue_total": views.queue([ctx.store.overview.queue_totals()])[0],
         "roles": roles() if roles is not None else [],
-        "memory": _memory(),
+        "memory": process_memory() | machine_memory(),
         "limits": {
             "max_queued_per_user": ctx.settings.max_queued_per_user,
             "max_runs_per_user": ctx.settings.max_runs_per_user,
@@ -159,31 +165,3 @@ def tokenize(body: TokenizeRequest, request: Request, ctx: Ctx, _owner: Owner) -
 def detokenize(body: DetokenizeRequest, request: Request, ctx: Ctx, _owner: Owner) -> dict[str, Any]:
     ctx.model(body.model)
     return {"pieces": _tokenizers(request).pieces(body.model, body.tokens)}
-
-
-def _memory() -> dict[str, int | None]:
-    """This process's resident memory now and at its peak, and the machine's total and available memory."""
-    found: dict[str, int | None] = {
-        "rss_bytes": None,
-        "peak_rss_bytes": None,
-        "total_bytes": None,
-        "available_bytes": None,
-    }
-    for path, keys in (
-        ("/proc/self/status", {"VmRSS:": "rss_bytes", "VmHWM:": "peak_rss_bytes"}),
-        ("/proc/meminfo", {"MemTotal:": "total_bytes", "MemAvailable:": "available_bytes"}),
-    ):
-        try:
-            with open(path, encoding="ascii") as lines:
-                for line in lines:
-                    parts = line.split()
-                    if parts and parts[0] in keys:
-                        found[keys[parts[0]]] = int(parts[1]) * 1024  # kB
-        except OSError:
-            pass
-    if found["rss_bytes"] is None:
-        import resource
-
-        found["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    found["pid"] = os.getpid()
-    return found

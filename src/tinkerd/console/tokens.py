@@ -17,7 +17,7 @@ MAX_TEXT_CHARS = 200_000
 
 class Tokenizers:
     def __init__(self, directories: Mapping[str, Path]) -> None:
-        self._directories = dict(directories)
+        self._directories = directories  # may be computed on lookup (the split api role finds them on its host)
         self._loaded: dict[str, Any] = {}
         self._lock = threading.Lock()
 

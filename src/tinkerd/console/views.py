@@ -3,11 +3,17 @@ them into the document as text, never as markup."""
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
+from tinkerd.console.memory import process_memory
 from tinkerd.domain import curves
 from tinkerd.domain.records import Checkpoint, Session, StepMetrics, TrainingRun
 from tinkerd.store.overview import QueueDepth
+from tinkerd.store.workers import WorkerInfo
 
 
 def run_state(run: TrainingRun, session_status: str | None, queued: int) -> str:
@@ -56,6 +62,7 @@ def checkpoint(c: Checkpoint) -> dict[str, Any]:
     return {
         "tinker_path": c.tinker_path,
         "run_id": c.run_id,
+        "owner": c.owner,
         "kind": c.kind,
         "name": c.name,
         "size_bytes": c.size_bytes,
@@ -84,3 +91,47 @@ def session(s: Session, run_ids: list[str], samplers: list[dict[str, Any]]) -> d
 
 def queue(depths: list[QueueDepth]) -> list[dict[str, Any]]:
     return [{"model_id": d.model_id, "pending": d.pending, "running": d.running} for d in depths]
+
+
+def worker(info: WorkerInfo, now: datetime, memory: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A process of the deployment as the ledger knows it (its lease, its last heartbeat, the runs it holds), with
+    the memory its health endpoint reported, when it answered."""
+    live = info.stopped_at is None and info.lease_expires_at > now
+    return {
+        "role": info.role,
+        "id": info.id,
+        "host": info.host,
+        "pid": info.pid,
+        "state": "live" if live else "gone",
+        "models": sorted(info.base_models),
+        "runs": info.runs if info.role == "trainer" else None,
+        "capacity": info.capacity if info.role == "trainer" else None,
+        "started_at": info.started_at.isoformat(),
+        "heartbeat_at": info.heartbeat_at.isoformat(),
+        "heartbeat_age_s": round((now - info.heartbeat_at).total_seconds(), 1),
+        "lease_left_s": round((info.lease_expires_at - now).total_seconds(), 1) if live else None,
+        "rss_bytes": None if memory is None else memory.get("rss_bytes"),
+        "health_url": info.health_url,
+    }
+
+
+def in_process(role: str, id: str, detail: str, models: list[str], started_at: datetime) -> dict[str, Any]:
+    """A role played inside this process (``tinkerd serve``): no lease to keep, no heartbeat; the memory is this
+    process's."""
+    return {
+        "role": role,
+        "id": id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "state": "in process",
+        "detail": detail,
+        "models": models,
+        "runs": None,
+        "capacity": None,
+        "started_at": started_at.isoformat(),
+        "heartbeat_at": None,
+        "heartbeat_age_s": None,
+        "lease_left_s": None,
+        "rss_bytes": process_memory()["rss_bytes"],
+        "health_url": None,
+    }

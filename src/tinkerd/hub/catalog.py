@@ -67,6 +67,11 @@ def _has_config(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+def has_tokenizer(path: Path) -> bool:
+    """Whether a model directory carries a tokenizer transformers can load."""
+    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
 def resolve_model(name_or_path: str, cache_dir: Path) -> ResolvedModel:
     """Map a base-model name from a client to the directory that serves it.
 

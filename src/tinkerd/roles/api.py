@@ -1,6 +1,6 @@
-"""`tinkerd api`: HTTP only (no torch, no engine). Requests go to the ledger; trainers and samplers in other
-processes take them from there (dispatch ThroughLedger), and the base models served are whatever live workers
-registered."""
+"""`tinkerd api`: HTTP only (no torch, no engine), and the web console. Requests go to the ledger; trainers and
+samplers in other processes take them from there (dispatch ThroughLedger), and the base models served are whatever
+live workers registered."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator, Mapping
 import uvicorn
 
 from tinkerd.api import ApiSettings, ServedModelInfo, ThroughLedger, create_app, load_keys_file
+from tinkerd.console import mount_console
 from tinkerd.domain.vision import VisionSpec
+from tinkerd.roles.console import console_config
 from tinkerd.roles.lease import Heartbeat
 from tinkerd.roles.settings import RoleSettings, check_storage, open_ledger
 from tinkerd.settings import Settings
@@ -80,7 +82,9 @@ def run_api(roles: RoleSettings, settings: Settings, announce: Callable[[str], N
         )
         if settings.keys_file is not None:
             api = ApiSettings(**{**api.__dict__, "api_keys": load_keys_file(settings.keys_file)})
-        app = create_app(store, LiveModels(registry), ThroughLedger(store), api)
+        models = LiveModels(registry)
+        app = create_app(store, models, ThroughLedger(store), api)
+        mount_console(app, console_config(registry, worker_id, models, settings.cache_dir))
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((roles.host, roles.port or 8000))

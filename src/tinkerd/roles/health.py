@@ -1,5 +1,5 @@
-"""A worker role's health endpoint: GET /healthz answers 200 with what the process is doing (JSON), from a
-thread of its own, so a load balancer or `tinkerd status` can see a trainer even while it computes."""
+"""A worker role's health endpoint: GET /healthz answers 200 with what the process is doing and its memory
+(JSON), from a thread of its own, so a load balancer or `tinkerd status` can see a trainer even while it computes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tinkerd.console.memory import process_memory
 from tinkerd.settings import SettingsError
 
 
@@ -19,7 +20,7 @@ class HealthServer:
                 if self.path.rstrip("/") not in ("/healthz", "/api/v1/healthz"):
                     self.send_error(404, "only /healthz is served here")
                     return
-                body = json.dumps(report()).encode()
+                body = json.dumps({**report(), "memory": process_memory()}).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))

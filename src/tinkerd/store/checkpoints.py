@@ -110,6 +110,23 @@ class CheckpointRepository:
         check_page(limit, offset)
         return self._db.read(lambda conn: self._page(conn, checkpoints.c.owner == owner, limit, offset))
 
+    def readable_with_base(self, owner: str, kind: CheckpointKind, *, limit: int = 100) -> list[tuple[Checkpoint, str]]:
+        """The checkpoints of a kind that `owner` may read (their own, and everyone's published ones), newest
+        first, each with the base model of its run: what a sampling client could be created from."""
+        check_page(limit, 0)
+        query = (
+            select(checkpoints, training_runs.c.base_model)
+            .join(training_runs, training_runs.c.id == checkpoints.c.run_id)
+            .where(checkpoints.c.kind == kind, or_(checkpoints.c.owner == owner, checkpoints.c.public))
+            .order_by(*_ORDER)
+            .limit(limit)
+        )
+
+        def txn(conn: Connection) -> list[tuple[Checkpoint, str]]:
+            return [(checkpoint_from_row(row), str(row["base_model"])) for row in conn.execute(query).mappings()]
+
+        return self._db.read(txn)
+
     def latest(self, run_id: str, owner: str, kind: CheckpointKind) -> Checkpoint | None:
         """The run's newest checkpoint of a kind that `owner` may read (TrainingRun.last_checkpoint on the wire)."""
         query = (

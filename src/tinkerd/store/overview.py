@@ -44,6 +44,13 @@ class Overview:
 
         return self._db.read(txn)
 
+    def queue_totals(self) -> QueueDepth:
+        """Every user's unfinished requests together (counts only: whose, and for what, stays private)."""
+        unfinished = (FutureState.PENDING.value, FutureState.RUNNING.value)
+        query = select(futures.c.state, func.count()).where(futures.c.state.in_(unfinished)).group_by(futures.c.state)
+        counts = {state: int(n) for state, n in self._db.read(lambda conn: conn.execute(query).all())}
+        return QueueDepth("all", counts.get(FutureState.PENDING.value, 0), counts.get(FutureState.RUNNING.value, 0))
+
     def session_status_of_runs(self, run_ids: list[str], owner: str) -> dict[str, str]:
         """Run id -> its session's status ('active', 'finished', 'timed_out', ...)."""
         if not run_ids:

@@ -8,6 +8,9 @@ const CURVES = [
   ["loss_per_token", "Loss per token", "forward_backward"],
   ["learning_rate", "Learning rate", "optim_step"],
   ["grad_norm", "Gradient norm", "optim_step"],
+  // Recorded by a loss given the sampler's logprobs: how far the trainer's logprobs of the same tokens are.
+  ["sampler_logprob_abs_diff:mean", "Sampler vs trainer: mean |Δ logprob|", "forward_backward"],
+  ["sampler_logprob_abs_diff:max", "Sampler vs trainer: max |Δ logprob|", "forward_backward"],
 ];
 const NOT_CURVES = new Set(["id", "step", "kind", "seq_id", "recorded_at", "update_skipped"]);
 
@@ -66,7 +69,11 @@ function makeChart(container, title, width) {
   const opts = {
     width: width,
     height: 220,
-    scales: { x: { time: false } },
+    // A curve of one point still gets a value range around it (uPlot's default spans 0..100 for a lone 0).
+    scales: {
+      x: { time: false },
+      y: { range: (_u, lo, hi) => (lo === hi ? [lo - (Math.abs(lo) || 1) / 2, hi + (Math.abs(hi) || 1) / 2] : uPlot.rangeNum(lo, hi, 0.1, true)) },
+    },
     axes: [{ label: "step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000] }, {}],
     series: [{ label: "step" }, { label: title, stroke: "#2f6fde", width: 1.5, points: { show: true, size: 4 } }],
     legend: { show: true },
@@ -172,6 +179,19 @@ function checkpointUrl(c) {
   return `/api/v1/training_runs/${encodeURIComponent(c.run_id)}/checkpoints/${encodeURIComponent(c.kind)}/${encodeURIComponent(c.name)}`;
 }
 
+// Downloading from anywhere with the key: the SDK's CLI takes training (weights/) and external_weights/ checkpoints;
+// a sampler checkpoint comes as one tar from the archive endpoint (a redirect to a signed URL).
+function downloadCommand(c) {
+  if (c.kind !== "sampler_weights") return `tinker checkpoint download ${c.tinker_path}`;
+  const url = `${location.origin}${checkpointUrl(c)}/archive`;
+  return `curl -fL -H "X-API-Key: $TINKER_API_KEY" -o ${c.name}.tar ${url}`;
+}
+
+// Exporting on the server's host, from its data directory (add --data-dir when it is not the default).
+function exportCommand(c) {
+  return `tinkerd checkpoints export ${c.tinker_path} --format peft --out ./${c.name} --owner ${c.owner}`;
+}
+
 function renderCheckpoints(container, runId, items) {
   if (!items.length) {
     container.replaceChildren(h("p", { class: "muted" }, "No checkpoints yet."));
@@ -207,8 +227,8 @@ function renderCheckpoints(container, runId, items) {
           : h("button", { type: "button", class: "publish", onclick: act(() => call("POST", `${checkpointUrl(c)}/publish`)) }, "Publish"),
         ttl,
         h("button", { type: "button", class: "set-ttl", onclick: act(() => call("PUT", `${checkpointUrl(c)}/ttl`, { ttl_seconds: ttl.value ? Number(ttl.value) : null })) }, "Set TTL"),
-        h("button", { type: "button", class: "copy-download", onclick: () => copyText(`tinker checkpoint download ${c.tinker_path}`) }, "Copy download command"),
-        h("button", { type: "button", class: "copy-export", onclick: () => copyText(`tinkerd checkpoints export ${c.tinker_path} --format peft --out ./${c.name}`) }, "Copy export command"),
+        h("button", { type: "button", class: "copy-download", onclick: () => copyText(downloadCommand(c)) }, "Copy download command"),
+        h("button", { type: "button", class: "copy-export", onclick: () => copyText(exportCommand(c)) }, "Copy export command"),
         h("button", {
           type: "button",
           class: "delete danger",
@@ -266,6 +286,7 @@ async function serverPage(main) {
             ["Up for", `${Math.round(s.uptime_s)} s`],
             ["Process memory", `${fmtBytes(mem.rss_bytes)} (peak ${fmtBytes(mem.peak_rss_bytes)})`],
             ["Machine memory", `${fmtBytes(mem.available_bytes)} available of ${fmtBytes(mem.total_bytes)}`],
+            ["Queued, all users", `${s.queue_total.pending} pending, ${s.queue_total.running} running`],
             ["Limits per user", `${s.limits.max_queued_per_user || "no"} queued requests, ${s.limits.max_runs_per_user || "no"} open runs`],
           ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
         ),
@@ -287,12 +308,7 @@ async function serverPage(main) {
           )
         : h("p", { class: "muted", id: "queue" }, "Nothing queued."),
       h("h2", {}, "Roles and workers"),
-      h(
-        "table",
-        { id: "roles" },
-        h("thead", {}, h("tr", {}, ["Role", "Id", "Does", "Models"].map((t) => h("th", {}, t)))),
-        h("tbody", {}, s.roles.map((r) => h("tr", {}, h("td", {}, r.role), h("td", {}, r.id), h("td", {}, r.detail || ""), h("td", {}, (r.models || []).join(", "))))),
-      ),
+      rolesTable(s.roles),
     );
   };
   await render();
@@ -310,4 +326,29 @@ async function serverPage(main) {
     stopped = true;
     clearTimeout(timer);
   };
+}
+
+// The processes serving this deployment: for `tinkerd serve`, roles inside this one process; for a split deployment,
+// every process the ledger knows, with its lease (seconds left), its last heartbeat and the memory it reported.
+function rolesTable(roles) {
+  const head = ["Role", "Id", "Host / PID", "State", "Models", "Runs held", "Started", "Last heartbeat", "Lease left", "Memory (RSS)"];
+  const seconds = (s) => `${Number(s).toFixed(1)} s`;
+  const ago = (s) => (s === null || s === undefined ? "–" : `${seconds(s)} ago`);
+  const rows = roles.map((r) =>
+    h(
+      "tr",
+      { class: "role", "data-role": r.role, "data-id": r.id, "data-state": r.state },
+      h("td", {}, r.role, r.detail ? h("div", { class: "muted" }, r.detail) : null),
+      h("td", {}, r.id),
+      h("td", {}, `${r.host || "–"} / ${r.pid ?? "–"}`),
+      h("td", { class: "role-state" }, h("span", { class: r.state === "gone" ? "state closed" : "state" }, r.state)),
+      h("td", {}, (r.models || []).join(", ")),
+      h("td", { class: "num" }, r.runs === null || r.runs === undefined ? "–" : `${r.runs}${r.capacity ? ` of ${r.capacity}` : ""}`),
+      h("td", {}, fmtTime(r.started_at)),
+      h("td", { class: "heartbeat" }, r.heartbeat_at ? ago(r.heartbeat_age_s) : "in process"),
+      h("td", { class: "num lease" }, r.lease_left_s === null || r.lease_left_s === undefined ? "–" : seconds(r.lease_left_s)),
+      h("td", { class: "num memory" }, r.rss_bytes ? fmtBytes(r.rss_bytes) : "–"),
+    ),
+  );
+  return h("table", { id: "roles" }, h("thead", {}, h("tr", {}, head.map((t) => h("th", {}, t)))), h("tbody", {}, rows));
 }

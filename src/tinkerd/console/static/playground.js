@@ -4,10 +4,20 @@
 
 async function playgroundPage(main) {
   const { models } = await call("GET", "/console/api/samplables");
+  // Base models, then the caller's sampler checkpoints, then those other users published (each one's owner named).
+  const option = (m) => h("option", { value: String(models.indexOf(m)) }, m.model_path ? `checkpoint ${m.label}` : `base ${m.label}`);
+  const groups = [
+    ["Base models", models.filter((m) => !m.model_path)],
+    ["Your sampler checkpoints", models.filter((m) => m.model_path && m.mine)],
+    ...[...new Set(models.filter((m) => m.model_path && !m.mine).map((m) => m.owner))].map((owner) => [
+      `Published by ${owner}`,
+      models.filter((m) => m.model_path && !m.mine && m.owner === owner),
+    ]),
+  ];
   const modelSelect = h(
     "select",
     { id: "pg-model" },
-    models.map((m, i) => h("option", { value: String(i) }, m.model_path ? `checkpoint ${m.label}` : `base ${m.label}`)),
+    groups.filter(([, items]) => items.length).map(([label, items]) => h("optgroup", { label }, items.map(option))),
   );
   const mode = h("select", { id: "pg-mode" }, h("option", { value: "raw" }, "Raw text"), h("option", { value: "chat" }, "Chat (chat template)"));
   const raw = h("textarea", { id: "pg-prompt", placeholder: "Prompt text…" }, "");
