@@ -20,7 +20,9 @@ from tests.pg_server import PostgresServer
 from tests.split_deployment import SplitDeployment
 from tinkerd.store import Store
 
-pytestmark = [pytest.mark.postgres, pytest.mark.browser]
+# slow (about 2 minutes): the default run keeps the console's browser test against `serve`, whose server page shows
+# the same workers table, and the split deployment's own e2e tests.
+pytestmark = [pytest.mark.postgres, pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture
