@@ -42,7 +42,8 @@ def test_a_lost_samplers_request_goes_to_another_sampler_once_then_fails(store: 
     assert claimed_by(store, "sampler-1") == [request]
     registry.stop("sampler-1")  # as if its lease ran out
     assert registry.reap().retried_samples == [request]
-    assert store.futures.get(request, DEFAULT_OWNER).state is FutureState.PENDING
+    requeued = store.futures.get(request, DEFAULT_OWNER)
+    assert requeued.state is FutureState.PENDING and requeued.error_message is None  # the loss is kept apart
     assert claimed_by(store, "sampler-2") == [request]
     registry.register(worker_id="sampler-3", role="sampler", host="h", pid=1, base_models={"base": {}}, lease_s=10)
     registry.stop("sampler-2")

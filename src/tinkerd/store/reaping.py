@@ -30,9 +30,6 @@ LOST_RUN_MESSAGE = (
     "run's in-memory state (LoRA weights and optimizer) is gone. Resume from the run's last save_state with "
     "create_training_client_from_state_with_optimizer"
 )
-# Written on a sampling request put back in the queue (error_message is otherwise empty until a request fails):
-# a second loss of its sampler fails it rather than retrying it on every sampler in turn.
-RETRIED_MARK = "retried after sampler {sampler} was lost"
 NO_SAMPLER_MESSAGE = (
     "no live sampler serves base model {base_model!r} (the sampler running this request stopped answering and "
     "its lease expired, and no other took it); start one (tinkerd sampler --model {base_model}) and sample again"
@@ -117,7 +114,7 @@ def reap_samplers(conn: Connection, now: datetime, waiting_grace: timedelta) -> 
         conn.execute(update(workers).where(workers.c.id == sampler_id).values(stopped_at=now))
     served = _live_sampler_models(conn, now)
     sampling = (
-        select(futures.c.request_id, futures.c.claimed_by, futures.c.error_message, samplers.c.base_model)
+        select(futures.c.request_id, futures.c.claimed_by, futures.c.lost_by, samplers.c.base_model)
         .join(samplers, samplers.c.id == futures.c.model_id)
         .where(futures.c.kind == RequestKind.SAMPLE.value)
     )
@@ -126,9 +123,9 @@ def reap_samplers(conn: Connection, now: datetime, waiting_grace: timedelta) -> 
     held_by_gone = sampling.where(futures.c.state == FutureState.RUNNING.value, futures.c.claimed_by.in_(gone))
     running = conn.execute(held_by_gone).all() if gone else []
     for row in running:
-        if row.error_message:  # lost once already
-            before = row.error_message.removeprefix(RETRIED_MARK.format(sampler=""))
-            _fail(conn, row.request_id, SAMPLER_LOST_TWICE_MESSAGE.format(samplers=f"{before}, {row.claimed_by}"), now)
+        if row.lost_by:  # lost once already: a second loss fails it rather than retrying it on every sampler in turn
+            lost = f"{row.lost_by}, {row.claimed_by}"
+            _fail(conn, row.request_id, SAMPLER_LOST_TWICE_MESSAGE.format(samplers=lost), now)
             failed.append(row.request_id)
         elif row.base_model in served:
             requeued.append(row.request_id)
@@ -139,7 +136,7 @@ def reap_samplers(conn: Connection, now: datetime, waiting_grace: timedelta) -> 
                     state=FutureState.PENDING.value,
                     started_at=None,
                     claimed_by=None,
-                    error_message=RETRIED_MARK.format(sampler=row.claimed_by),
+                    lost_by=row.claimed_by,
                 )
             )
         else:

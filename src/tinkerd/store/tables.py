@@ -31,8 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 3
-SCHEMA_HEAD = "0003_step_metrics"  # the newest Alembic revision (store/migrations/versions)
+SCHEMA_VERSION = 4
+SCHEMA_HEAD = "0004_lost_by"  # the newest Alembic revision (store/migrations/versions)
 
 ID = 200  # ids are at most 128 characters (domain.ids); the slack is free
 OWNER = 255
@@ -171,6 +171,8 @@ futures = Table(
     Column("error_category", String(16)),
     Column("token_count", BigInteger, nullable=False),
     Column("claimed_by", String(ID)),
+    # a sampling request whose sampler was lost while it ran: that sampler's id (it is requeued once, then fails)
+    Column("lost_by", String(ID)),
     Column("delivered_count", Integer, nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
     Column("started_at", UtcDateTime),
