@@ -64,9 +64,10 @@ def jobs_for(batch: list[list[int]], new_tokens: int, adapters: Sequence[LoraWei
     ]
 
 
-def adapter(host: ModelHost, seed: int, rank: int) -> LoraWeights:
+def adapter(host: ModelHost, seed: int, rank: int, unembed: bool = True) -> LoraWeights:
+    """Attention, MLP and (with ``unembed``, the SDK's default) lm_head, with a small non-zero B."""
     hf = host.sample_transformer.hf
-    w = init_lora_weights(hf, LoraConfig(rank=rank, alpha=rank, seed=seed, train_unembed=False), host.served.device)
+    w = init_lora_weights(hf, LoraConfig(rank=rank, alpha=rank, seed=seed, train_unembed=unembed), host.served.device)
     g = torch.Generator().manual_seed(seed)
     b = {name: torch.randn(t.shape, generator=g) * 0.01 for name, t in w.b.items()}
     return LoraWeights(w.rank, w.alpha, {k: v.detach() for k, v in w.a.items()}, b, frozen=True)
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--no-unembed", action="store_true", help="adapters without lm_head (train_unembed=False)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vllm-dtype", default="float32")
     parser.add_argument("--kv-cache-gib", type=int, default=4)
@@ -152,27 +154,32 @@ def main() -> None:
             secs = interleaved_medians(fns, args.repeats)
             tps = {name: b * args.new_tokens / s for name, s in secs.items()}
             print(
-                f"| {b} | {tps['builtin']:.0f} | {tps['vllm']:.0f} | {tps['raw']:.0f} | {tps['generate']:.0f} | "
+                f"| {b} | {tps['builtin']:.1f} | {tps['vllm']:.1f} | {tps['raw']:.1f} | {tps['generate']:.1f} | "
                 f"{tps['vllm'] / tps['builtin']:.2f}x |"
             )
 
-        versions = [adapter(host, s, args.rank) for s in range(args.adapters)]
+        unembed = not args.no_unembed
+        versions = [adapter(host, s, args.rank, unembed) for s in range(args.adapters)]
         b = max(batches)
         batch = prompts(args.model_dir, b)
         jobs = jobs_for(batch, args.new_tokens, versions)
         secs = interleaved_medians(
             {"builtin": lambda: run(builtin, jobs), "vllm": lambda: run(served, jobs)}, args.repeats
         )
-        print(f"\n## {args.adapters} different adapters (rank {args.rank}) in one batch of {b} sequences, tokens/s\n")
+        what = "attention, MLP and lm_head" if unembed else "attention and MLP"
+        print(
+            f"\n## {args.adapters} different adapters (rank {args.rank}, {what}) in one batch of {b} sequences, "
+            "tokens/s\n"
+        )
         print("| builtin | vllm (rescored) | vllm / builtin |\n|---|---|---|")
         tb, tv = (b * args.new_tokens / secs[k] for k in ("builtin", "vllm"))
-        print(f"| {tb:.0f} | {tv:.0f} | {tv / tb:.2f}x |")
+        print(f"| {tb:.1f} | {tv:.1f} | {tv / tb:.2f}x |")
 
         prompt = batch[0]
         seeds = iter(range(10_000, 20_000))
         reps = max(args.repeats, 3)
-        t_builtin = first_token_s(builtin, lambda: adapter(host, next(seeds), args.rank), prompt, reps)
-        t_vllm = first_token_s(served, lambda: adapter(host, next(seeds), args.rank), prompt, reps)
+        t_builtin = first_token_s(builtin, lambda: adapter(host, next(seeds), args.rank, unembed), prompt, reps)
+        t_vllm = first_token_s(served, lambda: adapter(host, next(seeds), args.rank, unembed), prompt, reps)
         print("\n## A new sampler version to its first token (median), seconds\n")
         print("| builtin | vllm (write PEFT dir + load adapter + sample) |\n|---|---|")
         print(f"| {t_builtin:.3f} | {t_vllm:.3f} |")

@@ -16,8 +16,9 @@ from tinkerd.domain.errors import InvalidRequestError, SettingsError
 from tinkerd.domain.ops import CellGrid, SamplingParams
 from tinkerd.engine.lora import LoraWeights
 from tinkerd.engine.sample_job import SampleJob
-from tinkerd.engine.vllm import VllmConfig, VllmEngine, VllmStartError, installed_python
+from tinkerd.engine.vllm import VllmConfig, VllmEngine, VllmStartError, adapters, installed_python
 from tinkerd.engine.vllm.completions import parse_response, refuse_unsupported, request_body
+from tinkerd.engine.vllm.http import EngineRefused
 
 PROMPT = [5, 6, 7, 8]
 
@@ -97,12 +98,42 @@ def test_an_answer_becomes_a_result_with_prompt_and_top_k_logprobs() -> None:
             "topk_prompt_logprobs must be at most 64",
         ),
         (SampleJob(PROMPT, SamplingParams(), 1, weights(rank=128)), "LoRA rank 128"),
-        (SampleJob(PROMPT, SamplingParams(), 1, weights(modules=("lm_head",))), "train_unembed"),
+        (SampleJob(PROMPT, SamplingParams(), 1, weights(modules=("embed_out",))), "train_unembed"),
     ],
 )
 def test_what_vllm_cannot_express_is_refused_by_name(job: SampleJob, named: str) -> None:
     with pytest.raises(InvalidRequestError, match=named):
         refuse_unsupported(job, max_logprobs=64, max_lora_rank=64, rescored=True)
+
+
+def test_an_adapter_of_lm_head_is_passed_to_vllm() -> None:
+    """vLLM adapts lm_head itself (train_unembed=True, the SDK's default); tests/vllm checks the numbers."""
+    adapted = weights(modules=("model.layers.0.self_attn.q_proj", "lm_head"))
+    job = SampleJob(PROMPT, SamplingParams(), 1, adapted)
+    refuse_unsupported(job, max_logprobs=64, max_lora_rank=64, rescored=True)
+
+
+def test_an_adapter_vllm_has_no_wrapper_for_is_a_400_saying_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM 0.32's refusal of an lm_head adapter on a model whose implementation has no lm_head LoRA (Qwen2), as its
+    load_lora_adapter answered in a probe: a 500 while the engine stays up. tinkerd says what to do instead."""
+    said = (
+        "Call to add_lora method failed: Worker failed with error 'While loading <path>, expected target modules in "
+        "{'o_proj', 'q_proj'} but received ['lm_head', 'lm_head']. Please verify that the loaded LoRA module is "
+        "correct', please check the stack trace above for the root cause"
+    )
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise EngineRefused(500, said)
+
+    monkeypatch.setattr(adapters, "call", refuse)
+    registry = adapters.AdapterRegistry(tmp_path, "base", 2, lambda: "http://127.0.0.1:1")
+    version = registry.acquire(weights(modules=("model.layers.0.self_attn.q_proj", "lm_head")))
+    with pytest.raises(InvalidRequestError, match=r"no LoRA for lm_head .*train_unembed=False") as caught:
+        registry.ensure_loaded(version, "http://127.0.0.1:1", 1)
+    assert "expected target modules" in str(caught.value) and "stack trace" not in str(caught.value)
+    assert version.loaded_in == 0
 
 
 def test_what_it_can_express_passes() -> None:

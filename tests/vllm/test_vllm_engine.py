@@ -45,10 +45,11 @@ class Rig:
     trainer: Transformer
 
 
-def adapter(host: ModelHost, seed: int) -> LoraWeights:
-    """A frozen rank-8 adapter of attention and MLP whose B is not zero, so it changes what the model says."""
+def adapter(host: ModelHost, seed: int, unembed: bool = False) -> LoraWeights:
+    """A frozen rank-8 adapter of attention and MLP (and lm_head with ``unembed``) whose B is not zero, so it
+    changes what the model says."""
     hf = host.sample_transformer.hf
-    w = init_lora_weights(hf, LoraConfig(rank=8, alpha=16.0, seed=seed, train_unembed=False), host.served.device)
+    w = init_lora_weights(hf, LoraConfig(rank=8, alpha=16.0, seed=seed, train_unembed=unembed), host.served.device)
     generator = torch.Generator().manual_seed(seed)
     b = {name: torch.randn(t.shape, generator=generator) * 0.5 for name, t in w.b.items()}
     return LoraWeights(w.rank, w.alpha, {k: v.detach() for k, v in w.a.items()}, b, frozen=True)
@@ -192,11 +193,34 @@ def test_what_vllm_cannot_express_is_a_400_naming_the_field(rig: Rig) -> None:
         rig.raw.submit(SampleJob(PROMPT, SamplingParams(max_tokens=2), 1, None, prompt_alt_tokens_k=2))
     with pytest.raises(InvalidRequestError, match="sampled logprobs"):
         rig.raw.submit(job(None, max_tokens=2, logprobs_of="sampled"))
-    hf = rig.host.sample_transformer.hf
-    unembed = init_lora_weights(hf, LoraConfig(rank=8, seed=0), rig.host.served.device)
-    with pytest.raises(InvalidRequestError, match="train_unembed"):
-        rig.raw.submit(job(unembed, max_tokens=2))
     assert not rig.raw.has_work()
+
+
+def test_an_adapter_that_trains_the_unembedding_samples_as_the_builtin_sampler_does(rig: Rig) -> None:
+    """train_unembed=True (the SDK's default): vLLM applies the lm_head LoRA (on a tied head here, as SmolLM2's)."""
+    weights = adapter(rig.host, 2, unembed=True)
+    assert "lm_head" in weights.a and float(weights.b["lm_head"].abs().max()) > 0
+    body = {n: t for n, t in weights.a.items() if n != "lm_head"}
+    without_head = LoraWeights(weights.rank, weights.alpha, body, {n: weights.b[n] for n in body}, frozen=True)
+    greedy = {"max_tokens": 24, "temperature": 0.0}
+    [builtin] = run(rig.builtin, [job(weights, **greedy)])
+    [vllm_raw, vllm_without_head] = run(rig.raw, [job(weights, **greedy), job(without_head, **greedy)])
+    assert vllm_without_head.sequences[0].tokens != builtin.sequences[0].tokens, "the lm_head LoRA must matter"
+    assert vllm_raw.sequences[0].tokens == builtin.sequences[0].tokens
+
+    trained = rescore(rig.trainer, [RescoreItem(PROMPT, weights, SamplingParams(**greedy), vllm_raw)])[0]
+    forward_lp = trained.sequences[0].logprobs
+    gap = max(abs(a - b) for a, b in zip(vllm_raw.sequences[0].logprobs, forward_lp, strict=True))
+    print(f"lm_head LoRA: vLLM float32 vs the trainer's forward: max |logprob gap| {gap:.2e} over {len(forward_lp)}")
+    assert gap < RAW_LOGPROB_GAP
+    assert min(forward_lp) < -1e-3
+
+    prompt_job = job(weights, max_tokens=1, temperature=0.0, prompt_logprobs=True, topk_prompt_logprobs=5)
+    [builtin_prompt] = run(rig.builtin, [prompt_job])
+    [vllm_prompt] = run(rig.raw, [prompt_job])
+    assert builtin_prompt.prompt_logprobs is not None and vllm_prompt.prompt_logprobs is not None
+    pairs = list(zip(vllm_prompt.prompt_logprobs[1:], builtin_prompt.prompt_logprobs[1:], strict=True))
+    assert max(abs(a - b) for a, b in pairs if a is not None and b is not None) < RAW_LOGPROB_GAP
 
 
 def test_a_version_never_changes_and_evicted_versions_come_back(rig: Rig) -> None:

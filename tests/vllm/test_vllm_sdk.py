@@ -1,8 +1,9 @@
 """`tinkerd serve --sampler vllm` driven by the official tinker SDK: train, save, sample on vLLM.
 
-One server (one vLLM engine inside it) for the module. It runs `--dtype float32`, so the trainer and vLLM compute
-in the same precision; samples report the trainer's logprobs (rescored in the serve process, as the builtin sampler
-does), so they equal forward()'s for the same tokens.
+One server (one vLLM engine inside it) for the module; training clients take the SDK's defaults, so they train the
+unembedding (train_unembed=True) and vLLM samples through an lm_head LoRA. It runs `--dtype float32`, so the trainer
+and vLLM compute in the same precision; samples report the trainer's logprobs (rescored in the serve process, as the
+builtin sampler does), so they equal forward()'s for the same tokens.
 """
 
 from __future__ import annotations
@@ -57,9 +58,8 @@ def train_step(training: tinker.TrainingClient, lr: float) -> None:
 def test_sdk_samples_on_vllm_pinned_to_their_version_with_forward_logprobs(
     vllm_server: Server, service: tinker.ServiceClient
 ) -> None:
-    training = service.create_lora_training_client(
-        base_model=vllm_server.model, rank=8, seed=1, train_unembed=False
-    ).result()
+    # the SDK's defaults: train_unembed=True, so vLLM samples through an lm_head LoRA too
+    training = service.create_lora_training_client(base_model=vllm_server.model, rank=8, seed=1).result()
     train_step(training, 5e-2)
     first = training.save_weights_and_get_sampling_client().result()
     before = first.sample(PROMPT_INPUT, num_samples=1, sampling_params=GREEDY).result().sequences[0]
@@ -93,10 +93,3 @@ def test_sdk_samples_on_vllm_pinned_to_their_version_with_forward_logprobs(
     ).result()
     assert one.prompt_logprobs is not None and one.prompt_logprobs[0] is None and len(one.prompt_logprobs) == 9
     assert one.topk_prompt_logprobs is not None and all(len(row or []) == 3 for row in one.topk_prompt_logprobs[1:])
-
-
-def test_what_vllm_cannot_sample_is_an_error_naming_it(vllm_server: Server, service: tinker.ServiceClient) -> None:
-    training = service.create_lora_training_client(base_model=vllm_server.model, rank=8, train_unembed=True).result()
-    sampler = training.save_weights_and_get_sampling_client().result()
-    with pytest.raises(tinker.TinkerError, match="train_unembed"):
-        sampler.sample(PROMPT_INPUT, num_samples=1, sampling_params=GREEDY).result()

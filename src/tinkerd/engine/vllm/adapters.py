@@ -22,11 +22,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.engine.checkpoint import write_peft_adapter
 from tinkerd.engine.lora import LoraWeights
 from tinkerd.engine.vllm.http import EngineRefused, EngineUnreachable, call
 
 log = logging.getLogger(__name__)
+
+# vLLM 0.32 refuses (HTTP 500, the engine stays up) an adapter of a module its implementation of the model has no LoRA
+# wrapper for: "While loading <dir>, expected target modules in {...} but received [...]" (vllm/lora/lora_model.py)
+_UNEXPECTED_MODULES = "expected target modules in"
+
+
+def _unexpected_modules_message(vllm_message: str) -> str:
+    received = vllm_message.split("but received", 1)[-1].split("]", 1)[0].strip(" [")
+    modules = sorted({m.strip(" '\"").rsplit(".", 1)[-1] for m in received.split(",") if m.strip(" '\"")})
+    why = f"vLLM's implementation of this model has no LoRA for {', '.join(modules) or 'some adapted modules'}"
+    if "lm_head" in modules:
+        why += (
+            " (vLLM 0.32 adapts lm_head only for models that declare it, e.g. Llama, Qwen3, Qwen3-MoE, Qwen3.5; "
+            "not Qwen2, Qwen2-MoE, Mistral or GPT-OSS): an adapter that trains the unembedding (train_unembed=True) "
+            "cannot be sampled with --sampler vllm on this model; train with train_unembed=False, or run tinkerd "
+            "with --sampler builtin"
+        )
+    else:
+        why += "; run tinkerd with --sampler builtin for this adapter"
+    return f"{why} (vLLM said: {vllm_message.split(', please check', 1)[0]})"
 
 
 @dataclass(eq=False)
@@ -81,6 +102,8 @@ class AdapterRegistry:
             try:
                 call(base_url, "POST", "/v1/load_lora_adapter", body, timeout=120.0)
             except EngineRefused as exc:
+                if _UNEXPECTED_MODULES in str(exc):
+                    raise InvalidRequestError(_unexpected_modules_message(str(exc))) from None
                 if "already" not in str(exc).lower():  # loaded by a request that raced us: fine
                     raise
             version.loaded_in = generation

@@ -21,6 +21,7 @@ from tinkerd.engine.lora import LoraWeights
 from tinkerd.engine.sample_job import SampleJob
 
 _TOKEN_PREFIX = "token_id:"
+_UNEMBEDDINGS_NOT_LM_HEAD = ("embed_out", "output", "embed_tokens")
 
 
 def refuse_unsupported(job: SampleJob, *, max_logprobs: int, max_lora_rank: int, rescored: bool) -> None:
@@ -72,10 +73,14 @@ def refuse_unsupported(job: SampleJob, *, max_logprobs: int, max_lora_rank: int,
                 f"LoRA rank {weights.rank} is above the vLLM engine's --max-lora-rank {max_lora_rank} "
                 "(raise it with --vllm-max-lora-rank)"
             )
-        if any(name.rsplit(".", 1)[-1] in ("lm_head", "embed_tokens") for name in weights.a):
+        # vLLM applies a LoRA to the unembedding only as `lm_head` (LogitsProcessorWithLoRA, on the models that list
+        # it among their embedding modules); other names for it (GPT-NeoX's embed_out, ...) it has no wrapper for
+        other = sorted({leaf for name in weights.a if (leaf := name.rsplit(".", 1)[-1]) in _UNEMBEDDINGS_NOT_LM_HEAD})
+        if other:
             raise InvalidRequestError(
-                "an adapter that trains the unembedding (train_unembed=True) is not supported by the vLLM sampler "
-                "backend; train with train_unembed=False, or run tinkerd with --sampler builtin"
+                f"an adapter that trains the unembedding {other[0]!r} (train_unembed=True) is not supported by the "
+                "vLLM sampler backend (vLLM adapts an unembedding only when the model names it lm_head); train with "
+                "train_unembed=False, or run tinkerd with --sampler builtin"
             )
 
 
