@@ -130,6 +130,13 @@ class Settings:
         str(DEFAULT_MAX_IMAGE_PIXELS),
         minimum=1,
     )
+    image_root: Path | None = setting(
+        None,
+        "Directory whose files image_asset_pointer chunks may name (paths and file: URLs, symlinks and '..' "
+        "resolved); others get 400. data: URIs need none.",
+        "none: pointer chunks read no files",
+        is_dir=True,
+    )
     sample_logprobs: str = setting(
         "tempered",
         "Which distribution sampled tokens' logprobs are under unless a client's X-Tinkerd-Sample-Logprobs header "
