@@ -81,7 +81,12 @@ def test_a_loops_sample_lays_an_image_out_as_the_tinker_api_does(vl_api: Api) ->
     assert (image.offset, image.tokens, image.width, image.height) == (2, n, 64, 48)
     assert base64.b64decode(image.data) == data
 
-    text = loops.post(f"{base}/sample", {"prompt": [1, 5, 6], "max_tokens": 2})  # a text prompt as before
+    body = _sample_body(_chunks(data, n))
+    del body["model"]  # a dedicated or local client: the completion comes in the answer itself
+    direct = loops.post(f"{base}/sample", body)
+    assert direct.status_code == 200 and direct.json()["choices"][0]["prompt_token_ids"] == expanded
+
+    text = loops.post(f"{base}/sample", {"prompt": [1, 5, 6], "max_tokens": 2, "model": VL})  # text, as before
     (choice, *_) = loops.result(base, text.json()["operation_id"])["result"]["choices"]
     assert "prompt_token_ids" not in choice and choice["token_ids"] == [7, 8]
 
