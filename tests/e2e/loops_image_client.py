@@ -33,10 +33,10 @@ def main() -> None:
     )
     out: dict[str, Any] = {"losses": []}
     service = ServiceClient()
-    tc = service.create_lora_training_client(base_model=base_model, rank=4, ready_timeout=READY_TIMEOUT)
+    tc = service.create_lora_training_client(base_model=base_model, rank=4, seed=0, ready_timeout=READY_TIMEOUT)
     for _ in range(4):
         out["losses"].append(tc.forward_backward([datum], "cross_entropy").result().loss)
-        tc.optim_step(AdamParams(learning_rate=3e-2)).result()
+        tc.optim_step(AdamParams(learning_rate=5e-3)).result()  # 3e-2 overshoots on this tiny model
     sampler = tc.save_weights_and_get_sampling_client("captions")
     greedy = SamplingParams(max_tokens=3, temperature=0.0, stop=[])
     answer = sampler.sample(prompt, num_samples=2, sampling_params=greedy, include_prompt_logprobs=True)
