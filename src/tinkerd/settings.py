@@ -202,6 +202,16 @@ class Settings:
     def resolved_data_dir(self) -> Path:
         return self.data_dir if self.data_dir is not None else default_data_dir().absolute()
 
+    @property
+    def resolved_image_root(self) -> Path | None:
+        """The image root with its symlinks resolved (what pointer paths are compared with); SettingsError unless it
+        is an existing directory, so a mistyped root fails at startup rather than refusing every pointer."""
+        if self.image_root is None:
+            return None
+        if not self.image_root.is_dir():
+            raise SettingsError(f"image_root {str(self.image_root)!r} is not a directory")
+        return self.image_root.resolve()
+
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, /, **given: Any) -> Settings:
         """Build settings from keyword arguments named like the fields (None = not given), else `environ` (default
