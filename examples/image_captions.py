@@ -92,6 +92,7 @@ def make_tiny_model(out: Path) -> None:
     text: dict[str, Any] = {
         "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "eos_token_id": EOS,
+        "bos_token_id": 1,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
     }  # fmt: skip
     vision: dict[str, Any] = {
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description="Caption tinted pictures: image chunks through the Tinker SDK.")
     parser.add_argument("--model", help="the served Qwen-VL model (its name, here its local directory)")
     parser.add_argument("--make-tiny-model", type=Path, help="write a tiny random Qwen2.5-VL here and exit")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=3e-2)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args(argv)
     if args.make_tiny_model is not None:
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         first = first or last
         if step <= 3 or step % 10 == 0:
             print(f"step {step:3d}/{args.steps}  loss per caption token {last:.3f}  ({time.monotonic() - began:.1f} s)")
-    sampler = training.save_weights_and_get_sampling_client("captions")
+    sampler = training.save_weights_and_get_sampling_client("captions").result()
     greedy = types.SamplingParams(max_tokens=3, temperature=0.0)
     right = 0
     print("new pictures (never trained on):")
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tokens = sampler.sample(prompt, num_samples=1, sampling_params=greedy).result().sequences[0].tokens
         right += tokens == caption_of(i)
         print(f"  a {name:5s} picture -> {tokens}  (its caption: {caption_of(i)})")
+    print(f"{right} of {len(TINTS)} captioned right")
     return {"first_loss": first, "last_loss": last, "right": float(right)}
 
 

@@ -197,6 +197,7 @@ def build(
             max_queued_per_user=settings.max_queued_per_user,
             max_runs_per_user=settings.max_runs_per_user,
             max_image_pixels=settings.max_image_pixels,
+            image_root=settings.resolved_image_root,
             sample_logprobs=next(d for d in LOGPROB_DISTRIBUTIONS if d == settings.sample_logprobs),
         )
         if keys is not None:

@@ -130,6 +130,13 @@ class Settings:
         str(DEFAULT_MAX_IMAGE_PIXELS),
         minimum=1,
     )
+    image_root: Path | None = setting(
+        None,
+        "Directory whose files image_asset_pointer chunks may name (paths and file: URLs, symlinks and '..' "
+        "resolved); others get 400. data: URIs need none.",
+        "none: pointer chunks read no files",
+        is_dir=True,
+    )
     sample_logprobs: str = setting(
         "tempered",
         "Which distribution sampled tokens' logprobs are under unless a client's X-Tinkerd-Sample-Logprobs header "
@@ -194,6 +201,16 @@ class Settings:
     @property
     def resolved_data_dir(self) -> Path:
         return self.data_dir if self.data_dir is not None else default_data_dir().absolute()
+
+    @property
+    def resolved_image_root(self) -> Path | None:
+        """The image root with its symlinks resolved (what pointer paths are compared with); SettingsError unless it
+        is an existing directory, so a mistyped root fails at startup rather than refusing every pointer."""
+        if self.image_root is None:
+            return None
+        if not self.image_root.is_dir():
+            raise SettingsError(f"image_root {str(self.image_root)!r} is not a directory")
+        return self.image_root.resolve()
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, /, **given: Any) -> Settings:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -142,12 +142,12 @@ def make_api(store: Store) -> Iterator[MakeApi]:
     """Build an Api with chosen ApiSettings; every one built is shut down after the test."""
     opened: list[tuple[TestClient, FakeWorker]] = []
 
-    def make(**settings: Any) -> Api:
+    def make(models: Sequence[ServedModelInfo] = SERVED, **settings: Any) -> Api:
         notifier = FutureNotifier()
         worker = FakeWorker(store, notifier.notify)
         options = {"long_poll_s": 2.0, "poll_interval_s": 0.5, **settings}
         dispatch = InProcess(notifier, lambda _future, _request: worker.wake())
-        app = create_app(store, SERVED, dispatch, ApiSettings(**options))
+        app = create_app(store, models, dispatch, ApiSettings(**options))
         client = TestClient(app, headers={"X-API-Key": "tml-test"})
         client.__enter__()
         worker.start()

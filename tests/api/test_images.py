@@ -35,8 +35,8 @@ def spec_of(family: str, tmp_path: Path) -> VisionSpec:
     return spec
 
 
-def rules(spec: VisionSpec | None, max_pixels: int = 4096 * 4096) -> ImageRules:
-    return ImageRules(model="tiny-vl", vision=spec, max_pixels=max_pixels)
+def rules(spec: VisionSpec | None, max_pixels: int = 4096 * 4096, image_root: Path | None = None) -> ImageRules:
+    return ImageRules(model="tiny-vl", vision=spec, max_pixels=max_pixels, image_root=image_root)
 
 
 @pytest.mark.parametrize("family", VL_FAMILIES)
@@ -79,10 +79,49 @@ def test_a_pointer_to_a_local_file_reads_it(tmp_path: Path) -> None:
     spec = spec_of("qwen3_vl", tmp_path)
     path = tmp_path / "cat.png"
     path.write_bytes(image_bytes(64, 64))
-    for location in (str(path), path.as_uri(), "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()):
-        built = ModelInputBuilder("prompt", rules(spec))
+    inline = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    for location in (str(path), path.as_uri(), f"{tmp_path}/sub/../cat.png", inline):
+        built = ModelInputBuilder("prompt", rules(spec, image_root=tmp_path))
         built.pointer(location, "png", None, 0)
         assert built.images[0].data == base64.b64encode(path.read_bytes()).decode()
+
+
+def test_a_pointer_reads_no_file_outside_the_image_root(tmp_path: Path) -> None:
+    spec = spec_of("qwen3_vl", tmp_path / "model")
+    root, outside = tmp_path / "images", tmp_path / "private"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(image_bytes(64, 64))
+    (root / "cat.png").write_bytes(image_bytes(64, 64))
+    (root / "escape.png").symlink_to(outside / "secret.png")
+    (root / "door").symlink_to(outside, target_is_directory=True)
+    (root / "loop.png").symlink_to(root / "loop.png")
+    (tmp_path / "shortcut").symlink_to(root, target_is_directory=True)
+    refusals = [
+        (str(outside / "secret.png"), "is outside the image root"),
+        (f"{root}/../private/secret.png", "is outside the image root"),
+        (str(root / "escape.png"), "is outside the image root"),
+        (str(root / "door" / "secret.png"), "is outside the image root"),
+        ((outside / "missing.png").as_uri(), "is outside the image root"),  # no hint of what exists outside
+        (str(root / "loop.png"), "loop"),
+        (str(root / "missing.png"), "no image file at"),
+    ]
+    for location, message in refusals:
+        built = ModelInputBuilder("prompt", rules(spec, image_root=root))
+        with pytest.raises(InvalidRequestError, match="prompt chunk 1") as refused:
+            built.pointer(location, "png", None, 1)
+        assert message in str(refused.value), (location, str(refused.value))
+        if "outside" in message:
+            assert f"{str(root)!r} (--image-root)" in str(refused.value)
+    # A symlink to the root, and a root given through a symlink, both lead inside.
+    through_links = [(root, tmp_path / "shortcut" / "cat.png"), (tmp_path / "shortcut", root / "cat.png")]
+    for root_given, location in through_links:
+        built = ModelInputBuilder("prompt", rules(spec, image_root=root_given))
+        built.pointer(str(location), "png", None, 0)
+        assert len(built.images) == 1
+    # Without a root, a pointer reads no file at all (a data: URI carries its bytes).
+    with pytest.raises(InvalidRequestError, match=r"this server reads no image files.*--image-root DIR"):
+        ModelInputBuilder("prompt", rules(spec)).pointer(str(root / "cat.png"), "png", None, 0)
 
 
 BAD = [
@@ -129,7 +168,7 @@ def test_other_refusals(tmp_path: Path) -> None:
     small = ModelInputBuilder("prompt", rules(spec, max_pixels=100))
     with pytest.raises(InvalidRequestError, match="12x12 = 144 pixels, more than this server's limit of 100"):
         small.image(image_bytes(12, 12), "png", None, 0)
-    pointer = ModelInputBuilder("prompt", rules(spec))
+    pointer = ModelInputBuilder("prompt", rules(spec, image_root=tmp_path))
     for location, message in [
         ("https://example.com/cat.png", "remote 'https' URL; tinkerd does not fetch"),
         ("s3://bucket/cat.png", "remote 's3' URL"),

@@ -203,3 +203,32 @@ def test_the_tinker_shim_runs_a_short_sft_loop(server: Server, tmp_path: Path) -
     assert "adapter_model.safetensors" in out["files"]
     routes = _check_wire(wire)
     assert routes["trainer:/forward_backward"] == 4 and routes["trainer:/optim_step"] == 4
+
+
+def test_loops_sdk_trains_and_samples_with_an_image(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """A tiny random Qwen2.5-VL: an image datum trains, and a prompt with an image samples (the SDK sends it as
+    ``model_input_chunks``); the prompt the sampler echoes holds the image's placeholder tokens."""
+    from tests.e2e.conftest import start_server, stop_server
+    from tests.engine.tiny_vlm import IMAGE, VISION_END, VISION_START, image_bytes, processor_tokens, save_tiny_vl
+
+    python = _python(LOOPS)
+    model = save_tiny_vl(tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl", "qwen2_5_vl")
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(image_bytes(48, 40))
+    n = processor_tokens("qwen2_5_vl", picture.read_bytes())
+    server = start_server(tmp_path_factory.mktemp("serve-vl"), model)
+    try:
+        ids = f"{VISION_START},{VISION_END},{IMAGE}"
+        out, wire = _drive(python, HERE / "loops_image_client.py", server, tmp_path, str(picture), str(n), ids)
+    finally:
+        stop_server(server.process)
+    assert out["losses"][-1] < out["losses"][0] - 0.1, out["losses"]  # the loss before each of 4 steps
+    expanded = [1, VISION_START, *[IMAGE] * n, VISION_END, 10]
+    assert out["prompt_token_ids"] == expanded
+    assert len(out["prompt_logprobs"]) == len(expanded) and out["prompt_logprobs"][0] is None
+    assert all(isinstance(lp, float) for lp in out["prompt_logprobs"][1:])
+    samples = out["samples"]
+    assert len(samples) == 2 and samples[0] == samples[1] and 1 <= len(samples[0]) <= 3  # greedy
+    assert "expected_tokens is" in out["refused"], out["refused"]
+    routes = Counter(_route(q["path"]) for q, _ in _exchanges(wire))
+    assert routes["sampler:/sample"] == 2 and routes["trainer:/forward_backward"] == 4

@@ -73,7 +73,9 @@ def text_datum(tokens: list[int]) -> types.Datum:
 @pytest.fixture(scope="module")
 def vl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     model = save_tiny_vl(tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl", FAMILY)
-    running = start_server(tmp_path_factory.mktemp("serve"), model)
+    serve = tmp_path_factory.mktemp("serve")
+    (serve / "images").mkdir()
+    running = start_server(serve, model, args=["--image-root", str(serve / "images")])
     try:
         yield running
     finally:
@@ -118,8 +120,9 @@ def test_a_pointer_to_a_file_on_the_server_and_bad_images(vl_server: Server, tmp
     try:
         sampler = service.create_sampling_client(base_model=vl_server.model)
         data = picture((220, 40, 40))
-        path = tmp_path / "red.png"
+        path = vl_server.log.parent / "images" / "red.png"  # under the server's --image-root
         path.write_bytes(data)
+        (tmp_path / "red.png").write_bytes(data)
         pointer = types.ImageAssetPointerChunk(format="png", location=path.as_uri(), expected_tokens=None)
         by_pointer = sampler.compute_logprobs(types.ModelInput(chunks=prompt_chunks(pointer))).result()
         inline = sampler.compute_logprobs(types.ModelInput(chunks=prompt_chunks(image_chunk(data)))).result()
@@ -137,6 +140,7 @@ def test_a_pointer_to_a_file_on_the_server_and_bad_images(vl_server: Server, tmp
             (types.ImageChunk(data=data, format="png", expected_tokens=n + 3), f"expected_tokens is {n + 3}"),
             (types.ImageChunk(data=png_header(5000, 3400), format="png"), "limit of 16777216"),
             (types.ImageAssetPointerChunk(format="png", location="https://example.com/x.png"), "does not fetch"),
+            (types.ImageAssetPointerChunk(format="png", location=str(tmp_path / "red.png")), "outside the image root"),
         ]
         params = types.SamplingParams(max_tokens=2, temperature=0.0)
         for chunk, message in bad:

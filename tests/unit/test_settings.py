@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from scripts import settings_table
 from tinkerd.cli import app
 from tinkerd.cli_options import settings_options
-from tinkerd.settings import Settings, fields, flag_of, meta, value_type, variable_of
+from tinkerd.settings import Settings, SettingsError, fields, flag_of, meta, value_type, variable_of
 
 FIELDS = [f.name for f in fields()]
 
@@ -87,3 +87,13 @@ def test_the_readme_table_is_the_one_the_settings_make() -> None:
 def test_unknown_settings_are_refused() -> None:
     with pytest.raises(TypeError, match="unknown settings: colour"):
         Settings.load({}, colour="red")
+
+
+def test_the_image_root_must_be_a_directory_and_is_resolved(tmp_path: Path) -> None:
+    assert Settings.load({}, cache_dir=tmp_path).resolved_image_root is None  # pointers read no files
+    (tmp_path / "images").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "images", target_is_directory=True)
+    settings = Settings.load({"TINKERD_IMAGE_ROOT": str(tmp_path / "link")}, cache_dir=tmp_path)
+    assert settings.resolved_image_root == (tmp_path / "images").resolve()
+    with pytest.raises(SettingsError, match=r"image_root '.*missing' is not a directory"):
+        _ = Settings.load({}, cache_dir=tmp_path, image_root=tmp_path / "missing").resolved_image_root

@@ -68,6 +68,8 @@ class ApiSettings:
     sample_logprobs: LogprobDistribution = "tempered"
     # Largest image (width x height) an image chunk may hold; checked from its header before it is decoded.
     max_image_pixels: int = 4096 * 4096
+    # The directory image_asset_pointer chunks may read files under, resolved (None: they may hold data: URIs only).
+    image_root: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ image itself travels beside the tokens as an ``ImageInput`` (its file bytes, bas
 ``max_pixels`` (checked from the header, before the pixels are decoded), and the whole file must decode.
 
 ``ImageAssetPointerChunk`` names a file the server reads itself: an absolute local path, a ``file:`` URL or a
-``data:`` URI. Remote URLs are refused: tinkerd does not fetch from the network.
+``data:`` URI. Remote URLs are refused: tinkerd does not fetch from the network. Paths are read only inside the image
+root the server was started with (``--image-root``), after resolving symlinks and ``..``: without one, a pointer may
+only be a ``data:`` URI, so an API key never lets its holder read the server's files.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class ImageRules:
     model: str
     vision: VisionSpec | None
     max_pixels: int
+    image_root: Path | None = None  # the directory pointer chunks may read files under (None: no files at all)
 
 
 def decode_base64(value: str, where: str) -> bytes:
@@ -78,8 +81,28 @@ def _measure(data: bytes, fmt: str, where: str, max_pixels: int) -> tuple[int, i
     return width, height
 
 
-def read_location(location: str, where: str) -> bytes:
-    """The bytes an ``image_asset_pointer`` names: an absolute path, a ``file:`` URL or a base64 ``data:`` URI."""
+def _inside_root(path: Path, root: Path | None, location: str, where: str) -> Path:
+    """``path`` with symlinks and ``..`` resolved, if that lies under ``root``; InvalidRequestError otherwise."""
+    if root is None:
+        raise InvalidRequestError(
+            f"{where}: location {location!r} is a file on the server, and this server reads no image files: send the "
+            "bytes in an ImageChunk or a data: URI, or start tinkerd with --image-root DIR to allow files under DIR"
+        )
+    try:
+        resolved, root = path.resolve(), root.resolve()
+    except RuntimeError:  # a symlink loop (Python 3.11; later versions raise OSError, which the caller names)
+        raise InvalidRequestError(f"{where}: location {location!r} is a symlink loop") from None
+    if not resolved.is_relative_to(root):
+        raise InvalidRequestError(
+            f"{where}: location {location!r} is outside the image root {str(root)!r} (--image-root); this server "
+            "reads image files under that directory only (symlinks and '..' resolved)"
+        )
+    return resolved
+
+
+def read_location(location: str, where: str, root: Path | None = None) -> bytes:
+    """The bytes an ``image_asset_pointer`` names: a base64 ``data:`` URI, or an absolute path or ``file:`` URL of a
+    file under ``root`` (the resolved image root)."""
     if location.startswith("data:"):
         header, sep, payload = location.partition(",")
         if not sep or not header.endswith(";base64"):
@@ -100,6 +123,7 @@ def read_location(location: str, where: str) -> bytes:
     if not path.is_absolute():
         raise InvalidRequestError(f"{where}: location {location!r} must be an absolute path or a file: URL")
     try:
+        path = _inside_root(path, root, location, where)  # the path read is the resolved one the check saw
         if not path.is_file():
             raise InvalidRequestError(f"{where}: no image file at {str(path)!r} on the server")
         size = path.stat().st_size
@@ -158,6 +182,8 @@ class ModelInputBuilder:
         where = f"{self.where} chunk {index}"
         if not location:
             raise InvalidRequestError(f"{where}: an image_asset_pointer needs a location")
-        if self.rules is None or self.rules.vision is None:  # refuse before reading anything
+        rules = self.rules
+        if rules is None or rules.vision is None:  # refuse before reading anything: image() names the model
             self.image(b"", fmt, expected_tokens, index)
-        self.image(read_location(location, where), fmt, expected_tokens, index)
+            return
+        self.image(read_location(location, where, rules.image_root), fmt, expected_tokens, index)

@@ -77,6 +77,7 @@ def run_api(roles: RoleSettings, settings: Settings, announce: Callable[[str], N
             max_queued_per_user=settings.max_queued_per_user,
             max_runs_per_user=settings.max_runs_per_user,
             max_image_pixels=settings.max_image_pixels,
+            image_root=settings.resolved_image_root,
             # Results come by NOTIFY; the re-read is only a safety net for a lost event.
             poll_interval_s=5.0,
         )

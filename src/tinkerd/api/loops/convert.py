@@ -61,7 +61,7 @@ def _array(where: str, tensor: schemas.TensorData) -> ops.ArrayData:
     raise InvalidRequestError(f"{where} has dtype {tensor.dtype!r}; use an int or float dtype")
 
 
-def _model_input(where: str, model_input: schemas.ModelInput, rules: ImageRules | None) -> ModelInputBuilder:
+def model_input(where: str, model_input: schemas.ModelInput, rules: ImageRules | None) -> ModelInputBuilder:
     built = ModelInputBuilder(where, rules)
     for index, chunk in enumerate(model_input.chunks):
         if chunk.type == "encoded_text":
@@ -140,7 +140,7 @@ def forward_backward(
         numbers[key] = float(value)
     datums: list[ops.Datum] = []
     for i, datum in enumerate(body.data):
-        built = _model_input(f"data[{i}].model_input", datum.model_input, rules)
+        built = model_input(f"data[{i}].model_input", datum.model_input, rules)
         tokens = built.tokens
         check_tokens(tokens, f"data[{i}].model_input", model.vocab_size, model.max_context_length)
         inputs = {

@@ -12,6 +12,10 @@ from its poll. What a sample serves, in order:
 
 Each distinct checkpoint gets its own sampler row in the ledger (``<sampler>:<digest>``), which the worker loads
 as it loads a Tinker sampler of a checkpoint.
+
+A prompt with an image comes as ``model_input_chunks`` (text and ``image`` chunks, ``prompt`` empty) with
+``return_token_ids``: the chunks are laid out as the Tinker API lays a model input (``api.images``: an image becomes
+its placeholder tokens, a bad image is a 400), and each choice answers ``prompt_token_ids``, the prompt as sampled.
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from tinkerd.api.context import ApiContext
+from tinkerd.api.context import ApiContext, ServedModelInfo
 from tinkerd.api.convert.tensors import check_tokens
 from tinkerd.api.loops import convert, operations, schemas
 from tinkerd.api.loops.common import SAMPLER_PREFIX, Context, Owner, from_bt, to_bt
-from tinkerd.api.routes.common import JSON, in_thread, submit
+from tinkerd.api.routes.common import JSON, image_rules, in_thread, submit
 from tinkerd.domain import ops
 from tinkerd.domain.errors import InvalidRequestError, TinkerdError
 from tinkerd.domain.ids import validate_run_id, validate_sampler_id
@@ -80,19 +84,34 @@ def _pinned(ctx: ApiContext, owner: str, sampler: Sampler, request: Request, bod
     return ctx.store.samplers.create(pinned, exist_ok=True)
 
 
+def _prompt(
+    body: schemas.SampleRequest, model: ServedModelInfo, ctx: ApiContext
+) -> tuple[list[int], list[ops.ImageInput]]:
+    """The prompt's token ids and images: ``prompt``, or ``model_input_chunks`` (text and image chunks, which the
+    SDK sends instead when a prompt holds an image) laid end to end as the Tinker API lays a model input."""
+    if body.model_input_chunks is None:
+        prompt, images, where = list(body.prompt), [], "prompt"
+    elif body.prompt:
+        raise InvalidRequestError("send the prompt as prompt or as model_input_chunks, not both")
+    else:
+        chunks = schemas.ModelInput(chunks=body.model_input_chunks)
+        built = convert.model_input("model_input_chunks", chunks, image_rules(ctx, model))
+        prompt, images, where = built.tokens, built.images, "model_input_chunks"
+    check_tokens(prompt, where, model.vocab_size, model.max_context_length)
+    return prompt, images
+
+
 def _sample_request(body: schemas.SampleRequest, sampler: Sampler, ctx: ApiContext) -> Sample:
     model = ctx.model(sampler.base_model)
-    if body.model_input_chunks:
-        raise InvalidRequestError("model_input_chunks (images) are not supported: tinkerd serves text models only")
     if body.structured_outputs:
         raise InvalidRequestError("structured_outputs is not supported by tinkerd yet; sample without it")
-    check_tokens(body.prompt, "prompt", model.vocab_size, model.max_context_length)
+    prompt, images = _prompt(body, model, ctx)
     if not 1 <= body.n <= MAX_NUM_SAMPLES:
         raise InvalidRequestError(f"n must be between 1 and {MAX_NUM_SAMPLES}, got {body.n}")
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    if max_tokens < 1 or len(body.prompt) + max_tokens > model.max_context_length:
+    if max_tokens < 1 or len(prompt) + max_tokens > model.max_context_length:
         raise InvalidRequestError(
-            f"max_tokens must be >= 1 and prompt ({len(body.prompt)} tokens) + max_tokens ({max_tokens}) within the "
+            f"max_tokens must be >= 1 and prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) within the "
             f"model's context of {model.max_context_length} tokens"
         )
     stop_strings: tuple[str, ...] = ()
@@ -112,8 +131,8 @@ def _sample_request(body: schemas.SampleRequest, sampler: Sampler, ctx: ApiConte
     if k is not None and k < 0:
         raise InvalidRequestError(f"prompt_logprobs must be >= 0, got {k}")
     return Sample(
-        sampler_id=sampler.id, prompt=list(body.prompt), num_samples=body.n, params=params,
-        prompt_logprobs=k is not None, topk_prompt_logprobs=k or 0,
+        sampler_id=sampler.id, prompt=prompt, num_samples=body.n, params=params,
+        prompt_logprobs=k is not None, topk_prompt_logprobs=k or 0, images=images,
     )  # fmt: skip
 
 
@@ -156,7 +175,7 @@ def _submit_sample(
         ctx, owner, model_id=serving.id, seq_id=_seq_id(request), kind=RequestKind.SAMPLE, payload=payload,
         token_count=token_count,
     )  # fmt: skip
-    if payload.prompt_logprobs:
+    if payload.prompt_logprobs or body.return_token_ids:
         _memo(request).keep(record.request_id, payload.prompt)
     return record.request_id
 
@@ -199,7 +218,12 @@ def _completions(memo: PromptMemo, operation_id: str) -> Callable[[FutureRecord,
     def render(record: FutureRecord, result: Result, _skip: bool) -> dict[str, Any]:
         if not isinstance(result, ops.SampleResult):
             raise InvalidRequestError(f"operation {operation_id!r} is not a sample")
-        return convert.sample_completions(result, memo.get(record.request_id))
+        prompt = memo.get(record.request_id)
+        answer = convert.sample_completions(result, prompt)
+        if prompt:  # asked for (return_token_ids): the prompt as sampled, images laid out as their tokens
+            for choice in answer["choices"]:
+                choice.setdefault("prompt_token_ids", prompt)
+        return answer
 
     return render
 

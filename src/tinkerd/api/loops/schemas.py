@@ -185,5 +185,6 @@ class SampleRequest(LoopsModel):
     logprobs: int | None = None
     model: str | None = None
     lora: str | None = None  # the checkpoint a serverless sampler serves (also sent as X-Checkpoint-Path)
-    model_input_chunks: list[dict[str, Any]] | None = None
+    model_input_chunks: list[Chunk] | None = None  # a prompt with images (then ``prompt`` is empty)
+    return_token_ids: bool = False  # answer each choice's ``prompt_token_ids``: the prompt with images laid out
     structured_outputs: dict[str, Any] | None = None

@@ -43,4 +43,5 @@ def future_response(future: schemas.UntypedAPIFuture) -> Response:
 
 def image_rules(ctx: ApiContext, model: ServedModelInfo) -> ImageRules:
     """What image chunks sent to this model are checked against."""
-    return ImageRules(model=model.name, vision=model.vision, max_pixels=ctx.settings.max_image_pixels)
+    settings = ctx.settings
+    return ImageRules(model.name, model.vision, settings.max_image_pixels, settings.image_root)
