@@ -11,7 +11,8 @@ import pytest
 from examples import image_captions
 from tests.e2e.conftest import API_KEY, start_server, stop_server
 
-pytestmark = pytest.mark.e2e
+# slow: about 2 minutes (40 training steps); the image path keeps its e2e tests in the default run (test_sdk_images.py)
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_example_builds_a_tiny_model_trains_and_captions_new_pictures(
