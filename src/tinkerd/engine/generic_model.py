@@ -12,6 +12,7 @@ unembedding, and the other linear layers of the decoder blocks are MLP. Mixture-
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -72,6 +73,9 @@ class GenericTransformer:
         modules = dict(hf_model.named_modules())
         for name in lora_candidates(hf_model):
             modules[name].register_forward_hook(self._lora_hook(name))
+        # transformers 5 names a forward's cache argument ``cache``; models written before it, ``past_key_values``
+        params = inspect.signature(hf_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def _lora_hook(self, name: str) -> Any:
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
@@ -113,6 +117,26 @@ class GenericTransformer:
         with self._adapter(weights):
             out: Any = self.hf(input_ids=tokens_B_T, attention_mask=mask_B_T, use_cache=False, **extra)
         return out.logits.float()
+
+    def prefill(self, seqs: Sequence[Sequence[int]], weights: LoraWeights | None) -> tuple[torch.Tensor, Any]:
+        """fp32 logits [B, T, vocab] of sequences of one length (no padding ever enters a cache) through one adapter,
+        and the model's own cache of them: its ``Cache`` object, whatever its layers hold (keys and values, a sliding
+        window, a linear-attention layer's convolution and recurrent states). ``decode`` continues from it."""
+        tokens_B_T = torch.tensor([list(s) for s in seqs], dtype=torch.long, device=self.device)
+        mask_B_T = torch.ones_like(tokens_B_T)  # as ``padded_logits`` passes it, so the logits are the same
+        with self._adapter(weights):
+            out: Any = self.hf(input_ids=tokens_B_T, attention_mask=mask_B_T, use_cache=True)
+        cache = out.get(self._cache_arg)
+        if cache is None:
+            raise RuntimeError(f"{type(self.hf).__name__} returned no cache from a forward with use_cache=True")
+        return out.logits.float(), cache
+
+    def decode(self, tokens_B: torch.Tensor, weights: LoraWeights | None, cache: Any) -> torch.Tensor:
+        """fp32 next-token logits [B, vocab] after appending ``tokens_B[b]`` to row b of ``cache`` (from ``prefill``,
+        rows of one length), which advances in place; through one adapter."""
+        with self._adapter(weights):
+            out: Any = self.hf(input_ids=tokens_B[:, None], use_cache=True, **{self._cache_arg: cache})
+        return out.logits[:, -1].float()
 
     def sequence_logprobs(
         self,
