@@ -101,3 +101,34 @@ def test_cancelled_and_finished_rows_leave_their_cohort() -> None:
     assert list(results) == [kept]
     (want,) = GenericSampler(model, decode_with_cache=False).run([SampleJob(LONG, params, 2, a)])
     assert_same([results[kept]], [want])
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_cached_decode_after_images_equals_recomputation(family: str) -> None:
+    """Multimodal rotary positions run behind the token count after an image: decoding continues from the offsets
+    each prompt's own prefill found, also while prompts without images (offset 0) decode beside it."""
+    from tests.engine.test_vision import served, with_image
+    from tests.engine.test_vision import trained as trained_vl
+
+    model = served(family)
+    model.create_adapter("a", LORA)
+    trained_vl(model, "a", seed=5)
+    assert isinstance(model.train, GenericTransformer)
+    a = model.snapshot("a")
+    first, first_images = with_image(family, [5, 6], [7])
+    second, second_images = with_image(family, [11], [12, 13], width=90, height=160)
+    third, third_images = with_image(family, [9], [8], width=40, height=40, seed=4)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    seeded = SamplingParams(max_tokens=5, temperature=1.0, seed=3)
+    jobs = [
+        SampleJob(first, greedy, 1, None, prompt_logprobs=True, images=first_images),
+        SampleJob([20, 21, 22, 23], greedy, 2, a),  # text only, prefilled after an image prompt
+        SampleJob(second, seeded, 3, a, images=second_images),
+        SampleJob(third, greedy, 1, a, images=third_images),
+    ]
+    cached = GenericSampler(model.train)
+    assert cached.cached
+    want = GenericSampler(model.train, decode_with_cache=False).run(jobs)
+    got = cached.run(jobs)
+    assert_same(got, want)

@@ -15,10 +15,14 @@ rotary positions, so exactness would rest on each model's masking. The price is 
 one per step: requests that arrive together (the same prompt length and adapter) share one; a request that arrives
 alone decodes alone, still one token per forward instead of its whole prefix.
 
-``decode_with_cache=False`` (and every vision-language model, whose rotary positions after an image come from state
-the model keeps on itself rather than in its cache) recomputes each live sequence's whole prefix every step instead:
-quadratic in length but free of any cache. The slot cache still hands out slots (it stores zero positions), so
-admission, stamping of samples, stop handling, seeds and prompt logprobs are the ``Sampler``'s own.
+Images: a Qwen-VL model's rotary positions after an image run behind the token count, by an offset its forward keeps
+on the model itself (one value for whatever prefilled last). A prompt with images is prefilled alone, its offset read
+then (``GenericTransformer.prefill``), and its cohort decodes with explicit positions, so cohorts of other prompts can
+decode in between. A vision-language model without that layout, and ``decode_with_cache=False``, recompute each live
+sequence's whole prefix every step instead: quadratic in length but free of any cache.
+
+The slot cache still hands out slots (it stores zero positions), so admission, stamping of samples, stop handling,
+seeds and prompt logprobs are the ``Sampler``'s own.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class _PromptGroup:
 
     weights: LoraWeights | None
     cache: Any
+    offsets_G: torch.Tensor | None  # multimodal rotary offsets (GenericTransformer.prefill)
 
 
 @dataclass(eq=False)
@@ -58,13 +63,19 @@ class _Cohort:
     weights: LoraWeights | None
     rows: list[Row]
     cache: Any
+    offsets_B: torch.Tensor | None
 
 
-def _select(cache: Any, rows: list[int], copied: bool) -> Any:
-    """``cache`` with only these batch rows (repeats allowed), in this order; a copy when ``copied``, else in place."""
+Offsets = torch.Tensor | None  # multimodal rotary offsets of a cache's rows (GenericTransformer.prefill)
+
+
+def _rows_of(cache: Any, offsets: Offsets, rows: list[int], copied: bool) -> tuple[Any, Offsets]:
+    """``cache`` (and its rows' rotary offsets) with only these batch rows (repeats allowed), in this order: a copy
+    when ``copied``, else narrowed in place (``reorder_cache``, which every cache layer implements)."""
     out = copy.deepcopy(cache) if copied else cache
-    out.reorder_cache(torch.tensor(rows, dtype=torch.long))
-    return out
+    index = torch.tensor(rows, dtype=torch.long)
+    out.reorder_cache(index)
+    return out, None if offsets is None else offsets[index.to(offsets.device)]
 
 
 class GenericSampler(Sampler):
@@ -79,7 +90,7 @@ class GenericSampler(Sampler):
         # The base class reads only shape, dtype and device of its model outside the methods overridden here.
         super().__init__(cast(Transformer, model), decode_text, max_batch, max_num_samples)
         self.model = model
-        self.cached = decode_with_cache and model.images is None
+        self.cached = decode_with_cache and model.decodes_with_cache
         self._groups: dict[int, tuple[_PromptGroup, int]] = {}  # ticket -> its prompt's group and row there
         self._born: dict[int, tuple[_PromptGroup, list[tuple[Row, int]]]] = {}  # rows stamped since the last decode
         self._cohorts: list[_Cohort] = []
@@ -114,18 +125,19 @@ class GenericSampler(Sampler):
         no_positions = torch.zeros(s.num_layers, s.num_kv_heads, 0, s.head_dim, dtype=m.dtype, device=m.device)
         groups: dict[tuple[int, int], list[JobState]] = {}
         for state in batch:
-            key = (id(state.job.weights), len(state.job.prompt)) if self.cached else (id(state), 0)
+            shared = self.cached and not state.job.images
+            key = (id(state.job.weights), len(state.job.prompt)) if shared else (id(state), 0)
             groups.setdefault(key, []).append(state)
         for members in groups.values():
             weights = members[0].job.weights
+            images = [st.job.images for st in members]
             if self.cached:
-                logits_G_P_V, cache = m.prefill([st.job.prompt for st in members], weights)
-                group = _PromptGroup(weights, cache)
+                logits_G_P_V, cache, offsets_G = m.prefill([st.job.prompt for st in members], weights, images)
+                group = _PromptGroup(weights, cache, offsets_G)
                 for j, state in enumerate(members):
                     self._groups[state.ticket] = (group, j)
             else:
-                (state,) = members
-                logits_G_P_V = m.padded_logits([state.job.prompt], weights, [state.job.images])
+                logits_G_P_V = m.padded_logits([st.job.prompt for st in members], weights, images)
             for j, state in enumerate(members):
                 state.last_logits_1_V = logits_G_P_V[j, -1:]
                 state.k_L_G_P_D = state.v_L_G_P_D = no_positions  # the slot cache holds nothing: see the module doc
@@ -151,9 +163,13 @@ class GenericSampler(Sampler):
             self._advance(rows, logits_B_V, done)
             return
         self._update_cohorts()
+        device = self.model.device
         for cohort in list(self._cohorts):
-            tokens_B = torch.tensor([r.tokens[-1] for r in cohort.rows], dtype=torch.long, device=self.model.device)
-            logits_B_V = self.model.decode(tokens_B, cohort.weights, cohort.cache)
+            tokens_B = torch.tensor([r.tokens[-1] for r in cohort.rows], dtype=torch.long, device=device)
+            positions_B = None
+            if cohort.offsets_B is not None:
+                positions_B = torch.tensor([r.position for r in cohort.rows], device=device) + cohort.offsets_B
+            logits_B_V = self.model.decode(tokens_B, cohort.weights, cohort.cache, positions_B)
             self._advance(cohort.rows, logits_B_V, done)
 
     def _update_cohorts(self) -> None:
@@ -163,14 +179,14 @@ class GenericSampler(Sampler):
         for group, born in self._born.values():
             members = [(row, j) for row, j in born if id(row) in live]
             if members:
-                cache = _select(group.cache, [j for _, j in members], copied=True)
-                self._cohorts.append(_Cohort(group.weights, [row for row, _ in members], cache))
+                cache, offsets = _rows_of(group.cache, group.offsets_G, [j for _, j in members], copied=True)
+                self._cohorts.append(_Cohort(group.weights, [row for row, _ in members], cache, offsets))
         self._born.clear()
         kept: list[_Cohort] = []
         for cohort in self._cohorts:
             stay = [b for b, row in enumerate(cohort.rows) if id(row) in live]
             if len(stay) < len(cohort.rows) and stay:
-                cohort.cache = _select(cohort.cache, stay, copied=False)
+                cohort.cache, cohort.offsets_B = _rows_of(cohort.cache, cohort.offsets_B, stay, copied=False)
                 cohort.rows = [cohort.rows[b] for b in stay]
             if stay:
                 kept.append(cohort)
