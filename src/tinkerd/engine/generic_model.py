@@ -76,6 +76,7 @@ class GenericTransformer:
         # transformers 5 names a forward's cache argument ``cache``; models written before it, ``past_key_values``
         params = inspect.signature(hf_model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._keeps_last_logits = "logits_to_keep" in params
         # Qwen-VL's multimodal rotary positions: the module that keeps the offsets its prefill computed
         self._rope_owner = next((m for m in hf_model.modules() if hasattr(m, "rope_deltas")), None)
         # whether ``prefill``/``decode`` are exact for every prompt: a vision-language model's positions after an image
@@ -124,13 +125,18 @@ class GenericTransformer:
         return out.logits.float()
 
     def prefill(
-        self, seqs: Sequence[Sequence[int]], weights: LoraWeights | None, images: Sequence[Images] | None = None
+        self,
+        seqs: Sequence[Sequence[int]],
+        weights: LoraWeights | None,
+        images: Sequence[Images] | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
         """Sequences of one length (no padding ever enters a cache) through one adapter: their fp32 logits
         [B, T, vocab]; the model's own cache of them (its ``Cache`` object, whatever its layers hold: keys and values,
         a sliding window, a linear-attention layer's convolution and recurrent states), which ``decode`` continues;
         and for a multimodal-rotary model, each row's rotary offset [B] (what its positions run ahead of its token
-        count after images; None for any other model)."""
+        count after images; None for any other model). ``last_only``: the logits may be those of the last position
+        alone ([B, 1, vocab], where the model can skip the rest)."""
         tokens_B_T = torch.tensor([list(s) for s in seqs], dtype=torch.long, device=self.device)
         mask_B_T = torch.ones_like(tokens_B_T)  # as ``padded_logits`` passes it, so the logits are the same
         extra: dict[str, Any] = {}
@@ -138,8 +144,9 @@ class GenericTransformer:
             if self.images is None:
                 raise InvalidRequestError("this model takes no images")
             tokens_B_T, extra = self.images.forward_inputs(tokens_B_T, images)
+        keep = {"logits_to_keep": 1} if last_only and self._keeps_last_logits else {}
         with self._adapter(weights):
-            out: Any = self.hf(input_ids=tokens_B_T, attention_mask=mask_B_T, use_cache=True, **extra)
+            out: Any = self.hf(input_ids=tokens_B_T, attention_mask=mask_B_T, use_cache=True, **extra, **keep)
         cache = out.get(self._cache_arg)
         if cache is None:
             raise RuntimeError(f"{type(self.hf).__name__} returned no cache from a forward with use_cache=True")

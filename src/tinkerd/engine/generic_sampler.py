@@ -132,7 +132,9 @@ class GenericSampler(Sampler):
             weights = members[0].job.weights
             images = [st.job.images for st in members]
             if self.cached:
-                logits_G_P_V, cache, offsets_G = m.prefill([st.job.prompt for st in members], weights, images)
+                last_only = not any(st.job.prompt_questions().any() for st in members)
+                prompts = [st.job.prompt for st in members]
+                logits_G_P_V, cache, offsets_G = m.prefill(prompts, weights, images, last_only)
                 group = _PromptGroup(weights, cache, offsets_G)
                 for j, state in enumerate(members):
                     self._groups[state.ticket] = (group, j)
