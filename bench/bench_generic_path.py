@@ -6,8 +6,9 @@ tokens after 32-token prompts through the packed ``Sampler`` (its KV cache), the
 cache) and the ``GenericSampler`` recomputing every prefix (``decode_with_cache=False``, its slow twin).
 The generic path always computes in fp32, so the packed path is measured in fp32, and in bf16 too where the CPU
 multiplies bf16 natively (AMX or AVX512-BF16; elsewhere bf16 is emulated and ``--dtype auto`` picks fp32).
-All sides run in this one process on the same inputs, alternating call by call. The defaults take about 5 minutes
-on a 2-core CPU.
+All sides run in this one process on the same inputs, alternating call by call. The defaults take about 2 minutes
+on a 2-core AVX2 CPU; on a shared machine run with ``OMP_NUM_THREADS=1`` (bench/RESULTS.md: with 2 threads every
+small decode op waits for a thread another process holds, and sampling figures measure that instead).
 
 ``--tiny FAMILY`` builds a tiny random model instead (``llama`` or the mixture of experts ``qwen3_moe``), to prove
 the script runs in seconds; its figures mean nothing. For a mixture of experts the LoRA leaves the MLP out, since the
