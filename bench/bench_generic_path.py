@@ -1,16 +1,20 @@
 """The cost of the generic engine path: tokens/s of the packed forward vs the model's own forward, one family both run.
 
 SmolLM2-135M-Instruct (Llama layout, so both paths can serve it), LoRA rank 16 on attention, MLP and unembedding.
-Training: forward_backward of 8 sequences of 128 tokens through ``ServedModel``. Sampling: 8 sequences of 32 new
-tokens after 32-token prompts through the packed ``Sampler`` (KV cache) and the ``GenericSampler`` (recomputation).
-The generic path always computes in fp32, so the packed path is measured both in its default bf16 and in fp32.
-All sides run in this one process on the same inputs, alternating call by call.
+Training: forward_backward of 4 sequences of 64 tokens through ``ServedModel``. Sampling: 4 sequences of 16 new
+tokens after 32-token prompts through the packed ``Sampler`` (its KV cache), the ``GenericSampler`` (the model's own
+cache) and the ``GenericSampler`` recomputing every prefix (``decode_with_cache=False``, its slow twin).
+The generic path always computes in fp32, so the packed path is measured in fp32, and in bf16 too where the CPU
+multiplies bf16 natively (AMX or AVX512-BF16; elsewhere bf16 is emulated and ``--dtype auto`` picks fp32).
+All sides run in this one process on the same inputs, alternating call by call. The defaults take about 2 minutes
+on a 2-core AVX2 CPU; on a shared machine run with ``OMP_NUM_THREADS=1`` (bench/RESULTS.md: with 2 threads every
+small decode op waits for a thread another process holds, and sampling figures measure that instead).
 
 ``--tiny FAMILY`` builds a tiny random model instead (``llama`` or the mixture of experts ``qwen3_moe``), to prove
 the script runs in seconds; its figures mean nothing. For a mixture of experts the LoRA leaves the MLP out, since the
 generic path cannot adapt fused experts and both sides should do the same work.
 
-    .venv/bin/python -m bench.bench_generic_path [--model-dir DIR] [--repeats 3] [--seqs 8] [--tokens 128]
+    .venv/bin/python -m bench.bench_generic_path [--model-dir DIR] [--repeats 3] [--seqs 4] [--tokens 64]
     .venv/bin/python -m bench.bench_generic_path --tiny llama --repeats 1 --seqs 2 --tokens 16 --new-tokens 4
 """
 
@@ -25,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from bench.common import default_model_dir, interleaved_medians
 from tinkerd.domain.ops import ArrayData, Datum, LoraConfig, SamplingParams
-from tinkerd.engine.config import EngineConfig
+from tinkerd.engine.config import EngineConfig, native_bf16
 from tinkerd.engine.generic_model import GenericTransformer
 from tinkerd.engine.generic_sampler import GenericSampler
 from tinkerd.engine.sample_job import SampleJob
@@ -69,9 +73,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", type=Path, default=default_model_dir())
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seqs", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=128, help="tokens per training sequence")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens sampled per sequence")
+    parser.add_argument("--seqs", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per training sequence")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens sampled per sequence")
     parser.add_argument("--tiny", choices=["llama", "qwen3_moe"], help="a tiny random model, to prove the script runs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,8 +88,11 @@ def run(model_dir: Path, args: argparse.Namespace) -> None:
     lora = LoraConfig(rank=16, alpha=32.0, seed=0, train_mlp=not moe)
     print(f"model {model_dir.name}; LoRA rank 16 on attention, {'' if lora.train_mlp else 'no '}MLP, unembedding")
     torch.manual_seed(0)
+    bf16, why = native_bf16("cpu")
+    if not bf16:  # emulated bf16 matmuls are ~100x slower than fp32: `--dtype auto` never picks them here
+        print(f"packed bf16 not measured: {why}")
     sides = {
-        "packed bf16": served(model_dir, "bfloat16", generic=False, lora=lora),
+        **({"packed bf16": served(model_dir, "bfloat16", generic=False, lora=lora)} if bf16 else {}),
         "packed fp32": served(model_dir, "float32", generic=False, lora=lora),
         "generic fp32": served(model_dir, "float32", generic=True, lora=lora),
     }
@@ -106,25 +113,27 @@ def run(model_dir: Path, args: argparse.Namespace) -> None:
     for name, model in sides.items():
         if isinstance(model.train, GenericTransformer):
             samplers[name] = GenericSampler(model.train)
+            samplers["generic recompute"] = GenericSampler(model.train, decode_with_cache=False)
         else:
             assert isinstance(model.train, Transformer)
             samplers[name] = Sampler(model.train)
+    models = {**sides, "generic recompute": sides["generic fp32"]}
     g = torch.Generator().manual_seed(1)
     vocab = min(1000, sides["packed fp32"].vocab_size)
     prompts = [torch.randint(3, vocab, (32,), generator=g).tolist() for _ in range(args.seqs)]
     params = SamplingParams(max_tokens=args.new_tokens, temperature=1.0, seed=3)
 
     def sample(name: str) -> None:
-        weights = sides[name].snapshot("a")
+        weights = models[name].snapshot("a")
         samplers[name].run([SampleJob(p, params, 1, weights) for p in prompts])
 
-    sample_s = interleaved_medians({k: (lambda k=k: sample(k)) for k in sides}, args.repeats)
+    sample_s = interleaved_medians({k: (lambda k=k: sample(k)) for k in samplers}, args.repeats)
     new = args.seqs * args.new_tokens
     print(
         f"sampling, {args.seqs} sequences x {args.new_tokens} new tokens after 32-token prompts ({args.repeats} runs):"
     )
     for name, s in sample_s.items():
-        print(f"  {name:13s} {new / s:8.0f} tokens/s   ({s:.2f} s)   x{sample_s['generic fp32'] / s:.1f} generic")
+        print(f"  {name:17s} {new / s:8.0f} tokens/s   ({s:.2f} s)   x{sample_s['generic fp32'] / s:.1f} generic")
 
 
 if __name__ == "__main__":

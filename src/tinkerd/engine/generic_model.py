@@ -12,6 +12,7 @@ unembedding, and the other linear layers of the decoder blocks are MLP. Mixture-
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -72,6 +73,15 @@ class GenericTransformer:
         modules = dict(hf_model.named_modules())
         for name in lora_candidates(hf_model):
             modules[name].register_forward_hook(self._lora_hook(name))
+        # transformers 5 names a forward's cache argument ``cache``; models written before it, ``past_key_values``
+        params = inspect.signature(hf_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._keeps_last_logits = "logits_to_keep" in params
+        # Qwen-VL's multimodal rotary positions: the module that keeps the offsets its prefill computed
+        self._rope_owner = next((m for m in hf_model.modules() if hasattr(m, "rope_deltas")), None)
+        # whether ``prefill``/``decode`` are exact for every prompt: a vision-language model's positions after an image
+        # are known only for the multimodal rotary layout above
+        self.decodes_with_cache = images is None or self._rope_owner is not None
 
     def _lora_hook(self, name: str) -> Any:
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
@@ -113,6 +123,55 @@ class GenericTransformer:
         with self._adapter(weights):
             out: Any = self.hf(input_ids=tokens_B_T, attention_mask=mask_B_T, use_cache=False, **extra)
         return out.logits.float()
+
+    def prefill(
+        self,
+        seqs: Sequence[Sequence[int]],
+        weights: LoraWeights | None,
+        images: Sequence[Images] | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+        """Sequences of one length (no padding ever enters a cache) through one adapter: their fp32 logits
+        [B, T, vocab]; the model's own cache of them (its ``Cache`` object, whatever its layers hold: keys and values,
+        a sliding window, a linear-attention layer's convolution and recurrent states), which ``decode`` continues;
+        and for a multimodal-rotary model, each row's rotary offset [B] (what its positions run ahead of its token
+        count after images; None for any other model). ``last_only``: the logits may be those of the last position
+        alone ([B, 1, vocab], where the model can skip the rest)."""
+        tokens_B_T = torch.tensor([list(s) for s in seqs], dtype=torch.long, device=self.device)
+        mask_B_T = torch.ones_like(tokens_B_T)  # as ``padded_logits`` passes it, so the logits are the same
+        extra: dict[str, Any] = {}
+        if images is not None and any(images):
+            if self.images is None:
+                raise InvalidRequestError("this model takes no images")
+            tokens_B_T, extra = self.images.forward_inputs(tokens_B_T, images)
+        keep = {"logits_to_keep": 1} if last_only and self._keeps_last_logits else {}
+        with self._adapter(weights):
+            out: Any = self.hf(input_ids=tokens_B_T, attention_mask=mask_B_T, use_cache=True, **extra, **keep)
+        cache = out.get(self._cache_arg)
+        if cache is None:
+            raise RuntimeError(f"{type(self.hf).__name__} returned no cache from a forward with use_cache=True")
+        offsets_B = None
+        if self._rope_owner is not None:
+            # the model keeps the offsets of its last multimodal prefill on itself, shared by every later decode; they
+            # are read here and passed back as explicit positions, so cohorts of other prompts can decode in between
+            deltas: Any = self._rope_owner.rope_deltas
+            offsets_B = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
+            if extra and deltas is not None:
+                offsets_B = deltas.reshape(-1).to(device=self.device, dtype=torch.long).expand(len(seqs)).clone()
+        return out.logits.float(), cache, offsets_B
+
+    def decode(
+        self, tokens_B: torch.Tensor, weights: LoraWeights | None, cache: Any, positions_B: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """fp32 next-token logits [B, vocab] after appending ``tokens_B[b]`` to row b of ``cache`` (from ``prefill``,
+        rows of one length), which advances in place; through one adapter. ``positions_B``: each token's rotary
+        position, for a multimodal-rotary model (its text positions, the same on each of its three axes)."""
+        extra: dict[str, Any] = {self._cache_arg: cache}
+        if positions_B is not None:
+            extra["position_ids"] = positions_B.view(1, -1, 1).expand(3, -1, 1)
+        with self._adapter(weights):
+            out: Any = self.hf(input_ids=tokens_B[:, None], use_cache=True, **extra)
+        return out.logits[:, -1].float()
 
     def sequence_logprobs(
         self,
