@@ -52,12 +52,13 @@ def test_packed_layouts_take_the_packed_path(family: str) -> None:
     assert path_of(tiny_model(family)) is EnginePath.PACKED
 
 
-SLOW = pytest.mark.slow  # Qwen3.5's reference delta-rule kernels and GPT-OSS's experts take 10-50 s here
+# Qwen3.5's reference delta-rule kernels and GPT-OSS's experts take seconds: in the default run, not in test-fast
+HEAVY = pytest.mark.heavy
 
 
 def families(*fast: str) -> list[object]:
-    """Every generic family; those not in ``fast`` run only under the slow marker."""
-    return [f if f in fast else pytest.param(f, marks=SLOW) for f in GENERIC_FAMILIES]
+    """Every generic family; those not in ``fast`` are heavy (the default run, not test-fast)."""
+    return [f if f in fast else pytest.param(f, marks=HEAVY) for f in GENERIC_FAMILIES]
 
 
 @pytest.mark.parametrize("family", families("phi", "olmo"))
