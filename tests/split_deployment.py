@@ -13,7 +13,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,3 +165,22 @@ class SplitDeployment:
             except subprocess.TimeoutExpired:
                 member.process.kill()
                 member.process.wait()
+
+
+@contextmanager
+def running(
+    root: Path, database_url: str, model: str, workers: Sequence[tuple[str, str]], lease_s: float
+) -> Iterator[SplitDeployment]:
+    """An api and ``workers`` ((role, name) pairs) started on a database whose schema is made first (before the
+    processes race to create it), ready; closed on exit."""
+    Store.open(database_url).close()
+    found = SplitDeployment(root, database_url, model, lease_s=lease_s)
+    found.add_api()
+    for role, name in workers:
+        found.add_worker(role, name)
+    found.start()
+    try:
+        found.wait_ready()
+        yield found
+    finally:
+        found.close()

@@ -17,8 +17,7 @@ from tests.e2e.browser import SCREENSHOTS, browser_context
 from tests.e2e.conftest import API_KEY
 from tests.e2e.test_sdk_training import datum
 from tests.pg_server import PostgresServer
-from tests.split_deployment import SplitDeployment
-from tinkerd.store import Store
+from tests.split_deployment import SplitDeployment, running
 
 # slow (about 2 minutes): the default run keeps the console's browser test against `serve`, whose server page shows
 # the same workers table, and the split deployment's own e2e tests.
@@ -28,17 +27,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.browser, pytest.mark.slow]
 @pytest.fixture
 def deployment(postgres_server: PostgresServer, tiny_model_dir: Path, tmp_path: Path) -> Iterator[SplitDeployment]:
     database_url = postgres_server.create_database("console_split")
-    Store.open(database_url).close()  # the schema, before the processes race to create it
-    found = SplitDeployment(tmp_path, database_url, str(tiny_model_dir), lease_s=4.0)
-    found.add_api()
-    found.add_worker("trainer", "trainer-a")
-    found.add_worker("sampler", "sampler-1")
-    found.start()
-    try:
-        found.wait_ready()
+    workers = [("trainer", "trainer-a"), ("sampler", "sampler-1")]
+    with running(tmp_path, database_url, str(tiny_model_dir), workers, lease_s=4.0) as found:
         yield found
-    finally:
-        found.close()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from tinker import types
 from tests.e2e.conftest import API_KEY
 from tests.e2e.test_sdk_training import PROMPT, datum
 from tests.pg_server import PostgresServer
-from tests.split_deployment import CLI, SplitDeployment
+from tests.split_deployment import CLI, SplitDeployment, running
 from tinkerd.store import Store
 from tinkerd.store.workers import WorkerRegistry
 
@@ -25,18 +25,9 @@ pytestmark = pytest.mark.postgres
 @pytest.fixture
 def deployment(postgres_server: PostgresServer, tiny_model_dir: Path, tmp_path: Path) -> Iterator[SplitDeployment]:
     database_url = postgres_server.create_database("split")
-    Store.open(database_url).close()  # the schema, before four processes race to create it
-    found = SplitDeployment(tmp_path, database_url, str(tiny_model_dir), lease_s=4.0)
-    found.add_api()
-    found.add_worker("trainer", "trainer-a")
-    found.add_worker("trainer", "trainer-b")
-    found.add_worker("sampler", "sampler-1")
-    found.start()
-    try:
-        found.wait_ready()
+    workers = [("trainer", "trainer-a"), ("trainer", "trainer-b"), ("sampler", "sampler-1")]
+    with running(tmp_path, database_url, str(tiny_model_dir), workers, lease_s=4.0) as found:
         yield found
-    finally:
-        found.close()
 
 
 def test_the_sdk_trains_and_samples_across_api_trainers_and_sampler(deployment: SplitDeployment) -> None:
