@@ -61,7 +61,7 @@ def preference_pair(chosen: list[int], rejected: list[int]) -> list[Datum]:
 def preference_and_rl(service: Any, base_model: str, out: dict[str, Any]) -> None:
     """DPO the way the SDK's helper does it (reference logprobs from a snapshot before any step), a dppo forward,
     and top_k_logprobs, on a run of their own."""
-    tc = service.create_lora_training_client(base_model=base_model, rank=4, ready_timeout=READY_TIMEOUT)
+    tc = service.create_lora_training_client(base_model=base_model, rank=4, seed=1, ready_timeout=READY_TIMEOUT)
     reference = tc.save_weights_and_get_sampling_client("reference")
     pairs = attach_reference_logprobs(
         preference_pair([330, 1345, 314], [2593, 30, 216, 260]) + preference_pair([260, 2593], [314, 330]), reference
@@ -142,7 +142,9 @@ def main() -> None:
 
     service = ServiceClient()
     out["capabilities"] = [m.model_name for m in service.get_server_capabilities().supported_models]
-    tc = service.create_lora_training_client(base_model=base_model, rank=4, ready_timeout=READY_TIMEOUT)
+    # Seeded adapters: the same trajectory on every run (an unseeded one draws its LoRA A at random, and whether eight
+    # steps change a tiny random model's greedy continuation then varies from run to run).
+    tc = service.create_lora_training_client(base_model=base_model, rank=4, seed=0, ready_timeout=READY_TIMEOUT)
     out["run_id"] = tc.run_id
 
     masked = tc.forward_backward([masked_datum()], "cross_entropy").result()
