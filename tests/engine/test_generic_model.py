@@ -10,10 +10,18 @@ import pytest
 import torch
 from peft import PeftModel
 
-from tests.engine.tiny_models import FAMILIES, GENERIC_FAMILIES, hf_logprobs, tiny_generic_model, tiny_model
+from tests.engine.tiny_models import (
+    FAMILIES,
+    GENERIC_FAMILIES,
+    hf_logprobs,
+    next_token_datum,
+    served_logprobs,
+    tiny_generic_model,
+    tiny_model,
+)
 from tinkerd.domain.architectures import EnginePath, UnsupportedModelError
 from tinkerd.domain.errors import InvalidRequestError
-from tinkerd.domain.ops import AdamParams, ArrayData, Datum, LoraConfig, SamplingParams
+from tinkerd.domain.ops import AdamParams, LoraConfig, SamplingParams
 from tinkerd.engine.checkpoint import load_checkpoint, save_checkpoint
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.generic_model import GenericTransformer
@@ -27,16 +35,8 @@ SEQS = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [10, 11, 12], [13, 14, 15, 16, 17]]  # lo
 LORA = LoraConfig(rank=4, alpha=8.0, seed=1)
 
 
-def datum(tokens: list[int]) -> Datum:
-    targets = [*tokens[1:], 2]
-    return Datum(
-        tokens, {"target_tokens": ArrayData.of_ints(targets), "weights": ArrayData.of_floats([1.0] * len(tokens))}
-    )
-
-
-def logprobs(model: ServedModel, adapter: str | None, seqs: list[list[int]]) -> list[torch.Tensor]:
-    (result,) = model.forward([ForwardJob(adapter, [datum(s) for s in seqs], "cross_entropy")])
-    return [torch.tensor(out["logprobs"].values) for out in result.loss_fn_outputs]
+datum = next_token_datum
+logprobs = served_logprobs
 
 
 def trained(model: ServedModel, adapter: str, seed: int) -> None:

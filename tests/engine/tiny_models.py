@@ -11,6 +11,9 @@ from transformers.models.mistral import MistralConfig
 from transformers.models.qwen2 import Qwen2Config
 from transformers.models.qwen3 import Qwen3Config
 
+from tinkerd.domain.ops import ArrayData, Datum
+from tinkerd.engine.served_model import ForwardJob, ServedModel
+
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
@@ -147,3 +150,17 @@ def hf_logprobs(hf: Any, seqs: list[list[int]]) -> list[torch.Tensor]:
             logp = torch.log_softmax(hf(torch.tensor([s])).logits[0].float(), dim=-1)
             out.append(logp.gather(1, torch.tensor([*s[1:], 2])[:, None])[:, 0])
     return out
+
+
+def next_token_datum(tokens: list[int]) -> Datum:
+    """cross_entropy on every next token (the last position scores token 2), weight 1 each."""
+    targets = [*tokens[1:], 2]
+    return Datum(
+        tokens, {"target_tokens": ArrayData.of_ints(targets), "weights": ArrayData.of_floats([1.0] * len(tokens))}
+    )
+
+
+def served_logprobs(model: ServedModel, adapter: str | None, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """The engine's forward logprobs of each sequence's next tokens, through ``adapter`` (None: the base model)."""
+    (result,) = model.forward([ForwardJob(adapter, [next_token_datum(s) for s in seqs], "cross_entropy")])
+    return [torch.tensor(out["logprobs"].values) for out in result.loss_fn_outputs]
