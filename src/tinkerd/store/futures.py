@@ -259,8 +259,9 @@ class FuturesLedger:
         def anything_ready(conn: Connection) -> bool:
             return bool(ready_chains(conn, 1, scope)[0] or ready_unordered(conn, min(unordered_limit, 1), scope))
 
-        # The worker polls this; look first without the write lock, so an idle poll never blocks a submit.
-        if look_first and not self._db.read(anything_ready):
+        # The worker polls this; on SQLite, look first without the write lock, so an idle poll never blocks a
+        # submit. PostgreSQL takes no lock to read, and the claim's own reads are the look: one transaction, not two.
+        if look_first and self._db.is_sqlite and not self._db.read(anything_ready):
             return Claim(futures=(), next_seq={})
         return self._db.write(txn)
 
