@@ -51,15 +51,26 @@ def _no_progress(_what: str, _done: int, _total: int) -> None:
     pass
 
 
-def export_peft(checkpoint_dir: Path, out: Path, *, overwrite: bool = False) -> list[Path]:
+def export_peft(
+    checkpoint_dir: Path, out: Path, *, overwrite: bool = False, base_model_type: str | None = None
+) -> list[Path]:
     """Write ``checkpoint_dir``'s LoRA adapter as a plain PEFT adapter directory at ``out``; the files written.
 
     Refuses (InvalidRequestError) an adapter of MoE experts that also adapts other ``gate_proj``/``up_proj``/
     ``down_proj`` layers (Qwen2-MoE's shared expert): PEFT (0.21, with transformers 5) reads every such target of
-    these models as the experts' and would silently drop the others. Export a merged model for those."""
+    these models as the experts' and would silently drop the others. Refuses too an adapter of GPT-OSS's experts
+    (``base_model_type`` "gpt_oss", the base model's config ``model_type`` when the caller knows it): PEFT has no
+    per-expert modules for them, and its ``target_parameters`` adapt a whole fused ``gate_up_proj`` with one adapter
+    per expert, not gate and up apart. Export a merged model for those."""
     loaded = load_checkpoint(checkpoint_dir, "cpu", load_optimizer=False)  # a corrupt checkpoint fails here, clearly
     names = list(loaded.weights.a)
-    if any(is_expert_param(n) for n in names):
+    experts = [n for n in names if is_expert_param(n)]
+    if experts and base_model_type == "gpt_oss":
+        raise InvalidRequestError(
+            f"this adapter trains GPT-OSS's experts ({experts[0]!r}, ...), which a PEFT adapter cannot express: "
+            "export a merged model instead (or train with train_mlp=False for a PEFT adapter)"
+        )
+    if experts:
         shadowed = [n for n in names if not is_expert_param(n) and n.rsplit(".", 1)[-1] in EXPERT_PROJECTIONS]
         if shadowed:
             raise InvalidRequestError(
