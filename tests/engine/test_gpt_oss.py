@@ -3,6 +3,7 @@ against Hugging Face, PEFT and its own slow twins."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,6 @@ from transformers import AutoModelForCausalLM
 
 from tests.engine.tiny_models import hf_logprobs, next_token_datum, served_logprobs, tiny_generic_config
 from tinkerd.domain.architectures import EnginePath
-from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import AdamParams, ArrayData, Datum, LoraConfig, SamplingParams
 from tinkerd.engine.checkpoint import load_checkpoint, save_checkpoint
 from tinkerd.engine.config import EngineConfig
@@ -110,9 +110,9 @@ def _without(weights: LoraWeights, names: list[str]) -> LoraWeights:
     return LoraWeights(weights.rank, weights.alpha, {n: weights.a[n] for n in keep}, {n: weights.b[n] for n in keep})
 
 
-def test_expert_adapters_export_merged_and_load_back_and_peft_takes_the_attention_ones(tmp_path: Path) -> None:
-    """PEFT cannot express adapters of GPT-OSS's fused experts: their PEFT export is refused and a merged model
-    carries them; an adapter of attention and unembedding alone exports to PEFT, which agrees with us."""
+def test_expert_adapters_export_to_peft_and_merged_and_load_back(tmp_path: Path) -> None:
+    """Checkpoints hold one module per expert and load back; the PEFT export rewrites them onto PEFT's LoRA of the
+    fused expert parameters, and PEFT's outputs equal ours; so do a merged model's."""
     model = ServedModel("m", tiny_gpt_oss(), FP32)
     model.create_adapter("a", LORA)
     weights = model.adapter("a").weights
@@ -144,16 +144,13 @@ def test_expert_adapters_export_merged_and_load_back_and_peft_takes_the_attentio
     for got, want in zip(logprobs(model, "b", SEQS), ours, strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
-    with pytest.raises(InvalidRequestError, match="merged model"):
-        export_peft(tmp_path / "c", tmp_path / "peft", base_model_type="gpt_oss")
-
-    attn_only = LoraConfig(rank=4, alpha=8.0, seed=2, train_mlp=False)
-    model.create_adapter("attn", attn_only)
-    randomise(model, "attn", seed=4)
-    save_checkpoint(tmp_path / "attn", model.snapshot("attn"), attn_only, "tiny", None, {})
-    export_peft(tmp_path / "attn", tmp_path / "peft", base_model_type="gpt_oss")
+    # PEFT: LoRA on the fused expert parameters (target_parameters), gate and up as one rank-2r adapter
+    export_peft(tmp_path / "c", tmp_path / "peft", base_model_type="gpt_oss")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert "gate_proj" not in config["target_modules"] and "q_proj" in config["target_modules"]
     peft_model = PeftModel.from_pretrained(tiny_gpt_oss(), str(tmp_path / "peft")).eval()
-    for got, want in zip(logprobs(model, "attn", SEQS), hf_logprobs(peft_model, SEQS), strict=True):
+    for got, want in zip(ours, hf_logprobs(peft_model, SEQS), strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 

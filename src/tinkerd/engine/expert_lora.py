@@ -9,8 +9,9 @@ computes the same delta).
 
 Transformers 5 stores an expert's gate and up projections fused as ``gate_up_proj`` [E, 2 * I, hidden] (gate rows
 first) and its down projection as ``down_proj`` [E, hidden, I]; GPT-OSS stores both transposed, with gate and up
-columns interleaved (see ``_fused``). PEFT has no per-expert names for GPT-OSS (its experts were fused in
-transformers 4 too): its adapters of these experts are exported as a merged model (``export.py``).
+columns interleaved (see ``_fused``). PEFT has no per-expert modules for GPT-OSS (its experts were fused in
+transformers 4 too): the PEFT export rewrites its expert adapters onto PEFT's LoRA of fused parameters
+(``gpt_oss_peft.py``).
 """
 
 from __future__ import annotations
