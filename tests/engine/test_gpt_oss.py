@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.engine.tiny_models import hf_logprobs, next_token_datum, served_logprobs, tiny_generic_config
 from tinkerd.domain.architectures import EnginePath
+from tinkerd.domain.errors import InvalidRequestError
 from tinkerd.domain.ops import AdamParams, ArrayData, Datum, LoraConfig, SamplingParams
 from tinkerd.engine.checkpoint import load_checkpoint, save_checkpoint
 from tinkerd.engine.config import EngineConfig
@@ -152,6 +153,16 @@ def test_expert_adapters_export_to_peft_and_merged_and_load_back(tmp_path: Path)
     peft_model = PeftModel.from_pretrained(tiny_gpt_oss(), str(tmp_path / "peft")).eval()
     for got, want in zip(ours, hf_logprobs(peft_model, SEQS), strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    with pytest.raises(InvalidRequestError, match="target_parameters"):  # that form is not read back: a clear 400
+        load_checkpoint(tmp_path / "peft", "cpu", model=model.train.hf)
+
+
+def test_the_cli_export_learns_the_model_type_from_the_base_models_config(tmp_path: Path) -> None:
+    from tinkerd.cli_runs import _model_type
+
+    tiny_generic_config("gpt_oss").save_pretrained(tmp_path / "base")
+    assert _model_type(str(tmp_path / "base"), tmp_path / "cache") == "gpt_oss"
+    assert _model_type(str(tmp_path / "gone"), tmp_path / "cache") is None  # not here: the per-expert form
 
 
 def test_mixed_runs_in_bf16_are_bit_identical_to_separate_ones_and_training_moves_only_its_run() -> None:
