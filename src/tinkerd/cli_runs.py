@@ -192,7 +192,7 @@ def checkpoints_export(
             base_name = base_model or store.runs.get(tinker_path.run_id, owner, accessible=True).base_model
         source = CheckpointFiles(directory).dir_of(tinker_path)
         if export_format is ExportFormat.peft:
-            files = export_peft(source, out, overwrite=force)
+            files = export_peft(source, out, overwrite=force, base_model_type=_model_type(base_name, cache_dir))
         else:
             base_dir = hub.resolve_model(base_name, Settings.load(cache_dir=cache_dir).cache_dir).path
             from transformers.utils import logging as hf_logging
@@ -226,3 +226,16 @@ def checkpoints_export(
         f"Exported {tinker_path} as {export_format.value} to {out} ({len(files)} files, {views.human_size(size)})"
     )
     typer.echo(f"Load it with {loader}" + (".from_pretrained(base_model, DIR)" if loader == "PeftModel" else ""))
+
+
+def _model_type(base_model: str, cache_dir: Path | None) -> str | None:
+    """The ``model_type`` in a base model's config.json, when the model is here to read (None otherwise)."""
+    import json
+
+    try:
+        path = hub.resolve_model(base_model, Settings.load(cache_dir=cache_dir).cache_dir).path / "config.json"
+        config = json.loads(path.read_text())
+    except (TinkerdError, SettingsError, OSError, ValueError):
+        return None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return model_type if isinstance(model_type, str) else None

@@ -25,13 +25,14 @@ from tinkerd.domain.ops import AdamParams, LoraConfig, SamplingParams
 from tinkerd.engine.checkpoint import load_checkpoint, save_checkpoint
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.generic_model import GenericTransformer
+from tinkerd.engine.lora import init_lora_weights
 from tinkerd.engine.model_paths import load_hf_model, path_of
 from tinkerd.engine.sample_job import SampleJob
 from tinkerd.engine.served_model import ForwardJob, ServedModel
 from tinkerd.worker.hosts import ModelHost
 
 FP32 = EngineConfig(train_dtype="float32", sample_dtype="float32")
-SEQS = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [10, 11, 12], [13, 14, 15, 16, 17]]  # longer than gpt_oss's window of 4
+SEQS = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [10, 11, 12], [13, 14, 15, 16, 17]]
 LORA = LoraConfig(rank=4, alpha=8.0, seed=1)
 
 
@@ -52,7 +53,7 @@ def test_packed_layouts_take_the_packed_path(family: str) -> None:
     assert path_of(tiny_model(family)) is EnginePath.PACKED
 
 
-# Qwen3.5's reference delta-rule kernels and GPT-OSS's experts take seconds: in the default run, not in test-fast
+# Qwen3.5's reference delta-rule kernels take seconds: in the default run, not in test-fast
 HEAVY = pytest.mark.heavy
 
 
@@ -123,9 +124,11 @@ def test_training_lowers_the_loss_and_mixed_batches_equal_separate_ones() -> Non
 
 
 def test_a_config_that_adapts_no_layer_of_the_model_is_refused() -> None:
-    model = ServedModel("m", tiny_generic_model("gpt_oss"), FP32)  # its MLP is fused experts: no linear layers
+    # GPT-OSS's MLP is fused experts, no linear layers: the generic path has nothing to adapt with train_mlp alone
+    # (the packed path adapts its experts, tests/engine/test_gpt_oss.py)
+    hf = tiny_generic_model("gpt_oss")
     with pytest.raises(InvalidRequestError, match="no layer"):
-        model.create_adapter("a", LoraConfig(rank=4, alpha=8.0, train_attn=False, train_unembed=False))
+        init_lora_weights(hf, LoraConfig(rank=4, alpha=8.0, train_attn=False, train_unembed=False), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("family", families("phi"))

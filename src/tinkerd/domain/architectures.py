@@ -22,8 +22,8 @@ class EnginePath(StrEnum):
 
 
 # Hugging Face model_type -> the decoder layouts the packed forward implements (dense, and mixture of experts with
-# transformers 5's fused expert weights).
-PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe"})
+# transformers 5's fused expert weights; GPT-OSS with attention sinks, see engine/gpt_oss.py).
+PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "gpt_oss"})
 
 
 class UnsupportedModelError(TinkerdError, ValueError):

@@ -219,7 +219,9 @@ def _plain_peft(config: dict[str, object], weights: LoraWeights, model: nn.Modul
 def _weights_from_peft(tensors: dict[str, torch.Tensor], config: dict[str, object]) -> LoraWeights:
     if config.get("peft_type") != "LORA":
         raise InvalidRequestError(f"{ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
-    bad = [k for k in (*_UNSUPPORTED, "trainable_token_indices") if config.get(k) not in (None, False, "none", {}, [])]
+    # target_parameters: LoRA on fused 3-D parameters (what a GPT-OSS PEFT export holds), not read back (yet)
+    extra = ("trainable_token_indices", "target_parameters")
+    bad = [k for k in (*_UNSUPPORTED, *extra) if config.get(k) not in (None, False, "none", {}, [])]
     if bad:
         raise InvalidRequestError(f"{ADAPTER_CONFIG}: unsupported LoRA features {bad}; only plain LoRA is supported")
     rank, alpha = config.get("r"), config.get("lora_alpha")

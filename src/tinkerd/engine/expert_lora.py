@@ -8,7 +8,10 @@ loads an adapter of a Qwen2-MoE or Qwen3-MoE model (gate and up become one rank-
 computes the same delta).
 
 Transformers 5 stores an expert's gate and up projections fused as ``gate_up_proj`` [E, 2 * I, hidden] (gate rows
-first) and its down projection as ``down_proj`` [E, hidden, I].
+first) and its down projection as ``down_proj`` [E, hidden, I]; GPT-OSS stores both transposed, with gate and up
+columns interleaved (see ``_fused``). PEFT has no per-expert modules for GPT-OSS (its experts were fused in
+transformers 4 too): the PEFT export rewrites its expert adapters onto PEFT's LoRA of fused parameters
+(``gpt_oss_peft.py``).
 """
 
 from __future__ import annotations
@@ -55,15 +58,26 @@ def stack_experts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
         b[target] = torch.stack([b.pop(n) for n in names])
 
 
-def _fused(module: nn.Module | None, projection: str) -> tuple[torch.Tensor, slice] | None:
-    """The fused parameter holding ``projection`` of every expert, and its rows that are that projection."""
+def _fused(module: nn.Module | None, projection: str) -> torch.Tensor | None:
+    """The view [E, out, in] of the fused parameter that holds ``projection`` of every expert (writable in place).
+
+    Qwen's layout stores ``gate_up_proj`` [E, 2 * I, hidden] (gate rows first) and ``down_proj`` [E, hidden, I];
+    GPT-OSS's (``is_transposed``, not ``is_concatenated``) stores them transposed, ``gate_up_proj`` [E, hidden, 2 * I]
+    with gate and up columns interleaved (gate ``0::2``) and ``down_proj`` [E, I, hidden]."""
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor) or gate_up.dim() != 3:
         return None
+    if getattr(module, "is_transposed", False):
+        if getattr(module, "is_concatenated", True):
+            return None  # a transposed layout with gate and up in halves: not one tinkerd runs
+        if projection == "down_proj":
+            return down.transpose(1, 2)
+        columns = slice(0, None, 2) if projection == "gate_proj" else slice(1, None, 2)
+        return gate_up[:, :, columns].transpose(1, 2)
     inter = gate_up.shape[1] // 2
     if projection == "down_proj":
-        return down, slice(None)
-    return gate_up, slice(0, inter) if projection == "gate_proj" else slice(inter, 2 * inter)
+        return down
+    return gate_up[:, :inter] if projection == "gate_proj" else gate_up[:, inter:]
 
 
 def check_expert_compatible(name: str, weights: LoraWeights, modules: Mapping[str, nn.Module]) -> None:
@@ -72,8 +86,7 @@ def check_expert_compatible(name: str, weights: LoraWeights, modules: Mapping[st
     fused = _fused(modules.get(block), projection)
     if fused is None:
         raise InvalidRequestError(f"adapter targets {name!r}, which the base model has no fused experts for")
-    w, rows = fused
-    experts, out_features, in_features = w[:, rows].shape
+    experts, out_features, in_features = fused.shape
     a, b = weights.a[name], weights.b[name]
     if (a.shape[0], a.shape[2], b.shape[1]) != (experts, in_features, out_features):
         raise InvalidRequestError(
@@ -87,7 +100,6 @@ def merge_experts(model: nn.Module, weights: LoraWeights, name: str) -> None:
     block, projection = name.rsplit(".", 1)
     fused = _fused(model.get_submodule(block), projection)
     assert fused is not None, "check_expert_compatible first"
-    w, rows = fused
     delta_E_out_in = torch.bmm(weights.b[name].float(), weights.a[name].float()) * weights.scale
     with torch.no_grad():
-        w[:, rows] = (w[:, rows].float() + delta_E_out_in.to(w.device)).to(w.dtype)
+        fused.copy_((fused.float() + delta_E_out_in.to(fused.device)).to(fused.dtype))  # writes through the view

@@ -12,15 +12,17 @@ interrupted export never leaves a half-written directory that looks like a model
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from tinkerd.domain.errors import ConflictError, InvalidRequestError
-from tinkerd.engine import atomic_dir
+from tinkerd.engine import atomic_dir, gpt_oss_peft
 from tinkerd.engine.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_checkpoint, merge_into
 from tinkerd.engine.lora import LoraWeights
 from tinkerd.engine.lora_targets import EXPERT_PROJECTIONS, is_expert_param
@@ -51,15 +53,35 @@ def _no_progress(_what: str, _done: int, _total: int) -> None:
     pass
 
 
-def export_peft(checkpoint_dir: Path, out: Path, *, overwrite: bool = False) -> list[Path]:
+def export_peft(
+    checkpoint_dir: Path, out: Path, *, overwrite: bool = False, base_model_type: str | None = None
+) -> list[Path]:
     """Write ``checkpoint_dir``'s LoRA adapter as a plain PEFT adapter directory at ``out``; the files written.
 
     Refuses (InvalidRequestError) an adapter of MoE experts that also adapts other ``gate_proj``/``up_proj``/
     ``down_proj`` layers (Qwen2-MoE's shared expert): PEFT (0.21, with transformers 5) reads every such target of
-    these models as the experts' and would silently drop the others. Export a merged model for those."""
+    these models as the experts' and would silently drop the others. Export a merged model for those.
+
+    An adapter of GPT-OSS's experts (``base_model_type`` "gpt_oss": the base model's config ``model_type``, when the
+    caller knows it) is rewritten onto PEFT's LoRA of the fused expert parameters (``gpt_oss_peft``): PEFT has no
+    per-expert modules for GPT-OSS. Without ``base_model_type`` the checkpoint's per-expert form is written, which
+    PEFT reads for Qwen2-MoE and Qwen3-MoE only."""
     loaded = load_checkpoint(checkpoint_dir, "cpu", load_optimizer=False)  # a corrupt checkpoint fails here, clearly
     names = list(loaded.weights.a)
-    if any(is_expert_param(n) for n in names):
+    experts = any(is_expert_param(n) for n in names)
+    if experts and base_model_type == "gpt_oss":
+        config = json.loads((checkpoint_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        tensors, peft_config = gpt_oss_peft.peft_adapter(loaded.weights, config)
+        _check_out(out, overwrite)
+
+        def write_converted(tmp: Path) -> None:
+            save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n", "utf-8")
+            for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+                atomic_dir.fsync(tmp / name)
+
+        return _build(out, write_converted)
+    if experts:
         shadowed = [n for n in names if not is_expert_param(n) and n.rsplit(".", 1)[-1] in EXPERT_PROJECTIONS]
         if shadowed:
             raise InvalidRequestError(

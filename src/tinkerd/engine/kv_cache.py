@@ -12,11 +12,11 @@ key or value is ever repeated.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from tinkerd.engine.transformer import AttentionFn, ModelShape, causal_attention
+from tinkerd.engine.transformer import AttentionFn, ModelShape
 
 _POSITION_ROUNDING = 64
 
@@ -82,26 +82,37 @@ class KVCache:
             self.k_L_S_G_T_D[:, start:end, :, :p] = k_L_G_P_D[:, None].expand(-1, n, -1, -1, -1)
             self.v_L_S_G_T_D[:, start:end, :, :p] = v_L_G_P_D[:, None].expand(-1, n, -1, -1, -1)
 
-    def decode_attention(self, slots: Sequence[int], positions: Sequence[int], scale: float) -> AttentionFn:
+    def decode_attention(
+        self,
+        slots: Sequence[int],
+        positions: Sequence[int],
+        scale: float,
+        windows: Sequence[int | None] | None = None,
+        sinks: Sequence[torch.Tensor] | None = None,
+    ) -> AttentionFn:
         """Attention for one new token per row: row i lives in ``slots[i]`` and its token sits at ``positions[i]``.
 
         The returned function writes each layer's new key/value into the cache, then attends each row to its
-        positions [0, position] (or the last ``sliding_window`` of them). Softmax runs in fp32 whatever the cache dtype.
+        positions [0, position] (or the last ``windows[layer]`` of them; by default every layer has the model's
+        ``sliding_window``). ``sinks[layer]`` [heads] are attention-sink logits (GPT-OSS): one more softmax column
+        per head, dropped after the softmax. Softmax runs in fp32 whatever the cache dtype.
         """
         s = self.shape
         b = len(slots)
-        window = s.sliding_window
+        layer_windows = list(windows) if windows is not None else [s.sliding_window] * s.num_layers
         s_hi = max(slots) + 1
         t_hi = max(positions) + 1
-        t_lo = max(0, min(positions) - window + 1) if window is not None else 0
         self.reserve(s_hi, t_hi)
         device = self.device
         slot_B = torch.tensor(slots, device=device)
         pos_B = torch.tensor(positions, device=device)
         in_order = b == s_hi and list(slots) == list(range(b))
-        uniform = t_lo == 0 and in_order and min(positions) == t_hi - 1
-        masked_S_1_1_T: torch.Tensor | None = None  # True where a key must be ignored
-        if not uniform:
+
+        def view_of(window: int | None) -> tuple[int, torch.Tensor | None]:
+            """The first position a layer with this window reads, and the keys each slot must ignore (None: none)."""
+            t_lo = max(0, min(positions) - window + 1) if window is not None else 0
+            if t_lo == 0 and in_order and min(positions) == t_hi - 1:
+                return t_lo, None
             # empty slots inside [0, s_hi) attend to position t_hi - 1 so that no softmax row is fully masked (NaN)
             pos_S = torch.full((s_hi,), t_hi - 1, device=device)
             pos_S[slot_B] = pos_B
@@ -109,8 +120,11 @@ class KVCache:
             valid_S_T = t_T[None, :] <= pos_S[:, None]
             if window is not None:
                 valid_S_T &= t_T[None, :] > pos_S[:, None] - window
-            masked_S_1_1_T = ~valid_S_T[:, None, None, :]
+            return t_lo, ~valid_S_T[:, None, None, :]  # True where a key must be ignored
+
+        views = {w: view_of(w) for w in set(layer_windows)}
         group = s.num_heads // s.num_kv_heads
+        sinks_L_1_G_R_1 = None if sinks is None else [x.view(1, s.num_kv_heads, group, 1) for x in sinks]
         k_cache, v_cache = self.k_L_S_G_T_D, self.v_L_S_G_T_D
         # where each row's new (kv head, position) vector goes in a layer's cache seen as [S * G * T, D]: one
         # index_copy_ per layer is several times cheaper than an advanced-indexing assignment
@@ -122,6 +136,7 @@ class KVCache:
             k_S_G_T_D, v_S_G_T_D = k_cache[layer], v_cache[layer]
             k_S_G_T_D.view(-1, s.head_dim).index_copy_(0, dest_BG, k_B_G_D.reshape(-1, s.head_dim))
             v_S_G_T_D.view(-1, s.head_dim).index_copy_(0, dest_BG, v_B_G_D.reshape(-1, s.head_dim))
+            t_lo, masked_S_1_1_T = views[layer_windows[layer]]
             if in_order:
                 q_S_H_D = q_B_H_D
             else:
@@ -133,7 +148,12 @@ class KVCache:
             scores_S_G_R_T = torch.matmul(q_S_G_R_D, k_S_G_T_D[:s_hi, :, t_lo:t_hi].transpose(-1, -2))
             if masked_S_1_1_T is not None:
                 scores_S_G_R_T.masked_fill_(masked_S_1_1_T, -torch.inf)
-            probs_S_G_R_T = torch.softmax(scores_S_G_R_T, dim=-1, dtype=torch.float32).to(q_S_H_D.dtype)
+            if sinks_L_1_G_R_1 is None:
+                probs_S_G_R_T = torch.softmax(scores_S_G_R_T, dim=-1, dtype=torch.float32).to(q_S_H_D.dtype)
+            else:
+                sink_S_G_R_1 = sinks_L_1_G_R_1[layer].to(scores_S_G_R_T.dtype).expand(s_hi, -1, -1, -1)
+                with_sink = torch.cat([scores_S_G_R_T, sink_S_G_R_1], dim=-1)
+                probs_S_G_R_T = torch.softmax(with_sink, dim=-1, dtype=torch.float32)[..., :-1].to(q_S_H_D.dtype)
             o_S_G_R_D = torch.matmul(probs_S_G_R_T, v_S_G_T_D[:s_hi, :, t_lo:t_hi])
             o_S_HD = o_S_G_R_D.reshape(s_hi, s.num_heads * s.head_dim)
             return o_S_HD if in_order else o_S_HD[slot_B]
@@ -141,21 +161,17 @@ class KVCache:
         return attend
 
 
-def prefill_attention(
-    seq_lens: Sequence[int], scale: float, window: int | None, keys: list[torch.Tensor], values: list[torch.Tensor]
-) -> AttentionFn:
-    """Causal attention within each packed prompt that also keeps every layer's keys and values (``keys[layer]``)."""
-    causal: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = causal_attention(
-        seq_lens, scale, window
-    )
+def prefill_attention(attend: AttentionFn, keys: list[torch.Tensor], values: list[torch.Tensor]) -> AttentionFn:
+    """``attend`` (causal attention within each packed prompt, ``Transformer.packed_attention``) that also keeps
+    every layer's keys and values (``keys[layer]``)."""
 
-    def attend(layer: int, q_N_H_D: torch.Tensor, k_N_G_D: torch.Tensor, v_N_G_D: torch.Tensor) -> torch.Tensor:
+    def recording(layer: int, q_N_H_D: torch.Tensor, k_N_G_D: torch.Tensor, v_N_G_D: torch.Tensor) -> torch.Tensor:
         assert layer == len(keys), "layers must run in order"
         keys.append(k_N_G_D)
         values.append(v_N_G_D)
-        return causal(q_N_H_D, k_N_G_D, v_N_G_D)
+        return attend(layer, q_N_H_D, k_N_G_D, v_N_G_D)
 
-    return attend
+    return recording
 
 
 def _runs(sorted_slots: Sequence[int]) -> list[tuple[int, int]]:

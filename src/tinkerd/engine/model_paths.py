@@ -17,6 +17,7 @@ from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForI
 
 from tinkerd.domain.architectures import PACKED_MODEL_TYPES, EnginePath, UnsupportedModelError, architecture_of
 from tinkerd.domain.vision import VISION_MODEL_TYPES
+from tinkerd.engine import gpt_oss
 from tinkerd.engine.generic_model import GenericTransformer
 from tinkerd.engine.moe import is_sparse_block
 from tinkerd.engine.transformer import Transformer
@@ -44,10 +45,20 @@ def path_of(hf_model: nn.Module) -> EnginePath:
         return EnginePath.GENERIC
     for layer in body.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        dense_or_sparse = all(_is_linear(mlp, n) for n in _MLP) or is_sparse_block(mlp)
+        if m.config.model_type == gpt_oss.MODEL_TYPE:
+            dense_or_sparse = gpt_oss.is_gpt_oss_layer(layer)
+        else:
+            dense_or_sparse = all(_is_linear(mlp, n) for n in _MLP) or is_sparse_block(mlp)
         if not (all(_is_linear(attn, n) for n in _ATTN) and dense_or_sparse):
             return EnginePath.GENERIC
     return EnginePath.PACKED
+
+
+def packed_forward(hf_model: nn.Module, compute_dtype: torch.dtype) -> Transformer:
+    """The packed forward of a model ``path_of`` says is PACKED (GPT-OSS's has its own body, see ``gpt_oss``)."""
+    if getattr(hf_model.config, "model_type", None) == gpt_oss.MODEL_TYPE:
+        return gpt_oss.GptOssTransformer(hf_model, compute_dtype)
+    return Transformer(hf_model, compute_dtype)
 
 
 def build_forward(hf_model: nn.Module, compute_dtype: torch.dtype, image_processor: Any = None) -> Forward:
@@ -57,7 +68,7 @@ def build_forward(hf_model: nn.Module, compute_dtype: torch.dtype, image_process
     on batch shape (padding), so the sampler and the trainer would disagree by ~1e-2 in logprobs; fp32 keeps the
     generic path exact, at its cost in speed (the packed path is the fast one)."""
     if path_of(hf_model) is EnginePath.PACKED:
-        return Transformer(hf_model, compute_dtype)
+        return packed_forward(hf_model, compute_dtype)
     images = ImageEncoder(hf_model, image_processor) if image_processor is not None and is_vision(hf_model) else None
     return GenericTransformer(hf_model, torch.float32, images)
 

@@ -239,7 +239,7 @@ class Sampler:
         positions_N = torch.cat([torch.arange(n, device=t.device) for n in lens])
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
-        attend = prefill_attention(lens, t.attn_scale, t.shape.sliding_window, keys, values)
+        attend = prefill_attention(t.packed_attention(lens), keys, values)
         h_N_d = t.hidden(tokens_N, positions_N, _routing(adapters, lens), attend)
 
         ends = list(itertools.accumulate(lens))
@@ -291,7 +291,8 @@ class Sampler:
         positions = [r.position for r in rows]
         positions_B = torch.tensor(positions, device=t.device)
         routing = _routing([r.job.job.weights for r in rows], [1] * len(rows))
-        attend = self.cache.decode_attention([r.slot for r in rows], positions, t.attn_scale)
+        slots = [r.slot for r in rows]
+        attend = self.cache.decode_attention(slots, positions, t.attn_scale, t.layer_windows, t.attention_sinks)
         h_B_d = t.hidden(tokens_B, positions_B, routing, attend)
         self._advance(rows, t.logits(h_B_d, routing), done)
 

@@ -137,6 +137,9 @@ class Transformer:
         self.device = self.embed.weight.device
         self.sparse = [is_sparse_block(layer.mlp) for layer in self.layers]
         self._trace: RouterTrace | None = None
+        # per layer: its sliding window (None: full attention) and, for GPT-OSS, its attention-sink logits [heads]
+        self.layer_windows: list[int | None] = [self.shape.sliding_window] * self.shape.num_layers
+        self.attention_sinks: list[torch.Tensor] | None = None
 
     @contextmanager
     def tracing_router(self) -> Iterator[RouterTrace]:
@@ -200,8 +203,12 @@ class Transformer:
             routing = LoraRouting((*routing.segments, Segment(n, MIN_INVARIANT_ROWS, None)))
         tokens = torch.tensor(flat, dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(length, device=self.device) for length in lens])
-        attend = causal_attention(lens, self.attn_scale, self.shape.sliding_window)
-        return self.hidden(tokens, positions, routing, lambda _i, q, k, v: attend(q, k, v))[:n]
+        return self.hidden(tokens, positions, routing, self.packed_attention(lens))[:n]
+
+    def packed_attention(self, seq_lens: Sequence[int]) -> AttentionFn:
+        """Every layer's causal attention within each of the sequences packed back to back."""
+        attend = causal_attention(seq_lens, self.attn_scale, self.shape.sliding_window)
+        return lambda _i, q, k, v: attend(q, k, v)
 
     # -- the head ---------------------------------------------------------------------------------------------------
 
