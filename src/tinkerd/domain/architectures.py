@@ -22,8 +22,10 @@ class EnginePath(StrEnum):
 
 
 # Hugging Face model_type -> the decoder layouts the packed forward implements (dense, and mixture of experts with
-# transformers 5's fused expert weights).
-PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe"})
+# transformers 5's fused expert weights; Qwen3.5's gated delta-net layers beside full attention).
+PACKED_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "qwen3_5_text", "qwen3_5_moe_text"}
+)
 
 
 class UnsupportedModelError(TinkerdError, ValueError):
