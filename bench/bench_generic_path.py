@@ -10,9 +10,10 @@ All sides run in this one process on the same inputs, alternating call by call. 
 on a 2-core AVX2 CPU; on a shared machine run with ``OMP_NUM_THREADS=1`` (bench/RESULTS.md: with 2 threads every
 small decode op waits for a thread another process holds, and sampling figures measure that instead).
 
-``--tiny FAMILY`` builds a tiny random model instead (``llama`` or the mixture of experts ``qwen3_moe``), to prove
-the script runs in seconds; its figures mean nothing. For a mixture of experts the LoRA leaves the MLP out, since the
-generic path cannot adapt fused experts and both sides should do the same work.
+``--tiny FAMILY`` builds a tiny random model instead (``llama``, the mixture of experts ``qwen3_moe``, or ``qwen3_5``
+with its gated delta-net layers), to prove the script runs in seconds; its figures mean nothing. For a mixture of
+experts the LoRA leaves the MLP out, since the generic path cannot adapt fused experts and both sides should do the
+same work.
 
     .venv/bin/python -m bench.bench_generic_path [--model-dir DIR] [--repeats 3] [--seqs 4] [--tokens 64]
     .venv/bin/python -m bench.bench_generic_path --tiny llama --repeats 1 --seqs 2 --tokens 16 --new-tokens 4
@@ -32,10 +33,11 @@ from tinkerd.domain.ops import ArrayData, Datum, LoraConfig, SamplingParams
 from tinkerd.engine.config import EngineConfig, native_bf16
 from tinkerd.engine.generic_model import GenericTransformer
 from tinkerd.engine.generic_sampler import GenericSampler
+from tinkerd.engine.hybrid_sampler import HybridSampler
+from tinkerd.engine.qwen3_5 import HybridTransformer
 from tinkerd.engine.sample_job import SampleJob
 from tinkerd.engine.sampler import Sampler
 from tinkerd.engine.served_model import ForwardJob, ServedModel
-from tinkerd.engine.transformer import Transformer
 
 
 def served(model_dir: Path, dtype: str, generic: bool, lora: LoraConfig) -> ServedModel:
@@ -50,9 +52,12 @@ def served(model_dir: Path, dtype: str, generic: bool, lora: LoraConfig) -> Serv
 
 def tiny_model_dir(family: str, root: Path) -> Path:
     """A tiny random model of ``family`` saved under ``root`` (the tests' configs, with a 1000-token vocabulary)."""
-    from tests.engine.tiny_models import tiny_config, tiny_moe_config
+    from tests.engine.tiny_models import tiny_config, tiny_hybrid_config, tiny_moe_config
 
-    config = tiny_moe_config(family, vocab_size=1000) if family == "qwen3_moe" else tiny_config(family, 1000)
+    if family == "qwen3_5":
+        config = tiny_hybrid_config(family, vocab_size=1000)
+    else:
+        config = tiny_moe_config(family, vocab_size=1000) if family == "qwen3_moe" else tiny_config(family, 1000)
     torch.manual_seed(0)
     out = root / f"tiny-{family}"
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
@@ -76,7 +81,9 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64, help="tokens per training sequence")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens sampled per sequence")
-    parser.add_argument("--tiny", choices=["llama", "qwen3_moe"], help="a tiny random model, to prove the script runs")
+    parser.add_argument(
+        "--tiny", choices=["llama", "qwen3_moe", "qwen3_5"], help="a tiny random model, to prove it runs"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = tiny_model_dir(args.tiny, Path(tmp)) if args.tiny else args.model_dir
@@ -114,8 +121,9 @@ def run(model_dir: Path, args: argparse.Namespace) -> None:
         if isinstance(model.train, GenericTransformer):
             samplers[name] = GenericSampler(model.train)
             samplers["generic recompute"] = GenericSampler(model.train, decode_with_cache=False)
+        elif isinstance(model.train, HybridTransformer):  # Qwen3.5: the cache also holds delta-net states
+            samplers[name] = HybridSampler(model.train)
         else:
-            assert isinstance(model.train, Transformer)
             samplers[name] = Sampler(model.train)
     models = {**sides, "generic recompute": sides["generic fp32"]}
     g = torch.Generator().manual_seed(1)

@@ -1,6 +1,6 @@
 """The issue's own case through the real SDK: a tiny random Qwen3-MoE served by `tinkerd serve` (the packed path, LoRA
-on its experts, router load metrics) trains, samples and saves, and so does a GPT-OSS (attention sinks, sliding
-windows, experts; the packed path too), a Phi and a Qwen3.5 (gated delta-net layers beside full attention) on the
+on its experts, router load metrics) trains, samples and saves, and so do a GPT-OSS (attention sinks, sliding windows,
+experts) and a Qwen3.5 (gated delta-net layers beside full attention), both on the packed path too, and a Phi on the
 generic path; a model neither path can serve is refused at start with its architecture named."""
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tests.engine.tiny_models import tiny_generic_config, tiny_moe_config
+    from tests.engine.tiny_models import tiny_generic_config, tiny_hybrid_config, tiny_moe_config
 
     family = str(request.param)
     out = tmp_path_factory.mktemp("models") / f"tiny-{family}"
     if family == "qwen3_moe":
         config = tiny_moe_config(family, vocab_size=SMOLLM2_VOCAB)
+    elif family == "qwen3_5":
+        config = tiny_hybrid_config(family, vocab_size=SMOLLM2_VOCAB)
     else:
         config = tiny_generic_config(family, vocab_size=SMOLLM2_VOCAB)
     torch.manual_seed(0)
@@ -64,7 +66,8 @@ def test_each_family_trains_and_samples_through_the_sdk(tmp_path: Path, model_di
 
         capabilities = httpx.get(f"{server.url}/api/v1/get_server_capabilities", headers={"X-API-Key": API_KEY})
         (listed,) = capabilities.json()["supported_models"]
-        assert (listed["model_name"], listed["engine_path"]) == (server.model, "packed" if moe else "generic")
+        packed = moe or model_dir.name == "tiny-qwen3_5"  # GPT-OSS is among the MoE
+        assert (listed["model_name"], listed["engine_path"]) == (server.model, "packed" if packed else "generic")
         training = service.create_lora_training_client(base_model=server.model, rank=4, seed=1).result()
         before = training.forward([_datum(PROMPT)], "cross_entropy").result().metrics["loss:sum"]
         for _ in range(4):

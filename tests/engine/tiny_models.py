@@ -97,8 +97,9 @@ def tiny_moe_model(family: str = "qwen3_moe", seed: int = 0, vocab_size: int = 9
 
 
 # Architectures the packed forward does not implement: they run on the generic path (the model's own forward).
-# (``tiny_generic_config`` also builds a GPT-OSS, which runs on the packed path: tests/engine/test_gpt_oss.py.)
-GENERIC_FAMILIES = ("phi", "olmo", "qwen3_5", "qwen3_5_moe")
+# (``tiny_generic_config`` also builds a GPT-OSS and ``tiny_hybrid_config`` a Qwen3.5; both run on the packed path:
+# tests/engine/test_gpt_oss.py, tests/engine/test_qwen3_5.py.)
+GENERIC_FAMILIES = ("phi", "olmo")
 
 
 def tiny_generic_config(family: str, vocab_size: int = 96) -> PretrainedConfig:
@@ -120,15 +121,6 @@ def tiny_generic_config(family: str, vocab_size: int = 96) -> PretrainedConfig:
         return PhiConfig(**common)
     if family == "olmo":  # non-parametric layer norm
         return OlmoConfig(**common)
-    # Qwen3.5: gated delta-net (linear attention) layers beside full attention; its MoE adds a shared expert
-    linear: dict[str, Any] = dict(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16)
-    linear.update(linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"] * 2)
-    common.update(num_hidden_layers=4, num_key_value_heads=1, head_dim=32)
-    if family == "qwen3_5":
-        return AutoConfig.for_model("qwen3_5_text", **common, **linear)
-    if family == "qwen3_5_moe":
-        moe = dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
-        return AutoConfig.for_model("qwen3_5_moe_text", **common, **linear, **moe)
     if family == "gpt_oss":  # attention sinks, alternating sliding-window layers, fused experts with a router
         common.update(intermediate_size=32, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2)
         return AutoConfig.for_model("gpt_oss", num_local_experts=4, num_experts_per_tok=2, **common)
@@ -138,6 +130,53 @@ def tiny_generic_config(family: str, vocab_size: int = 96) -> PretrainedConfig:
 def tiny_generic_model(family: str, seed: int = 0, vocab_size: int = 96) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_generic_config(family, vocab_size), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+# Qwen3.5: gated delta-net (linear attention) layers beside full attention, on the packed path (engine/qwen3_5.py).
+HYBRID_FAMILIES = ("qwen3_5", "qwen3_5_moe")
+
+
+def tiny_hybrid_config(family: str = "qwen3_5", vocab_size: int = 96) -> PretrainedConfig:
+    """Two delta-net and two full-attention layers; each of the 2 key heads of a delta-net layer serves 2 value heads
+    (as in the real models, which have twice as many value heads); the MoE adds a shared expert to 4 experts."""
+    from transformers import AutoConfig
+
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        layer_types=["linear_attention", "full_attention"] * 2,
+    )
+    if family == "qwen3_5":
+        return AutoConfig.for_model("qwen3_5_text", **common)
+    if family == "qwen3_5_moe":
+        moe = dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+        return AutoConfig.for_model("qwen3_5_moe_text", **common, **moe)
+    raise ValueError(family)
+
+
+def tiny_hybrid_model(family: str = "qwen3_5", seed: int = 0, vocab_size: int = 96) -> torch.nn.Module:
+    """Router weights scaled up as in ``tiny_moe_model`` (decisive routing)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hybrid_config(family, vocab_size), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(50.0)
     model.eval()
     return model
 

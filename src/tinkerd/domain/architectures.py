@@ -22,8 +22,11 @@ class EnginePath(StrEnum):
 
 
 # Hugging Face model_type -> the decoder layouts the packed forward implements (dense, and mixture of experts with
-# transformers 5's fused expert weights; GPT-OSS with attention sinks, see engine/gpt_oss.py).
-PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "gpt_oss"})
+# transformers 5's fused expert weights; GPT-OSS with attention sinks, see engine/gpt_oss.py; Qwen3.5's gated
+# delta-net layers beside full attention, see engine/qwen3_5.py).
+PACKED_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text"}
+)
 
 
 class UnsupportedModelError(TinkerdError, ValueError):

@@ -20,6 +20,7 @@ from tinkerd.domain.vision import VISION_MODEL_TYPES
 from tinkerd.engine import gpt_oss
 from tinkerd.engine.generic_model import GenericTransformer
 from tinkerd.engine.moe import is_sparse_block
+from tinkerd.engine.qwen3_5 import HybridTransformer, hybrid_layout_ok, is_hybrid
 from tinkerd.engine.transformer import Transformer
 from tinkerd.engine.vision import ImageEncoder
 
@@ -43,6 +44,8 @@ def path_of(hf_model: nn.Module) -> EnginePath:
         return EnginePath.GENERIC
     if not isinstance(getattr(m, "lm_head", None), nn.Linear):
         return EnginePath.GENERIC
+    if is_hybrid(hf_model):  # Qwen3.5: delta-net layers beside full attention
+        return EnginePath.PACKED if hybrid_layout_ok(hf_model) else EnginePath.GENERIC
     for layer in body.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if m.config.model_type == gpt_oss.MODEL_TYPE:
@@ -71,6 +74,11 @@ def build_forward(hf_model: nn.Module, compute_dtype: torch.dtype, image_process
         return packed_forward(hf_model, compute_dtype)
     images = ImageEncoder(hf_model, image_processor) if image_processor is not None and is_vision(hf_model) else None
     return GenericTransformer(hf_model, torch.float32, images)
+
+
+def packed_forward(hf_model: nn.Module, compute_dtype: torch.dtype) -> Transformer:
+    """The packed forward of a model ``path_of`` sends there (a hybrid model's own, see ``qwen3_5.py``)."""
+    return HybridTransformer(hf_model, compute_dtype) if is_hybrid(hf_model) else Transformer(hf_model, compute_dtype)
 
 
 def is_vision(hf_model: nn.Module) -> bool:

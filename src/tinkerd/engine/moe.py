@@ -144,6 +144,20 @@ def _base(x_n_in: torch.Tensor, w_out_in: torch.Tensor) -> torch.Tensor:
     return rows_mm(x_n_in.to(w_out_in.dtype), w_out_in.t()).to(x_n_in.dtype)
 
 
+def _shared_gate(linear: nn.Linear, x_N_d: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(linear(x))`` [N, 1], batch-invariant: a one-column matmul takes MKL's matrix-vector path, whose
+    summation order depends on the row count, so each row's dot product is its own; and the sigmoid runs in fp64 (in
+    fp32 its vectorised and scalar paths differ in the last bit, by where a row falls). A sampler's copy stored for
+    decoding (``decode_layout``) keeps no plain weight and needs no invariance: it uses the layer."""
+    w = linear.weight
+    if w.is_meta:
+        logit_N_1 = linear(x_N_d.to(w.dtype)).to(x_N_d.dtype)
+    else:
+        logit_N_1 = (x_N_d * w.to(x_N_d.dtype)).sum(-1, keepdim=True)
+        logit_N_1 = logit_N_1 if linear.bias is None else logit_N_1 + linear.bias.to(x_N_d.dtype)
+    return torch.sigmoid(logit_N_1.double()).to(x_N_d.dtype)
+
+
 def sparse_block(
     block: Any, prefix: str, x_N_d: torch.Tensor, routing: LoraRouting, trace: RouterTrace | None
 ) -> torch.Tensor:
@@ -153,7 +167,7 @@ def sparse_block(
     logits_N_E = rows_mm(x_N_d, router.weight.t().to(x_N_d.dtype))
     probs_N_E = torch.softmax(logits_N_E, dim=-1, dtype=torch.float32)
     top_w_N_K, top_e_N_K = torch.topk(probs_N_E, k, dim=-1)
-    if router.norm_topk_prob:
+    if getattr(router, "norm_topk_prob", True):  # Qwen3.5-MoE's router has no flag: it always renormalises
         top_w_N_K = top_w_N_K / top_w_N_K.sum(dim=-1, keepdim=True)
     if trace is not None:
         trace.probs.append(probs_N_E.detach())
@@ -187,6 +201,5 @@ def sparse_block(
         gate = apply_linear(shared.gate_proj, f"{prefix}.shared_expert.gate_proj", x_N_d, routing)
         up = apply_linear(shared.up_proj, f"{prefix}.shared_expert.up_proj", x_N_d, routing)
         y = apply_linear(shared.down_proj, f"{prefix}.shared_expert.down_proj", shared.act_fn(gate) * up, routing)
-        gate_N_1 = apply_linear(block.shared_expert_gate, f"{prefix}.shared_expert_gate", x_N_d, routing)
-        out_N_d = out_N_d + torch.sigmoid(gate_N_1) * y
+        out_N_d = out_N_d + _shared_gate(block.shared_expert_gate, x_N_d) * y
     return out_N_d

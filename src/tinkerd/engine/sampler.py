@@ -41,7 +41,7 @@ from tinkerd.engine.sample_job import SampleJob
 from tinkerd.engine.sampler_state import JobState, Row
 from tinkerd.engine.sampling_ops import draw_uniforms, sample_tokens
 from tinkerd.engine.sampling_validation import MAX_NUM_SAMPLES, validate_job
-from tinkerd.engine.transformer import Transformer
+from tinkerd.engine.transformer import AttentionFn, Transformer
 
 # Prompt tokens prefilled in one packed forward (at least one whole prompt is always taken).
 MAX_PREFILL_TOKENS = 4096
@@ -206,9 +206,7 @@ class Sampler:
                 if self.cache.num_free > 0:
                     new_rows += self._stamp(state, self.cache.num_free)
                 if state.next_sample < state.job.num_samples:
-                    # its own copy, so the batch's packed keys/values are freed once the others have theirs
-                    assert state.k_L_G_P_D is not None and state.v_L_G_P_D is not None
-                    state.k_L_G_P_D, state.v_L_G_P_D = state.k_L_G_P_D.contiguous(), state.v_L_G_P_D.contiguous()
+                    state.own_prompt()  # the batch's packed keys/values are freed once the others have theirs
                     self._stamping.append(state)
         if new_rows:
             # each new sequence's first token comes from its prompt's last-position logits
@@ -240,7 +238,7 @@ class Sampler:
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         attend = prefill_attention(t.packed_attention(lens), keys, values)
-        h_N_d = t.hidden(tokens_N, positions_N, _routing(adapters, lens), attend)
+        h_N_d = self._prefill_hidden(batch, tokens_N, positions_N, _routing(adapters, lens), attend)
 
         ends = list(itertools.accumulate(lens))
         last_J = torch.tensor([e - 1 for e in ends], device=t.device)
@@ -271,7 +269,7 @@ class Sampler:
         job = state.job
         n = min(limit, job.num_samples - state.next_sample)
         slots = [self.cache.allocate() for _ in range(n)]
-        self.cache.store_prompt(slots, state.k_L_G_P_D, state.v_L_G_P_D)
+        self._store_prompt(slots, state)
         rows = [
             Row(state, i, slot, draw_uniforms(job.params.seed, i, job.params.max_tokens))
             for i, slot in zip(range(state.next_sample, state.next_sample + n), slots, strict=True)
@@ -279,8 +277,35 @@ class Sampler:
         state.live.update((row.sample_index, row) for row in rows)
         state.next_sample += n
         if state.next_sample == job.num_samples:
-            state.k_L_G_P_D = state.v_L_G_P_D = None  # every sample has its copy now
+            state.drop_prompt()
         return rows
+
+    # -- what a model with other layers than attention overrides (hybrid_sampler.py) -------------------------------
+
+    def _prefill_hidden(
+        self,
+        batch: list[JobState],
+        tokens_N: torch.Tensor,
+        positions_N: torch.Tensor,
+        routing: LoraRouting,
+        attend: AttentionFn,
+    ) -> torch.Tensor:
+        """Hidden states of the packed prompts of ``batch`` (``attend`` keeps their keys and values)."""
+        return self.transformer.hidden(tokens_N, positions_N, routing, attend)
+
+    def _store_prompt(self, slots: list[int], state: JobState) -> None:
+        """Copy a prefilled prompt into the cache slots of its samples."""
+        assert state.k_L_G_P_D is not None and state.v_L_G_P_D is not None
+        self.cache.store_prompt(slots, state.k_L_G_P_D, state.v_L_G_P_D)
+
+    def _decode_hidden(
+        self, rows: list[Row], tokens_B: torch.Tensor, positions_B: torch.Tensor, routing: LoraRouting
+    ) -> torch.Tensor:
+        """Hidden states of each row's next token (``tokens_B``, at ``positions_B``) against its cache slot."""
+        t = self.transformer
+        slots, positions = [r.slot for r in rows], [r.position for r in rows]
+        attend = self.cache.decode_attention(slots, positions, t.attn_scale, t.layer_windows, t.attention_sinks)
+        return t.hidden(tokens_B, positions_B, routing, attend)
 
     # -- decoding ---------------------------------------------------------------------------------------------------
 
@@ -288,12 +313,9 @@ class Sampler:
         t = self.transformer
         rows = sorted(self._rows, key=lambda r: (_adapter_order(r.job.job.weights), r.slot))
         tokens_B = torch.tensor([r.tokens[-1] for r in rows], dtype=torch.long, device=t.device)
-        positions = [r.position for r in rows]
-        positions_B = torch.tensor(positions, device=t.device)
+        positions_B = torch.tensor([r.position for r in rows], device=t.device)
         routing = _routing([r.job.job.weights for r in rows], [1] * len(rows))
-        slots = [r.slot for r in rows]
-        attend = self.cache.decode_attention(slots, positions, t.attn_scale, t.layer_windows, t.attention_sinks)
-        h_B_d = t.hidden(tokens_B, positions_B, routing, attend)
+        h_B_d = self._decode_hidden(rows, tokens_B, positions_B, routing)
         self._advance(rows, t.logits(h_B_d, routing), done)
 
     def _advance(self, rows: list[Row], logits_B_V: torch.Tensor, done: list[tuple[int, SampleResult]]) -> None:

@@ -23,9 +23,23 @@ class JobState:
     # the prefilled prompt, kept until every sample has been copied into a slot
     k_L_G_P_D: torch.Tensor | None = None
     v_L_G_P_D: torch.Tensor | None = None
+    # a hybrid model's delta-net layers after the prompt: convolution windows and recurrent states (hybrid_sampler)
+    delta_net: tuple[torch.Tensor, torch.Tensor] | None = None
     last_logits_1_V: torch.Tensor | None = None
     prompt: prompt_scoring.PromptAnswers = field(default_factory=prompt_scoring.PromptAnswers)
     live: dict[int, Row] = field(default_factory=dict)  # sample index -> its row, while it decodes
+
+    def own_prompt(self) -> None:
+        """Keep the prefilled prompt as copies of its own, so the batch's packed tensors can be freed."""
+        assert self.k_L_G_P_D is not None and self.v_L_G_P_D is not None
+        self.k_L_G_P_D, self.v_L_G_P_D = self.k_L_G_P_D.contiguous(), self.v_L_G_P_D.contiguous()
+        if self.delta_net is not None:
+            self.delta_net = (self.delta_net[0].contiguous(), self.delta_net[1].contiguous())
+
+    def drop_prompt(self) -> None:
+        """Every sample has its copy of the prefilled prompt now."""
+        self.k_L_G_P_D = self.v_L_G_P_D = None
+        self.delta_net = None
 
 
 @dataclass(eq=False)

@@ -133,7 +133,8 @@ class Transformer:
         self.norm: nn.Module = hf.model.norm
         self.rotary: nn.Module = hf.model.rotary_emb
         self.lm_head: nn.Linear = hf.lm_head
-        self.attn_scale = float(self.layers[0].self_attn.scaling)
+        # (a hybrid model's first layers may be linear attention: the scale is its first attention layer's)
+        self.attn_scale = float(next(x.self_attn for x in self.layers if hasattr(x, "self_attn")).scaling)
         self.device = self.embed.weight.device
         self.sparse = [is_sparse_block(layer.mlp) for layer in self.layers]
         self._trace: RouterTrace | None = None

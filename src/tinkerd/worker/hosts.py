@@ -19,7 +19,9 @@ from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.decode_layout import use_decode_layout
 from tinkerd.engine.generic_model import GenericTransformer
 from tinkerd.engine.generic_sampler import GenericSampler
+from tinkerd.engine.hybrid_sampler import HybridSampler
 from tinkerd.engine.model_paths import Forward, load_hf_model, load_image_processor, packed_forward, path_of
+from tinkerd.engine.qwen3_5 import HybridTransformer
 from tinkerd.engine.sampler import Sampler
 from tinkerd.engine.served_model import ServedModel
 from tinkerd.engine.transformer import Transformer
@@ -62,6 +64,8 @@ class ModelHost:
         # samples report the trainer's logprobs (engine/rescoring.py); a packed sampler has a packed trainer
         train = self.served.train
         scorer = train if self.served.config.rescore_samples and isinstance(train, Transformer) else None
+        if isinstance(self.sample_transformer, HybridTransformer):
+            return HybridSampler(self.sample_transformer, self.decode_text, max_batch=batch, scorer=scorer)
         return Sampler(self.sample_transformer, self.decode_text, max_batch=batch, scorer=scorer)
 
     def use_vllm(self, backend: VllmBackend) -> None:
