@@ -58,9 +58,12 @@ def path_of(hf_model: nn.Module) -> EnginePath:
 
 
 def packed_forward(hf_model: nn.Module, compute_dtype: torch.dtype) -> Transformer:
-    """The packed forward of a model ``path_of`` says is PACKED (GPT-OSS's has its own body, see ``gpt_oss``)."""
+    """The packed forward of a model ``path_of`` says is PACKED (GPT-OSS's and a hybrid model's have their own
+    bodies, see ``gpt_oss.py`` and ``qwen3_5.py``)."""
     if getattr(hf_model.config, "model_type", None) == gpt_oss.MODEL_TYPE:
         return gpt_oss.GptOssTransformer(hf_model, compute_dtype)
+    if is_hybrid(hf_model):
+        return HybridTransformer(hf_model, compute_dtype)
     return Transformer(hf_model, compute_dtype)
 
 
@@ -74,11 +77,6 @@ def build_forward(hf_model: nn.Module, compute_dtype: torch.dtype, image_process
         return packed_forward(hf_model, compute_dtype)
     images = ImageEncoder(hf_model, image_processor) if image_processor is not None and is_vision(hf_model) else None
     return GenericTransformer(hf_model, torch.float32, images)
-
-
-def packed_forward(hf_model: nn.Module, compute_dtype: torch.dtype) -> Transformer:
-    """The packed forward of a model ``path_of`` sends there (a hybrid model's own, see ``qwen3_5.py``)."""
-    return HybridTransformer(hf_model, compute_dtype) if is_hybrid(hf_model) else Transformer(hf_model, compute_dtype)
 
 
 def is_vision(hf_model: nn.Module) -> bool:
