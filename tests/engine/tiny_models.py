@@ -122,7 +122,8 @@ def tiny_generic_config(family: str, vocab_size: int = 96) -> PretrainedConfig:
     if family == "olmo":  # non-parametric layer norm
         return OlmoConfig(**common)
     if family == "gpt_oss":  # attention sinks, alternating sliding-window layers, fused experts with a router
-        common.update(intermediate_size=32, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2)
+        common.update(num_hidden_layers=4, num_key_value_heads=1, head_dim=32, intermediate_size=32, sliding_window=4)
+        common.update(layer_types=["sliding_attention", "full_attention"] * 2)
         return AutoConfig.for_model("gpt_oss", num_local_experts=4, num_experts_per_tok=2, **common)
     raise ValueError(family)
 
