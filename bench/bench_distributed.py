@@ -1,10 +1,13 @@
-"""One trainer on 1 rank x 2 threads against 2 ranks x 1 thread (torch.distributed, gloo on this CPU): step time,
-tokens/s and peak memory per rank, side by side in one run.
+"""One trainer on 1 rank x 2 threads against 2 ranks x 1 thread (torch.distributed, gloo on this CPU), with the
+frozen base replicated on every rank or sharded across them (FSDP2): step time, tokens/s and peak memory per rank,
+side by side in one run.
 
 Each configuration runs in a process of its own (torch's thread count is per process), alternating round by round
 on the same batches: LoRA rank 32 on every linear layer (attention, MLP, unembedding), cross_entropy,
-forward_backward + optim_step, SmolLM2-135M-Instruct by default. The base is replicated on every rank (the only
-layout tinkerd has; FSDP2 sharding of the base is not built yet), so "peak memory per rank" is the replicated figure.
+forward_backward + optim_step, SmolLM2-135M-Instruct by default, in the default training dtype (--dtype to change).
+Peak memory per rank is each rank's peak resident set during the steps (reset once the base is loaded, and sharded
+where it is: loading reads the whole base on every rank first). Rank 0 here is a trainer only, as in `tinkerd
+trainer`: in `tinkerd serve` it also keeps a whole copy of the base for sampling.
 
     .venv/bin/python -m bench.bench_distributed                       # 8x128 and 64x128, 5 steps, 2 rounds
     .venv/bin/python -m bench.bench_distributed --tiny --shapes 2x16 --steps 2 --rounds 1   # proves it in seconds
@@ -13,6 +16,7 @@ layout tinkerd has; FSDP2 sharding of the base is not built yet), so "peak memor
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -24,13 +28,14 @@ from typing import Any
 
 import torch
 
-from bench.common import default_model_dir, peak_rss_mib
+from bench.common import default_model_dir
 from tinkerd.domain.ops import AdamParams, ArrayData, Datum, LoraConfig
 from tinkerd.engine.model_paths import load_hf_model
 from tinkerd.engine.served_model import ForwardJob, ServedModel
 from tinkerd.settings import Settings
 
-CONFIGS = ((1, 2), (2, 1))  # (ranks, threads per rank)
+# (ranks, threads per rank, base)
+CONFIGS = ((1, 2, "replicated"), (2, 1, "replicated"), (2, 1, "sharded"))
 ADAM = AdamParams(learning_rate=1e-4)
 
 
@@ -44,12 +49,17 @@ def make_datums(batch: int, seq: int, vocab: int, seed: int) -> list[Datum]:
     return out
 
 
-def _vm_hwm_mib(pid: int) -> float:
+def _vm_hwm_mib(pid: int | str) -> float:
     """A process's peak resident memory (Linux /proc), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _reset_peak(pid: int | str) -> None:
+    """Start a process's peak resident memory afresh from its current size (Linux: clear_refs 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -59,15 +69,19 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     model_dir = Path(spec["model_dir"])
     settings = Settings.load(
         models=[str(model_dir)], cache_dir=Path(spec["cache_dir"]), ranks=spec["ranks"], threads=spec["threads"],
-        rank_timeout_s=1800,
+        rank_timeout_s=1800, base_sharding=spec["base"], dtype=spec["dtype"],
     )  # fmt: skip
     ranks = start_ranks(settings)
     try:
         engine = engine_config(settings, ranks.device if ranks is not None else "cpu")
         hf = load_hf_model(model_dir, engine.torch_device)
         model = ranks.make_served(str(model_dir), hf, engine) if ranks else ServedModel(str(model_dir), hf, engine)
+        del hf
         if ranks is not None:
             handshake(ranks.channel, {str(model_dir): model})
+        gc.collect()
+        for pid in ["self", *(child.pid for child in (ranks.children if ranks is not None else []))]:
+            _reset_peak(pid)
         model.create_adapter("bench", LoraConfig(rank=32, seed=0))
         datums = make_datums(spec["batch"], spec["seq"], model.vocab_size, seed=1)
         job = ForwardJob("bench", datums, "cross_entropy", backward=True)
@@ -79,7 +93,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             if step:
                 times.append(time.perf_counter() - started)
         followers = [_vm_hwm_mib(child.pid) for child in ranks.children] if ranks is not None else []
-        return {"step_s": statistics.median(times), "rank0_mib": peak_rss_mib(), "followers_mib": followers}
+        return {"step_s": statistics.median(times), "rank0_mib": _vm_hwm_mib("self"), "followers_mib": followers}
     finally:
         if ranks is not None:
             ranks.close()
@@ -113,6 +127,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="8x128,64x128", help="batch x tokens per datum, comma-separated")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="each configuration runs this many times, alternating")
+    parser.add_argument("--dtype", default=None, help="training dtype of the base (default: tinkerd's, auto)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
@@ -121,32 +136,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-distributed-") as scratch:
         model_dir = tiny_model_dir(Path(scratch)) if args.tiny else (args.model_dir or default_model_dir())
         print(f"model {model_dir}; LoRA rank 32 on every linear layer; forward_backward + optim_step; gloo on CPU")
-        print(f"median of {args.steps} steps per run, {args.rounds} alternating rounds; base replicated on each rank")
+        print(f"median of {args.steps} steps per run, {args.rounds} alternating rounds; dtype {args.dtype or 'auto'}")
         print()
         header = (
-            f"{'shape':>8} {'ranks x threads':>16} {'step s':>8} {'tokens/s':>9} {'vs 1x2':>7} {'peak MiB/rank':>20}"
+            f"{'shape':>8} {'ranks x threads':>16} {'base':>11} {'step s':>8} {'tokens/s':>9} {'vs 1x2':>7} "
+            f"{'peak MiB/rank':>16}"
         )
         print(header)
         for shape in args.shapes.split(","):
             batch, seq = (int(x) for x in shape.lower().split("x"))
-            results: dict[tuple[int, int], list[dict[str, Any]]] = {c: [] for c in CONFIGS}
+            results: dict[tuple[int, int, str], list[dict[str, Any]]] = {c: [] for c in CONFIGS}
             for _ in range(args.rounds):
-                for ranks, threads in CONFIGS:
-                    spec = dict(model_dir=str(model_dir), cache_dir=scratch, ranks=ranks, threads=threads)
-                    spec.update(batch=batch, seq=seq, steps=args.steps)
-                    results[(ranks, threads)].append(run_config(spec))
+                for ranks, threads, base in CONFIGS:
+                    spec = dict(model_dir=str(model_dir), cache_dir=scratch, ranks=ranks, threads=threads, base=base)
+                    spec.update(batch=batch, seq=seq, steps=args.steps, dtype=args.dtype)
+                    results[(ranks, threads, base)].append(run_config(spec))
             baseline = statistics.median(r["step_s"] for r in results[CONFIGS[0]])
-            for (ranks, threads), runs in results.items():
+            for (ranks, threads, base), runs in results.items():
                 step_s = statistics.median(r["step_s"] for r in runs)
                 memory = [max(r["rank0_mib"] for r in runs)]
                 memory += [max(r["followers_mib"][i] for r in runs) for i in range(ranks - 1)]
                 mib = " / ".join(f"{m:.0f}" for m in memory)
                 print(
-                    f"{shape:>8} {f'{ranks} x {threads}':>16} {step_s:>8.3f} {batch * seq / step_s:>9.0f} "
-                    f"{baseline / step_s:>6.2f}x {mib:>20}"
+                    f"{shape:>8} {f'{ranks} x {threads}':>16} {base:>11} {step_s:>8.3f} {batch * seq / step_s:>9.0f} "
+                    f"{baseline / step_s:>6.2f}x {mib:>16}"
                 )
         print()
-        print("peak MiB/rank: rank 0 / rank 1, each holding a full copy of the base (replicated); sharded: not built")
+        print("peak MiB/rank: rank 0 / rank 1, peak resident set during the steps (after loading); rank 0 trains only")
 
 
 if __name__ == "__main__":

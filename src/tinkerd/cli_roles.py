@@ -126,6 +126,12 @@ def register(app: typer.Typer) -> None:
             rank_timeout_s: Annotated[
                 int | None, typer.Option("--rank-timeout-s", min=1, help="Trainers: collective timeout (s).")
             ] = None,
+            base_sharding: Annotated[
+                str | None,
+                typer.Option(
+                    "--base-sharding", help="Trainers on several ranks: replicated or sharded (FSDP2) frozen base."
+                ),
+            ] = None,
         ) -> None:
             from tinkerd.roles.worker import run_worker
 
@@ -134,7 +140,7 @@ def register(app: typer.Typer) -> None:
                 roles = _roles(database_url, storage, host, port, worker_id, lease_s, capacity)
                 settings = Settings.load(
                     models=model, device=device, threads=threads, cache_dir=cache_dir, ranks=ranks,
-                    rank_timeout_s=rank_timeout_s,
+                    rank_timeout_s=rank_timeout_s, base_sharding=base_sharding,
                 )  # fmt: skip
                 run_worker("trainer" if role == "trainer" else "sampler", roles, settings, announce=typer.echo)
             except (TinkerdError, SettingsError) as error:

@@ -151,11 +151,12 @@ def build(
 ) -> Components:
     """Open the store, load the models onto the engine, and build the worker and the app (nothing runs yet)."""
     # torch loads here, not at import: `tinkerd --help` and the API module stay light.
-    from tinkerd.roles.ranks import engine_config, handshake, start_ranks
+    from tinkerd.roles.ranks import check_sharding, engine_config, handshake, start_ranks
     from tinkerd.sampler_backends import start_samplers
     from tinkerd.worker.hosts import ModelHost
     from tinkerd.worker.loop import Worker
 
+    check_sharding(settings)
     data_dir = settings.resolved_data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     models = resolve_models(settings, announce)

@@ -153,6 +153,14 @@ class Settings:
         "1",
         minimum=1,
     )
+    base_sharding: str = setting(
+        "replicated",
+        "How a trainer spanning several ranks holds its frozen base: replicated (a whole copy on every rank) or "
+        "sharded (FSDP2: each rank keeps 1/N of every weight and gathers a layer while it computes; in serve, rank 0 "
+        "also keeps a whole copy to sample from).",
+        "replicated",
+        choices=("replicated", "sharded"),
+    )
     rank_timeout_s: int = setting(
         300,
         "Seconds a rank waits for the others in a collective before the trainer gives up on a silent rank (a dead "

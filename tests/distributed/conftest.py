@@ -16,8 +16,9 @@ from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.distributed import DistributedServedModel
 from tinkerd.engine.model_paths import load_hf_model
 from tinkerd.engine.served_model import ServedModel
-from tinkerd.roles.ranks import Ranks, handshake, start_ranks
+from tinkerd.roles.ranks import Ranks, engine_config, handshake, start_ranks
 from tinkerd.settings import Settings
+from tinkerd.worker.hosts import ModelHost
 
 # fp32 base matmuls, where a row's numbers do not depend on the rows packed with it (engine/lora.py,
 # MIN_INVARIANT_ROWS), so one rank and two ranks can agree within 1e-5. With the default bf16 base, a datum's
@@ -31,6 +32,7 @@ class TwoRanks:
     model: DistributedServedModel
     ranks: Ranks
     model_dir: Path
+    host: ModelHost | None = None  # with a sharded base: rank 0's host, whose sampler keeps a whole copy
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +63,27 @@ def two_ranks(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     finally:
         ranks.close()
     assert [child.returncode for child in ranks.children] == [0]  # the follower left cleanly on Shutdown
+
+
+@pytest.fixture(scope="module")
+def sharded_two_ranks(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoRanks]:
+    """Two ranks holding the fp32 base sharded with FSDP2, built as `tinkerd serve --ranks 2 --base-sharding sharded`
+    builds rank 0: a host whose trainer holds half of each weight and whose sampler keeps a whole copy."""
+    settings = Settings.load(
+        models=[str(model_dir)], cache_dir=tmp_path_factory.mktemp("cache"), ranks=2, threads=1, dtype="float32",
+        base_sharding="sharded",
+    )  # fmt: skip
+    ranks = start_ranks(settings)
+    assert ranks is not None
+    try:
+        engine = engine_config(settings, ranks.device)
+        assert engine.shard_base and engine.train_dtype == "float32"
+        hf = load_hf_model(model_dir, torch.device(ranks.device))
+        host = ModelHost.from_model(str(model_dir), hf, engine, make_served=ranks.make_served)
+        model = host.served
+        assert isinstance(model, DistributedServedModel)
+        handshake(ranks.channel, {str(model_dir): model})
+        yield TwoRanks(model, ranks, model_dir, host)
+    finally:
+        ranks.close()
+    assert [child.returncode for child in ranks.children] == [0]

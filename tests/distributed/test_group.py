@@ -6,7 +6,7 @@ import pytest
 
 from tinkerd.domain.errors import SettingsError
 from tinkerd.engine.distributed import RankInfo, backend_for, rank_device, rank_from_env
-from tinkerd.roles.ranks import engine_config, this_rank
+from tinkerd.roles.ranks import check_sharding, engine_config, this_rank
 from tinkerd.settings import Settings
 
 
@@ -52,3 +52,30 @@ def test_cuda_samples_from_the_training_weights() -> None:
     cuda = engine_config(Settings.load(threads=2), "cuda:1")
     # "auto" resolves per device (bf16 on a CUDA device with bf16); the sampler follows whatever the trainer uses
     assert cuda.device == "cuda:1" and cuda.sample_dtype == cuda.train_dtype == "auto" and cuda.num_threads == 2
+
+
+def test_a_sharded_base_and_what_it_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    check_sharding(Settings.load())  # replicated, the default: nothing to refuse
+    check_sharding(Settings.load(ranks=2, base_sharding="sharded"))
+    check_sharding(Settings.load(ranks=2, base_sharding="sharded", sampler="vllm"), "trainer")
+    with pytest.raises(SettingsError, match="--ranks 2 or more"):
+        check_sharding(Settings.load(base_sharding="sharded"))
+    with pytest.raises(SettingsError, match="sampler"):
+        check_sharding(Settings.load(base_sharding="sharded"), "sampler")
+    with pytest.raises(SettingsError, match="vllm"):
+        check_sharding(Settings.load(ranks=2, base_sharding="sharded", sampler="vllm"))
+    with pytest.raises(SettingsError):
+        Settings.load(base_sharding="halved")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_sharding(Settings.load(base_sharding="sharded"))  # under torchrun, WORLD_SIZE gives the ranks
+
+    # rank 0 of a sharded serve samples and rescores from one whole copy in the training dtype and layout
+    sharded = engine_config(Settings.load(dtype="bfloat16", base_sharding="sharded"), "cpu")
+    assert sharded.shard_base and (sharded.train_dtype, sharded.sample_dtype) == ("bfloat16", "bfloat16")
+    assert not sharded.decode_layout
+    decoder = engine_config(Settings.load(dtype="bfloat16", base_sharding="sharded", sample_scores="decoder"), "cpu")
+    assert decoder.sample_dtype == "float32" and decoder.decode_layout  # no rescoring: the fast fp32 decoding copy
+    assert not engine_config(Settings.load(), "cpu").shard_base

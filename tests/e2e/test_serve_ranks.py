@@ -121,8 +121,13 @@ def _busy(process: psutil.Process, since: float, at_least_s: float) -> bool:
     return times.user + times.system - since >= at_least_s
 
 
-def test_a_rank_killed_mid_step_fails_the_step_and_stops_the_trainer(tmp_path: Path, tiny_model_dir: Path) -> None:
-    args = ["--ranks", "2", "--threads", "1", "--rank-timeout-s", "60"]
+@pytest.mark.parametrize("sharding", ["replicated", "sharded"])
+def test_a_rank_killed_mid_step_fails_the_step_and_stops_the_trainer(
+    tmp_path: Path, tiny_model_dir: Path, sharding: str
+) -> None:
+    """Also with the base sharded (FSDP2): rank 1 then dies inside an all-gather of a layer's weights. Before the
+    kill, a sharded run trains and samples (rank 0's sampler keeps a whole copy of the base)."""
+    args = ["--ranks", "2", "--threads", "1", "--rank-timeout-s", "60", "--base-sharding", sharding]
     server = start_server(tmp_path, tiny_model_dir, args=args)
     service = None
     try:
@@ -130,6 +135,15 @@ def test_a_rank_killed_mid_step_fails_the_step_and_stops_the_trainer(tmp_path: P
         service = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
         training = service.create_lora_training_client(base_model=server.model, rank=4, seed=1).result(WAIT_S)
         training.forward_backward(batch(0, 0), "cross_entropy").result(WAIT_S)  # both ranks are up and training
+        if sharding == "sharded":
+            first = training.forward_backward(batch(0, 1), "cross_entropy").result(WAIT_S).metrics["loss:sum"]
+            training.optim_step(types.AdamParams(learning_rate=1e-2)).result(WAIT_S)
+            again = training.forward_backward(batch(0, 1), "cross_entropy").result(WAIT_S).metrics["loss:sum"]
+            assert again < first  # the step moved the adapter the way one rank would: the loss on that batch fell
+            sampler = training.save_weights_and_get_sampling_client().result(WAIT_S)
+            params = types.SamplingParams(max_tokens=4, temperature=1.0, seed=3, stop=[])
+            answer = sampler.sample(types.ModelInput.from_ints([1, 17, 300]), 1, params).result(WAIT_S)
+            assert [len(s.tokens) for s in answer.sequences] == [4]
         heavy = [datum(1000 + i, 480) for i in range(8)]  # seconds of work on each rank
         times = follower.cpu_times()
         started = times.user + times.system

@@ -64,6 +64,10 @@ class EngineConfig:
     rescore_samples: bool = True
     # Re-store the sampling copy's weights for decoding (oneDNN-packed on CPU); see engine/decode_layout.py.
     decode_layout: bool = True
+    # The frozen base is sharded across the trainer's ranks (FSDP2, engine/distributed/sharding.py), not replicated.
+    shard_base: bool = False
+    # False: this process never samples (a split deployment's trainer), so it keeps no sampling copy of a sharded base.
+    sampling: bool = True
 
     @property
     def torch_device(self) -> torch.device:

@@ -141,15 +141,32 @@ class ServedModel:
             rows.extend(self._rows_of(j, job))
         return rows
 
-    def run_rows(self, rows: Sequence[Row], jobs: Sequence[ForwardJob]) -> dict[tuple[int, int], DatumOutcome]:
+    def run_rows(
+        self, rows: Sequence[Row], jobs: Sequence[ForwardJob], passes: tuple[int, int] | None = None
+    ) -> dict[tuple[int, int], DatumOutcome]:
         """Forward (and backward, for jobs that ask) of some rows of ``jobs``: each datum's outputs and metrics by
-        (job, datum index). A distributed trainer runs a share of the rows on each rank (engine/distributed)."""
+        (job, datum index). A distributed trainer runs a share of the rows on each rank (engine/distributed).
+
+        ``passes``: with a sharded base, every rank runs this many passes without and with gradients (at least
+        ``pass_counts``), idle ones after its own, so that every rank's collectives line up."""
         done: dict[tuple[int, int], DatumOutcome] = {}
         for grad_mode in (False, True):
-            selected = [r for r in rows if jobs[r.job].backward == grad_mode]
-            for group in micro_batches(selected, self.config.max_tokens_per_pass, paired_rows(jobs)):
+            groups = self._groups(rows, jobs, grad_mode)
+            for group in groups:
                 self._run_group(group, jobs, grad_mode, done)
+            if passes is not None:
+                assert isinstance(self.train, Transformer) and self.train.shards is not None
+                for _ in range(passes[int(grad_mode)] - len(groups)):
+                    self.train.shards.idle_pass(grad_mode)
         return done
+
+    def pass_counts(self, rows: Sequence[Row], jobs: Sequence[ForwardJob]) -> tuple[int, int]:
+        """How many passes ``run_rows`` makes over ``rows``: without gradients, then with."""
+        return len(self._groups(rows, jobs, False)), len(self._groups(rows, jobs, True))
+
+    def _groups(self, rows: Sequence[Row], jobs: Sequence[ForwardJob], grad_mode: bool) -> list[list[Row]]:
+        selected = [r for r in rows if jobs[r.job].backward == grad_mode]
+        return micro_batches(selected, self.config.max_tokens_per_pass, paired_rows(jobs))
 
     def validate(self, job: ForwardJob) -> None:
         """Raise InvalidRequestError for anything wrong with the job, without running the model.
@@ -207,7 +224,8 @@ class ServedModel:
         packed = pack_rows(group, weights, self.device)
         moe = isinstance(self.train, Transformer) and any(self.train.sparse)
         tracing = self.train.tracing_router() if isinstance(self.train, Transformer) and moe else nullcontext(None)
-        with torch.set_grad_enabled(grad_mode), tracing as trace:
+        shards = self.train.shards if isinstance(self.train, Transformer) else None
+        with torch.set_grad_enabled(grad_mode), tracing as trace, shards.one_pass() if shards else nullcontext():
             k = max(jobs[r.job].top_k for r in packed.rows)
             logprobs_N_K, top_N_k = self._score(packed, k)
             total: torch.Tensor | None = None

@@ -15,9 +15,9 @@ base output rounds small updates away (the default configuration then learned 2-
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,23 @@ from tinkerd.engine.moe import RouterTrace, expert_targets, is_sparse_block, spa
 
 # attention(layer_index, q_N_H_D, k_N_Hkv_D, v_N_Hkv_D) -> o_N_HD
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class BaseShards(Protocol):
+    """The frozen base sharded across a trainer's ranks (engine/distributed/sharding.py): the forward gathers a
+    unit's weights before it reads them and releases them after."""
+
+    def gather_root(self) -> None: ...
+
+    def residual(self, h_N_d: torch.Tensor) -> torch.Tensor: ...
+
+    def enter(self, i: int, h_N_d: torch.Tensor) -> torch.Tensor: ...
+
+    def leave(self, i: int, h_N_d: torch.Tensor) -> torch.Tensor: ...
+
+    def one_pass(self) -> AbstractContextManager[None]: ...
+
+    def idle_pass(self, grad: bool) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,8 @@ class Transformer:
         # per layer: its sliding window (None: full attention) and, for GPT-OSS, its attention-sink logits [heads]
         self.layer_windows: list[int | None] = [self.shape.sliding_window] * self.shape.num_layers
         self.attention_sinks: list[torch.Tensor] | None = None
+        # set when the base is sharded across a trainer's ranks (FSDP2); None: every weight is here, whole
+        self.shards: BaseShards | None = None
 
     @contextmanager
     def tracing_router(self) -> Iterator[RouterTrace]:
@@ -162,12 +181,19 @@ class Transformer:
     ) -> torch.Tensor:
         """Final-norm hidden states [N, hidden] for packed tokens at the given positions."""
         s = self.shape
+        shards = self.shards
+        if shards is not None:
+            shards.gather_root()
         # The residual stream stays fp32: each layer's (and each adapter's) contribution is added without rounding.
         h = self.embed(tokens_N).to(self.act_dtype)
+        if shards is not None:
+            h = shards.residual(h)
         cos, sin = self.rotary(h[None], positions_N[None])
         cos_N_1_D, sin_N_1_D = cos[0][:, None, :], sin[0][:, None, :]
         n = tokens_N.shape[0]
         for i, layer in enumerate(self.layers):
+            if shards is not None:
+                h = shards.enter(i, h)
             attn = layer.self_attn
             prefix = f"model.layers.{i}"
             x = _rms_norm(layer.input_layernorm, h)
@@ -184,10 +210,12 @@ class Transformer:
             mlp = layer.mlp
             if self.sparse[i]:
                 h = h + sparse_block(mlp, f"{prefix}.mlp", x, routing, self._trace)
-                continue
-            gate = apply_linear(mlp.gate_proj, f"{prefix}.mlp.gate_proj", x, routing)
-            up = apply_linear(mlp.up_proj, f"{prefix}.mlp.up_proj", x, routing)
-            h = h + apply_linear(mlp.down_proj, f"{prefix}.mlp.down_proj", mlp.act_fn(gate) * up, routing)
+            else:
+                gate = apply_linear(mlp.gate_proj, f"{prefix}.mlp.gate_proj", x, routing)
+                up = apply_linear(mlp.up_proj, f"{prefix}.mlp.up_proj", x, routing)
+                h = h + apply_linear(mlp.down_proj, f"{prefix}.mlp.down_proj", mlp.act_fn(gate) * up, routing)
+            if shards is not None:
+                h = shards.leave(i, h)
         return _rms_norm(self.norm, h)
 
     def packed_hidden(self, seqs: Sequence[Sequence[int]], routing: LoraRouting) -> torch.Tensor:

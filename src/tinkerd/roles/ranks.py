@@ -4,8 +4,8 @@
 1..N-1 as child processes running `tinkerd serve` with the variables torchrun would set (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so a rank started by tinkerd and one started by torchrun take the same path:
 a `serve` or `trainer` command that finds itself at rank r > 0 runs ``run_follower`` instead. Rank 0 serves the API,
-owns the ledger and the sampler, and drives training; the followers hold the same base models and adapters and run
-their share of every forward_backward (engine/distributed).
+owns the ledger and the sampler, and drives training; the followers hold the same base models (whole, or their
+shard of them: ``--base-sharding``) and adapters and run their share of every forward_backward (engine/distributed).
 
 A rank that dies breaks the group: rank 0 fails its in-flight requests with a message naming what happened, stops,
 and exits non-zero (``RanksLostError``); followers exit non-zero when rank 0 is gone.
@@ -33,6 +33,7 @@ from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.distributed import Channel, DistributedServedModel, RankInfo, RankLostError, join_group
 from tinkerd.engine.distributed.follower import follow
 from tinkerd.engine.distributed.group import leave_group, rank_from_env
+from tinkerd.engine.distributed.sharding import full_parameters, shard_served
 from tinkerd.engine.served_model import ServedModel
 from tinkerd.settings import Settings
 
@@ -81,7 +82,29 @@ def engine_config(settings: Settings, device: str) -> EngineConfig:
         engine = dataclasses.replace(engine, train_dtype=settings.dtype)
     if torch.device(device).type == "cuda":
         engine = dataclasses.replace(engine, sample_dtype=engine.train_dtype)
+    if settings.base_sharding == "sharded":
+        engine = dataclasses.replace(engine, shard_base=True)
+        if rescore:
+            # Rank 0's whole copy then samples and rescores (a sharded trainer cannot score alone): in the training
+            # dtype and layout, so that samples report forward()'s logprobs. One copy, not an fp32 one beside it.
+            engine = dataclasses.replace(engine, sample_dtype=engine.train_dtype, decode_layout=False)
     return engine
+
+
+def check_sharding(settings: Settings, role: str = "serve") -> None:
+    """Refuse, before anything loads, what a sharded base does not support (SettingsError naming it)."""
+    if settings.base_sharding != "sharded":
+        return
+    if role == "sampler":
+        raise SettingsError("--base-sharding sharded is for trainers; a sampler holds its base whole on one rank")
+    world = rank_from_env(os.environ)
+    if settings.ranks == 1 and world is None:
+        raise SettingsError("--base-sharding sharded shards the base across ranks: it needs --ranks 2 or more")
+    if role == "serve" and settings.sampler == "vllm":
+        raise SettingsError(
+            "--base-sharding sharded with --sampler vllm is not supported in serve; run a split deployment "
+            "(a sharded `tinkerd trainer` and a `tinkerd sampler --sampler vllm`)"
+        )
 
 
 @dataclass
@@ -97,7 +120,10 @@ class Ranks:
         return str(self.channel.device)
 
     def make_served(self, name: str, hf_model: torch.nn.Module, config: EngineConfig) -> ServedModel:
-        return DistributedServedModel(name, hf_model, config, self.channel)
+        served = DistributedServedModel(name, hf_model, config, self.channel)
+        if config.shard_base:
+            shard_served(served, self.info.world_size)
+        return served
 
     def on_lost(self, stop: Callable[[], None]) -> None:
         """When a rank is lost: after a grace period for in-flight errors to reach their clients, call ``stop``."""
@@ -168,13 +194,15 @@ def handshake(channel: Channel, served: Mapping[str, ServedModel]) -> None:
         channel.start_keepalive(min(KEEPALIVE_S, channel.timeout_s / 4))
 
 
-def _fingerprint(served: Mapping[str, ServedModel]) -> dict[str, tuple[int, float, str, int]]:
-    out: dict[str, tuple[int, float, str, int]] = {}
+def _fingerprint(served: Mapping[str, ServedModel]) -> dict[str, tuple[int, float, str, int, bool]]:
+    out: dict[str, tuple[int, float, str, int, bool]] = {}
     for name, model in sorted(served.items()):
-        params = list(model.train.hf.parameters())
-        total = sum(float(p.detach().sum(dtype=torch.float64)) for p in params)
-        count = sum(p.numel() for p in params)
-        out[name] = (count, round(total, 3), model.config.train_dtype, model.config.max_tokens_per_pass)
+        total, count = 0.0, 0
+        for p in full_parameters(model.train.hf):  # a sharded base: gathered one weight at a time
+            total += float(p.detach().sum(dtype=torch.float64))
+            count += p.numel()
+        config = model.config
+        out[name] = (count, round(total, 3), config.train_dtype, config.max_tokens_per_pass, config.shard_base)
     return out
 
 
@@ -188,6 +216,9 @@ def run_follower(settings: Settings, announce: Announce = print) -> None:
         engine = engine_config(settings, str(device))
         models = [_resolve(name, settings) for name in settings.models or (hub.DEFAULT_MODEL,)]
         served = {m.name: ServedModel.from_directory(m.name, m.path, engine) for m in models}
+        if engine.shard_base:
+            for model in served.values():  # in the order rank 0 loads them
+                shard_served(model, info.world_size)
         handshake(channel, served)
         announce(f"rank {info.rank}/{info.world_size} on {device}: following rank 0 ({', '.join(served)})")
         follow(channel, served)
@@ -220,7 +251,7 @@ def _spawn(settings: Settings, info: RankInfo) -> subprocess.Popen[bytes]:
     for name in settings.models or (hub.DEFAULT_MODEL,):
         command += ["--model", name]
     command += ["--device", settings.device, "--ranks", str(info.world_size)]
-    command += ["--rank-timeout-s", str(settings.rank_timeout_s)]
+    command += ["--rank-timeout-s", str(settings.rank_timeout_s), "--base-sharding", settings.base_sharding]
     if settings.dtype:
         command += ["--dtype", settings.dtype]
     if settings.threads:

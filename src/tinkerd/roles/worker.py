@@ -36,7 +36,15 @@ _SAFETY_POLL_S = 5.0
 
 def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Callable[[str], None] = print) -> None:
     """Run one trainer or sampler in the foreground until SIGTERM / Ctrl-C (or its lease is lost)."""
-    from tinkerd.roles.ranks import RanksLostError, engine_config, handshake, is_follower, run_follower, start_ranks
+    from tinkerd.roles.ranks import (
+        RanksLostError,
+        check_sharding,
+        engine_config,
+        handshake,
+        is_follower,
+        run_follower,
+        start_ranks,
+    )
     from tinkerd.sampler_backends import start_samplers
     from tinkerd.worker.hosts import ModelHost
     from tinkerd.worker.loop import Worker, WorkerConfig
@@ -46,6 +54,7 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
         return
     if role == "sampler" and settings.ranks > 1:
         raise SettingsError("a sampler runs on one rank; --ranks is for trainers")
+    check_sharding(settings, role)
     storage = check_storage(roles.storage_dir)
     store = open_ledger(roles.database_url)
     worker_id = roles.id_for(role)
@@ -58,6 +67,8 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
         engine = engine_config(settings, ranks.device if ranks is not None else settings.device)
         if role == "sampler" and settings.sampler == "vllm":  # no second copy of the weights for the builtin sampler
             engine = dataclasses.replace(engine, sample_dtype=engine.train_dtype)
+        if role == "trainer":  # it never samples: a sharded base then stays a shard, with no whole copy beside it
+            engine = dataclasses.replace(engine, sampling=False)
         announce(f"{role} {worker_id}: engine on {engine.device}, {engine.train_dtype_note()}")
         hosts = {}
         for model in models:

@@ -54,7 +54,8 @@ class ModelHost:
 
     def new_sampler(self) -> Sampler | VllmSampler:
         batch = self.served.config.max_decode_batch
-        train = self.served.train
+        # A sharded trainer cannot score alone: the sampler's own copy, kept in the training dtype, scores instead.
+        train = self.served.train if not self.served.config.shard_base else self.sample_transformer
         if self.vllm is not None:
             # samples report the trainer's logprobs, as the builtin sampler's do (a packed trainer rescores)
             scorer = train if isinstance(train, Transformer) else None
@@ -62,7 +63,6 @@ class ModelHost:
         if isinstance(self.sample_transformer, GenericTransformer):
             return GenericSampler(self.sample_transformer, self.decode_text, max_batch=batch)
         # samples report the trainer's logprobs (engine/rescoring.py); a packed sampler has a packed trainer
-        train = self.served.train
         scorer = train if self.served.config.rescore_samples and isinstance(train, Transformer) else None
         if isinstance(self.sample_transformer, HybridTransformer):
             return HybridSampler(self.sample_transformer, self.decode_text, max_batch=batch, scorer=scorer)
@@ -99,9 +99,12 @@ class ModelHost:
                 else make_served(name, hf_model, config)
             )
             return ModelHost(served, served.train, decode_text)
-        if config.sample_torch_dtype != config.train_torch_dtype:
+        if config.shard_base and not config.sampling:
+            pass  # a sharded trainer that never samples (tinkerd trainer) holds its shard and nothing else
+        elif config.sample_torch_dtype != config.train_torch_dtype or config.shard_base:
             # Copy before ServedModel casts the original to the training dtype: a bf16 copy cast back up to fp32
-            # would sample from rounded weights.
+            # would sample from rounded weights. A sharded trainer keeps a slice of each weight: rank 0 samples
+            # from a whole copy of its own.
             sample_hf = copy.deepcopy(hf_model)
         served = make_served(name, hf_model, config)
         if sample_hf is None:

@@ -3,9 +3,9 @@
 Rank 0 is the trainer the worker drives (``leader.DistributedServedModel``, a ``ServedModel``); ranks 1..N-1 run
 ``follower.follow``, executing what rank 0 sends them over the process group (``channel``): adapter creation and
 loading, each forward_backward's share of the datums (``split``), and optimizer steps after the gradients are summed
-across ranks (``replica``). The frozen base is replicated on every rank (DDP-style); LoRA weights and AdamW state
-are identical on every rank. Nothing here knows HTTP, the ledger or settings; the composition root starts the
-ranks (``launch``, or torchrun) and hands rank 0 its ``Channel``.
+across ranks (``replica``). The frozen base is replicated on every rank (DDP-style), or sharded across them with
+FSDP2 (``sharding``); LoRA weights and AdamW state are identical on every rank. Nothing here knows HTTP, the
+ledger or settings; the composition root starts the ranks (``launch``, or torchrun) and hands rank 0 its ``Channel``.
 """
 
 from tinkerd.engine.distributed.channel import Channel, RankLostError

@@ -145,6 +145,18 @@ class Channel:
         self._collective(lambda: dist.all_gather_object(out, value))
         return out
 
+    def max_(self, values: Sequence[int]) -> list[int]:
+        """Each position's largest value over the ranks (the same list on every rank)."""
+        t = torch.tensor(list(values), dtype=torch.int64, device=self.device)
+        self._collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+        return [int(v) for v in t.tolist()]
+
+    def abandon(self, why: str) -> RankLostError:
+        """Break the channel on purpose: this rank cannot keep its collectives in step with the others (a sharded
+        pass failed half way). Returns the error to raise; the others then see this rank go."""
+        self._break(RuntimeError(why))
+        return RankLostError(self._lost)
+
     def sum_(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` over the ranks, in place; every rank ends with the same bits."""
         self._collective(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM))

@@ -4,7 +4,7 @@ The worker drives it like any ``ServedModel`` (one thread). Every call checks it
 request fails before any rank moves; only then does the command go out. Forward batches are split across the
 ranks by tokens (``split``), each rank packs and runs its share as one rank would, and rank 0 puts the outcomes back
 in the request's order. Reads (``snapshot``, ``validate``, checkpoints) need no other rank: the adapters are the
-same everywhere. Sampling uses rank 0's copy alone.
+same everywhere. Sampling uses rank 0's copy alone (with a sharded base, a full copy of its own: worker/hosts.py).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from tinkerd.engine.served_model import (
     assemble_results,
     paired_rows,
 )
+from tinkerd.engine.transformer import Transformer
 
 
 class DistributedServedModel(ServedModel):
@@ -98,6 +99,9 @@ class DistributedServedModel(ServedModel):
 
     def forward(self, jobs: Sequence[ForwardJob]) -> list[ForwardResult]:
         rows = self.rows_of_jobs(jobs)  # every datum is checked here, before any rank runs anything
+        if isinstance(self.train, Transformer) and self.train.shards is not None:
+            for job in jobs:  # and each loss: a pass over a sharded base cannot stop half way on one rank
+                self.validate(job)
         shares = self._split(rows, jobs)
         headers = tuple(dataclasses.replace(job, datums=(), request_size=len(job.datums)) for job in jobs)
         sends: list[ForwardShare | None] = [None]

@@ -20,6 +20,7 @@ from tinkerd.engine.batching import Row, prepare_row
 from tinkerd.engine.distributed.channel import Channel
 from tinkerd.engine.distributed.commands import ForwardShare
 from tinkerd.engine.served_model import BASE_KEY, DatumOutcome, ForwardJob, ServedModel
+from tinkerd.engine.transformer import Transformer
 
 Outcomes = dict[tuple[int, int], DatumOutcome]
 
@@ -59,16 +60,44 @@ def run_share(
     params = list(_backward_params(served, jobs))
     saved = [None if p.grad is None else p.grad.detach().clone() for p in params]
     outcome: Outcomes | ShareFailure
-    try:
-        share = rows()
-        outcome = served.run_rows(share, jobs) if share else {}
-    except Exception as exc:
-        user = isinstance(exc, TinkerdError)
-        outcome = ShareFailure(channel.info.rank, user, str(exc) if user else f"{type(exc).__name__}: {exc}")
+    if isinstance(served.train, Transformer) and served.train.shards is not None:
+        outcome = _run_sharded(channel, served, rows, jobs)
+    else:
+        try:
+            share = rows()
+            outcome = served.run_rows(share, jobs) if share else {}
+        except Exception as exc:
+            outcome = _failure(channel, exc)
     if channel.any_rank(isinstance(outcome, ShareFailure)):
         for p, grad in zip(params, saved, strict=True):
             p.grad = grad
     return channel.gather(outcome)
+
+
+def _run_sharded(
+    channel: Channel, served: ServedModel, rows: Callable[[], Sequence[Row]], jobs: Sequence[ForwardJob]
+) -> Outcomes | ShareFailure:
+    """A share over a sharded base: every rank, even one with no rows, runs as many passes of each kind as the rank
+    with the most (each pass gathers every layer: the ranks' collectives must line up). A pass that fails half way
+    leaves the ranks' collectives out of step for good, so it stops the trainer (the leader checked every job's
+    datums and loss before sending, so what fails there is not the request's fault)."""
+    failure: ShareFailure | None = None
+    share: Sequence[Row] = ()
+    try:
+        share = rows()
+    except Exception as exc:
+        failure = _failure(channel, exc)
+    no_grad, grad = channel.max_(served.pass_counts(share, jobs))
+    try:
+        done = served.run_rows(share, jobs, (no_grad, grad))
+    except Exception as exc:
+        raise channel.abandon(f"a pass over the sharded base failed on rank {channel.info.rank}: {exc}") from exc
+    return failure if failure is not None else done
+
+
+def _failure(channel: Channel, exc: Exception) -> ShareFailure:
+    user = isinstance(exc, TinkerdError)
+    return ShareFailure(channel.info.rank, user, str(exc) if user else f"{type(exc).__name__}: {exc}")
 
 
 def _backward_params(served: ServedModel, jobs: Iterable[ForwardJob]) -> Iterable[torch.Tensor]:
