@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from tests.distributed.conftest import TwoRanks, one_rank
-from tests.engine.tiny_models import tiny_generic_model, tiny_hybrid_model
 from tests.distributed.test_parity import (
     ADAM,
     CONFIGS,
@@ -25,8 +24,9 @@ from tests.distributed.test_parity import (
     rl_datums,
     step_jobs,
 )
-from tinkerd.domain.ops import ArrayData, Datum, LoraConfig, SamplingParams
+from tests.engine.tiny_models import tiny_generic_model, tiny_hybrid_model
 from tinkerd.domain.errors import SettingsError
+from tinkerd.domain.ops import ArrayData, Datum, LoraConfig, SamplingParams
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.distributed.sharding import shard_served
 from tinkerd.engine.model_paths import load_hf_model
