@@ -137,8 +137,10 @@ def test_expert_adapters_export_to_peft_and_merged_and_load_back(tmp_path: Path)
     tiny_gpt_oss().save_pretrained(tmp_path / "base")
     export_merged(tmp_path / "c", tmp_path / "base", tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
-    for got, want in zip(ours, hf_logprobs(merged, SEQS), strict=True):
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    for got, want in zip(
+        ours, hf_logprobs(merged, SEQS), strict=True
+    ):  # rtol: fp32 sums in another order (e.g. with one torch thread)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
     loaded = load_checkpoint(tmp_path / "c", "cpu", model=model.train.hf)  # and back into tinkerd
     model.install_adapter("b", loaded.lora, loaded.weights, None)
@@ -152,7 +154,7 @@ def test_expert_adapters_export_to_peft_and_merged_and_load_back(tmp_path: Path)
     assert "gate_proj" not in config["target_modules"] and "q_proj" in config["target_modules"]
     peft_model = PeftModel.from_pretrained(tiny_gpt_oss(), str(tmp_path / "peft")).eval()
     for got, want in zip(ours, hf_logprobs(peft_model, SEQS), strict=True):
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     with pytest.raises(InvalidRequestError, match="target_parameters"):  # that form is not read back: a clear 400
         load_checkpoint(tmp_path / "peft", "cpu", model=model.train.hf)
 
