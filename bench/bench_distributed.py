@@ -16,6 +16,8 @@ trainer`: in `tinkerd serve` it also keeps a whole copy of the base for sampling
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import json
 import statistics
@@ -49,10 +51,10 @@ def make_datums(batch: int, seq: int, vocab: int, seed: int) -> list[Datum]:
     return out
 
 
-def _vm_hwm_mib(pid: int | str) -> float:
-    """A process's peak resident memory (Linux /proc), in MiB."""
+def _vm_mib(pid: int | str, field: str = "VmHWM:") -> float:
+    """A process's peak (VmHWM) or current (VmRSS) resident memory (Linux /proc), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -60,6 +62,12 @@ def _vm_hwm_mib(pid: int | str) -> float:
 def _reset_peak(pid: int | str) -> None:
     """Start a process's peak resident memory afresh from its current size (Linux: clear_refs 5)."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def _trim_heap() -> None:
+    """Ask glibc to return freed heap memory to the system (Linux; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +88,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         if ranks is not None:
             handshake(ranks.channel, {str(model_dir): model})
         gc.collect()
-        for pid in ["self", *(child.pid for child in (ranks.children if ranks is not None else []))]:
+        _trim_heap()  # return what loading (and, sharded, the whole base) freed, so the peak counts live memory
+        pids: list[int | str] = ["self", *(child.pid for child in (ranks.children if ranks is not None else []))]
+        held = [_vm_mib(pid, "VmRSS:") for pid in pids]
+        for pid in pids:
             _reset_peak(pid)
         model.create_adapter("bench", LoraConfig(rank=32, seed=0))
         datums = make_datums(spec["batch"], spec["seq"], model.vocab_size, seed=1)
@@ -92,8 +103,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             model.optim_step("bench", ADAM)
             if step:
                 times.append(time.perf_counter() - started)
-        followers = [_vm_hwm_mib(child.pid) for child in ranks.children] if ranks is not None else []
-        return {"step_s": statistics.median(times), "rank0_mib": _vm_hwm_mib("self"), "followers_mib": followers}
+        followers = [_vm_mib(child.pid) for child in ranks.children] if ranks is not None else []
+        return {
+            "step_s": statistics.median(times),
+            "rank0_mib": _vm_mib("self"),
+            "followers_mib": followers,
+            "held_mib": held,
+        }
     finally:
         if ranks is not None:
             ranks.close()
@@ -140,7 +156,7 @@ def main() -> None:
         print()
         header = (
             f"{'shape':>8} {'ranks x threads':>16} {'base':>11} {'step s':>8} {'tokens/s':>9} {'vs 1x2':>7} "
-            f"{'peak MiB/rank':>16}"
+            f"{'held MiB/rank':>14} {'peak MiB/rank':>16}"
         )
         print(header)
         for shape in args.shapes.split(","):
@@ -157,12 +173,14 @@ def main() -> None:
                 memory = [max(r["rank0_mib"] for r in runs)]
                 memory += [max(r["followers_mib"][i] for r in runs) for i in range(ranks - 1)]
                 mib = " / ".join(f"{m:.0f}" for m in memory)
+                held = " / ".join(f"{m:.0f}" for m in runs[0]["held_mib"])
                 print(
                     f"{shape:>8} {f'{ranks} x {threads}':>16} {base:>11} {step_s:>8.3f} {batch * seq / step_s:>9.0f} "
-                    f"{baseline / step_s:>6.2f}x {mib:>16}"
+                    f"{baseline / step_s:>6.2f}x {held:>14} {mib:>16}"
                 )
         print()
-        print("peak MiB/rank: rank 0 / rank 1, peak resident set during the steps (after loading); rank 0 trains only")
+        print("held MiB/rank: resident set once loaded (and sharded), before the first step; rank 0 / rank 1")
+        print("peak MiB/rank: peak resident set during the steps (counted from the held figure); rank 0 trains only")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ and exits non-zero (``RanksLostError``); followers exit non-zero when rank 0 is 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -122,7 +124,7 @@ class Ranks:
     def make_served(self, name: str, hf_model: torch.nn.Module, config: EngineConfig) -> ServedModel:
         served = DistributedServedModel(name, hf_model, config, self.channel)
         if config.shard_base:
-            shard_served(served, self.info.world_size)
+            _shard(served, self.info.world_size)
         return served
 
     def on_lost(self, stop: Callable[[], None]) -> None:
@@ -218,7 +220,7 @@ def run_follower(settings: Settings, announce: Announce = print) -> None:
         served = {m.name: ServedModel.from_directory(m.name, m.path, engine) for m in models}
         if engine.shard_base:
             for model in served.values():  # in the order rank 0 loads them
-                shard_served(model, info.world_size)
+                _shard(model, info.world_size)
         handshake(channel, served)
         announce(f"rank {info.rank}/{info.world_size} on {device}: following rank 0 ({', '.join(served)})")
         follow(channel, served)
@@ -294,3 +296,13 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _shard(served: ServedModel, world_size: int) -> None:
+    """Shard a model's base across the ranks, then hand the freed whole weights back to the system: on CPU glibc
+    keeps freed heap memory in the process unless asked, so a sharded rank may go on holding memory the size of the whole base."""
+    shard_served(served, world_size)
+    gc.collect()
+    if served.device.type == "cpu" and sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):  # not glibc
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
