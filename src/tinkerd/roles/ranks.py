@@ -300,7 +300,7 @@ def _free_port() -> int:
 
 def _shard(served: ServedModel, world_size: int) -> None:
     """Shard a model's base across the ranks, then hand the freed whole weights back to the system: on CPU glibc
-    keeps freed heap memory in the process unless asked, so a sharded rank may go on holding memory the size of the whole base."""
+    keeps freed heap memory in the process unless asked, so a sharded rank may go on holding the whole base's size."""
     shard_served(served, world_size)
     gc.collect()
     if served.device.type == "cpu" and sys.platform == "linux":
