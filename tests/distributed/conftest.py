@@ -75,13 +75,13 @@ def sharded_two_ranks(model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 # the families whose packed forward has a body of its own (engine/gpt_oss.py, engine/qwen3_5.py)
-OWN_BODY_FAMILIES = ("gpt_oss", "qwen3_5")
+OWN_BODY_FAMILIES = ("gpt_oss", "qwen3_5", "qwen3_5_moe")
 
 
 @pytest.fixture(scope="module", params=OWN_BODY_FAMILIES)
 def sharded_own_body(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoRanks]:
-    """``sharded_two_ranks`` for a tiny GPT-OSS (4 experts, attention sinks, sliding windows), then a tiny Qwen3.5
-    (gated delta-net layers beside full attention); one family's ranks at a time."""
+    """``sharded_two_ranks`` for a tiny GPT-OSS (4 experts, attention sinks, sliding windows), a tiny Qwen3.5 (gated
+    delta-net layers beside full attention) and a tiny Qwen3.5-MoE (its MLPs sparse); one family's ranks at a time."""
     family: str = request.param
     out = tmp_path_factory.mktemp("models") / f"tiny-{family}"
     model: Any = tiny_generic_model(family) if family == "gpt_oss" else tiny_hybrid_model(family)
