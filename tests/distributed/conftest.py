@@ -4,6 +4,7 @@ launcher `tinkerd serve --ranks 2` uses (roles/ranks.py)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.engine.tiny_models import tiny_model
+from tests.engine.tiny_models import tiny_generic_model, tiny_hybrid_model, tiny_model
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.distributed import DistributedServedModel
 from tinkerd.engine.model_paths import load_hf_model
@@ -69,6 +70,29 @@ def two_ranks(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def sharded_two_ranks(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoRanks]:
     """Two ranks holding the fp32 base sharded with FSDP2, built as `tinkerd serve --ranks 2 --base-sharding sharded`
     builds rank 0: a host whose trainer holds half of each weight and whose sampler keeps a whole copy."""
+    with sharded_ranks(model_dir, tmp_path_factory) as two:
+        yield two
+
+
+# the families whose packed forward has a body of its own (engine/gpt_oss.py, engine/qwen3_5.py)
+OWN_BODY_FAMILIES = ("gpt_oss", "qwen3_5", "qwen3_5_moe")
+
+
+@pytest.fixture(scope="module", params=OWN_BODY_FAMILIES)
+def sharded_own_body(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoRanks]:
+    """``sharded_two_ranks`` for a tiny GPT-OSS (4 experts, attention sinks, sliding windows), a tiny Qwen3.5 (gated
+    delta-net layers beside full attention) and a tiny Qwen3.5-MoE (its MLPs sparse); one family's ranks at a time."""
+    family: str = request.param
+    out = tmp_path_factory.mktemp("models") / f"tiny-{family}"
+    model: Any = tiny_generic_model(family) if family == "gpt_oss" else tiny_hybrid_model(family)
+    model.save_pretrained(out)
+    with sharded_ranks(out, tmp_path_factory) as two:
+        yield two
+
+
+@contextmanager
+def sharded_ranks(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoRanks]:
+    """Rank 0 of two sharded ranks serving ``model_dir`` (rank 1 is a follower process), left cleanly at the end."""
     settings = Settings.load(
         models=[str(model_dir)], cache_dir=tmp_path_factory.mktemp("cache"), ranks=2, threads=1, dtype="float32",
         base_sharding="sharded",

@@ -135,6 +135,21 @@ def _save(model: ServedModel, adapter_id: str, dest: Path) -> Path:
     return dest
 
 
+def assert_same_checkpoint(saved_two: Path, saved_one: Path) -> None:
+    """The same files, the same adapter config, and every tensor within 1e-5 (optimizer state included)."""
+    files = sorted(p.name for p in saved_one.iterdir())
+    assert sorted(p.name for p in saved_two.iterdir()) == files and "adapter_model.safetensors" in files
+    assert json.loads((saved_two / "adapter_config.json").read_text()) == json.loads(
+        (saved_one / "adapter_config.json").read_text()
+    )
+    for name in files:
+        if name.endswith(".safetensors"):
+            got, want = load_file(saved_two / name), load_file(saved_one / name)
+            assert got.keys() == want.keys() and got
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5)
+
+
 def _install(model: ServedModel, adapter_id: str, src: Path) -> None:
     loaded = load_checkpoint(src, model.device)
     optimizer = AdamState()
@@ -153,18 +168,7 @@ def test_checkpoints_are_the_same_and_load_across_rank_counts(two_ranks: TwoRank
             model.forward([ForwardJob("ck", data, "cross_entropy", backward=True)])
             model.optim_step("ck", ADAM)
     saved_two, saved_one = _save(two, "ck", tmp_path / "two"), _save(one, "ck", tmp_path / "one")
-
-    files = sorted(p.name for p in saved_one.iterdir())
-    assert sorted(p.name for p in saved_two.iterdir()) == files and "adapter_model.safetensors" in files
-    assert json.loads((saved_two / "adapter_config.json").read_text()) == json.loads(
-        (saved_one / "adapter_config.json").read_text()
-    )
-    for name in files:
-        if name.endswith(".safetensors"):
-            got, want = load_file(saved_two / name), load_file(saved_one / name)
-            assert got.keys() == want.keys() and got
-            for key in want:
-                torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5)
+    assert_same_checkpoint(saved_two, saved_one)
 
     # the 2-rank checkpoint on 1 rank, the 1-rank checkpoint on 2 ranks: both train on as the original would
     _install(one, "from-two", saved_two)

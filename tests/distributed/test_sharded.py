@@ -4,7 +4,6 @@ do still takes part in every all-gather); and rank 0 samples from its own whole 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,13 @@ from tests.distributed.test_parity import (
     REL,
     _save,
     assert_same_adapter,
+    assert_same_checkpoint,
     assert_same_results,
     ce_datums,
     rl_datums,
     step_jobs,
 )
-from tests.engine.tiny_models import tiny_generic_model, tiny_hybrid_model
+from tests.engine.tiny_models import tiny_generic_model
 from tinkerd.domain.errors import SettingsError
 from tinkerd.domain.ops import ArrayData, Datum, LoraConfig, SamplingParams
 from tinkerd.engine.config import EngineConfig
@@ -121,17 +121,7 @@ def test_a_checkpoint_saved_sharded_is_the_one_rank_checkpoint(sharded_two_ranks
             model.forward([ForwardJob("ck", data, "cross_entropy", backward=True)])
             model.optim_step("ck", ADAM)
     saved_two, saved_one = _save(two, "ck", tmp_path / "two"), _save(one, "ck", tmp_path / "one")
-    files = sorted(p.name for p in saved_one.iterdir())
-    assert sorted(p.name for p in saved_two.iterdir()) == files and "adapter_model.safetensors" in files
-    assert json.loads((saved_two / "adapter_config.json").read_text()) == json.loads(
-        (saved_one / "adapter_config.json").read_text()
-    )
-    for name in files:
-        if name.endswith(".safetensors"):
-            got, want = load_file(saved_two / name), load_file(saved_one / name)
-            assert got.keys() == want.keys() and got
-            for key in want:
-                torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5)
+    assert_same_checkpoint(saved_two, saved_one)
     trained = load_file(saved_two / "adapter_model.safetensors")
     assert any(bool(t.abs().max() > 0) for k, t in trained.items() if "lora_B" in k)
 
@@ -173,11 +163,9 @@ def test_rank_0_samples_a_sharded_run_as_one_rank_does(sharded_two_ranks: TwoRan
     torch.testing.assert_close(torch.tensor(seq.logprobs), torch.tensor(forward_logprobs), rtol=REL, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_5"])
-def test_a_model_with_its_own_packed_body_is_refused_before_any_collective(family: str) -> None:
-    """GPT-OSS's and Qwen3.5's packed forwards do not gather sharded layers: refused with the layout named, before
-    sharding touches the process group (so this needs no ranks)."""
-    hf = tiny_generic_model(family) if family == "gpt_oss" else tiny_hybrid_model(family)
-    served = ServedModel("tiny", hf, EngineConfig(device="cpu", train_dtype="float32"))
-    with pytest.raises(SettingsError, match=f"not for '{family}.*--base-sharding replicated"):
+def test_a_model_on_the_generic_path_is_refused_before_any_collective() -> None:
+    """The generic forward (transformers' own) does not gather sharded layers: refused, before sharding touches the
+    process group (so this needs no ranks). GPT-OSS and Qwen3.5 shard: test_sharded_own_body.py."""
+    served = ServedModel("tiny", tiny_generic_model("phi"), EngineConfig(device="cpu", train_dtype="float32"))
+    with pytest.raises(SettingsError, match=r"needs tinkerd's packed forward.*--base-sharding replicated"):
         shard_served(served, world_size=2)

@@ -116,7 +116,10 @@ class GptOssTransformer(Transformer):
         self.sparse = [True] * len(self.layers)
         config: Any = hf_model.config
         self.layer_windows = layer_windows(config)
-        self.attention_sinks = [layer.self_attn.sinks.detach().float() for layer in self.layers]
+        # Attention takes these outside a layer's gather (``packed_attention`` builds before the pass; decoding), so
+        # they are kept whole apart: a copy taken before the base may be sharded across ranks, which leaves a rank
+        # 1/N of each layer's own ``sinks`` between gathers (engine/distributed/sharding.py). A few floats a layer.
+        self.attention_sinks = [layer.self_attn.sinks.detach().float().clone() for layer in self.layers]
 
     def packed_attention(self, seq_lens: Sequence[int]) -> AttentionFn:
         assert self.attention_sinks is not None
@@ -134,12 +137,19 @@ class GptOssTransformer(Transformer):
         attention: AttentionFn,
     ) -> torch.Tensor:
         s = self.shape
+        shards = self.shards  # a sharded base: gather each unit around what reads it, as ``Transformer.hidden`` does
+        if shards is not None:
+            shards.gather_root()
         h = self.embed(tokens_N).to(self.act_dtype)
+        if shards is not None:
+            h = shards.residual(h)
         cos, sin = self.rotary(h[None], positions_N[None])  # [1, N, D / 2]: one angle per pair of halves
         cos_N_1_D = torch.cat([cos[0], cos[0]], dim=-1)[:, None, :]
         sin_N_1_D = torch.cat([sin[0], sin[0]], dim=-1)[:, None, :]
         n = tokens_N.shape[0]
         for i, layer in enumerate(self.layers):
+            if shards is not None:
+                h = shards.enter(i, h)
             attn = layer.self_attn
             prefix = f"model.layers.{i}"
             x = _rms_norm(layer.input_layernorm, h)
@@ -152,4 +162,6 @@ class GptOssTransformer(Transformer):
             h = h + apply_linear(attn.o_proj, f"{prefix}.self_attn.o_proj", o, routing)
             x = _rms_norm(layer.post_attention_layernorm, h)
             h = h + gpt_oss_block(layer.mlp, f"{prefix}.mlp", x, routing, self._trace)
+            if shards is not None:
+                h = shards.leave(i, h)
         return _rms_norm(self.norm, h)

@@ -143,11 +143,18 @@ class HybridTransformer(Transformer):
     ) -> torch.Tensor:
         """Final-norm hidden states [N, hidden]. Without ``delta_net``, the tokens are whole sequences packed back to
         back (each starting at position 0) and the delta-net layers run over each from an empty state."""
+        shards = self.shards  # a sharded base: gather each unit around what reads it, as ``Transformer.hidden`` does
+        if shards is not None:
+            shards.gather_root()
         h = self.embed(tokens_N).to(self.act_dtype)  # the residual stream stays fp32, as in ``Transformer``
+        if shards is not None:
+            h = shards.residual(h)
         cos, sin = self.rotary(h[None], positions_N[None])
         cos_sin = (cos[0][:, None, :], sin[0][:, None, :])
         mixer = delta_net if delta_net is not None else PackedDeltaNet(seq_lens_of(positions_N), positions_N)
         for i, layer in enumerate(self.layers):
+            if shards is not None:
+                h = shards.enter(i, h)
             prefix = f"model.layers.{i}"
             x = _norm(layer.input_layernorm, h)
             j = self.kind_index[i]
@@ -159,10 +166,12 @@ class HybridTransformer(Transformer):
             mlp = layer.mlp
             if self.sparse[i]:
                 h = h + sparse_block(mlp, f"{prefix}.mlp", x, routing, self._trace)
-                continue
-            gate = apply_linear(mlp.gate_proj, f"{prefix}.mlp.gate_proj", x, routing)
-            up = apply_linear(mlp.up_proj, f"{prefix}.mlp.up_proj", x, routing)
-            h = h + apply_linear(mlp.down_proj, f"{prefix}.mlp.down_proj", mlp.act_fn(gate) * up, routing)
+            else:
+                gate = apply_linear(mlp.gate_proj, f"{prefix}.mlp.gate_proj", x, routing)
+                up = apply_linear(mlp.up_proj, f"{prefix}.mlp.up_proj", x, routing)
+                h = h + apply_linear(mlp.down_proj, f"{prefix}.mlp.down_proj", mlp.act_fn(gate) * up, routing)
+            if shards is not None:
+                h = shards.leave(i, h)
         return _norm(self.norm, h)
 
     def _attention(

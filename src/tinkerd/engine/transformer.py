@@ -33,7 +33,9 @@ AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 
 class BaseShards(Protocol):
     """The frozen base sharded across a trainer's ranks (engine/distributed/sharding.py): the forward gathers a
-    unit's weights before it reads them and releases them after."""
+    unit's weights before it reads them and releases them after. Every packed body (``hidden`` here, in ``gpt_oss.py``
+    and in ``qwen3_5.py``) calls ``gather_root`` first, ``residual`` on the embedding's output, and ``enter(i)`` /
+    ``leave(i)`` around decoder layer i, which reads its own weights only in between."""
 
     def gather_root(self) -> None: ...
 

@@ -15,6 +15,10 @@ never calls the layer's ``forward``, so FSDP2's own hooks never fire: we call ``
   a rank whose rows' adapters touch fewer layers, would otherwise skip some layers' all-gathers), the residual
   stream is made to require a gradient from the embedding on, in a pass with gradients.
 
+Every packed body calls these hooks (``Transformer.hidden``, and GPT-OSS's and Qwen3.5's own bodies), so a weight
+of layer i may be read only between ``enter(i)`` and ``leave(i)``; the root's, anywhere in the pass. What a body
+reads elsewhere is kept whole apart, taken before sharding (GPT-OSS's attention sinks, see ``gpt_oss.py``).
+
 Collectives must come in the same order on every rank: a pass gathers each unit once in the forward and (with
 gradients) once more per layer in the backward, so every rank runs as many passes of each kind as the rank with
 the most, filling in with ``idle_pass`` (one dummy token through the bare base). ``replica.run_share`` arranges it.
@@ -82,7 +86,7 @@ class ShardedBase:
         root: Any = transformer.hf
         self.root: FSDPModule = root
 
-    # -- what Transformer.hidden calls ------------------------------------------------------------------------------
+    # -- what the packed bodies call (Transformer.hidden and its subclasses') ---------------------------------------
 
     def gather_root(self) -> None:
         """At the start of a pass (before the embedding): gather the root unit for the whole pass."""
@@ -130,12 +134,6 @@ def shard_served(served: ServedModel, world_size: int) -> None:
         raise SettingsError(
             f"{served.name}: sharding the base (--base-sharding sharded) needs tinkerd's packed forward, which this "
             "model's architecture does not take; use --base-sharding replicated"
-        )
-    if type(train) is not Transformer:  # GPT-OSS's and Qwen3.5's bodies do not gather a sharded layer (yet)
-        model_type = getattr(train.hf.config, "model_type", "?")
-        raise SettingsError(
-            f"{served.name}: sharding the base (--base-sharding sharded) is built for the dense and Qwen-MoE layouts, "
-            f"not for {model_type!r}; use --base-sharding replicated"
         )
     train.shards = ShardedBase(train, served.device, world_size)
 
