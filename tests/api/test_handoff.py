@@ -62,6 +62,20 @@ def test_requests_handed_to_the_worker_are_expected_until_notified(monkeypatch: 
     assert [notifier.expected(name) for name in ("x", "y", "z")] == [False, True, True]  # the oldest is forgotten
 
 
+def test_a_notification_that_beats_its_expect_leaves_the_request_unexpected() -> None:
+    """Through the ledger a fast worker's FINISHED event can reach the api before the submitting thread's expect:
+    the request must not then be expected (a poll would skip its read and wait a whole poll interval)."""
+    notifier = FutureNotifier()
+    notifier.notify("fast")
+    notifier.expect("fast")
+    assert not notifier.expected("fast")
+    notifier.expect("fast")  # the early note is used once: a later expect (a new hand-over) counts again
+    assert notifier.expected("fast")
+    notifier.expect("lost")
+    notifier.wake_all()  # the listener reconnected: events may have been lost, polls must read the ledger
+    assert not notifier.expected("lost")
+
+
 def test_an_expected_request_finished_only_in_the_ledger_is_still_answered(api: Api) -> None:
     """The first look at the ledger is skipped for a request running here; the poll interval still reads it."""
     model_id = api.model()

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from tinkerd.api.notify import FutureNotifier
 from tinkerd.domain.records import FutureRecord
-from tinkerd.domain.requests import Request
+from tinkerd.domain.requests import Finished, Request
 from tinkerd.store import Store
 from tinkerd.store.events import Callbacks, LedgerListener
 from tinkerd.store.workers import WorkerRegistry
@@ -101,7 +101,7 @@ class ThroughLedger:
         self._workers = WorkerRegistry(store.db)
         self._listener = LedgerListener(
             store.db.url,
-            Callbacks(on_finished=self._notifier.notify, on_reconnect=self._notifier.wake_all),
+            Callbacks(on_finished=self._finished, on_reconnect=self._notifier.wake_all),
             name="tinkerd-api-listen",
         )
 
@@ -109,12 +109,18 @@ class ThroughLedger:
     def notifier(self) -> FutureNotifier:
         return self._notifier
 
+    def _finished(self, request_id: str, record: FutureRecord | None) -> None:
+        # With the record, a poll answers from it (decoding its stored result) instead of reading the ledger.
+        self._notifier.notify(request_id, Finished(record) if record is not None else None)
+
     @property
     def claim_for(self) -> str | None:
         return None
 
     def submitted(self, record: FutureRecord, request: Request) -> None:
-        pass  # the ledger's submit transaction announced it (store.events.SUBMITTED)
+        # The ledger's submit transaction announced it (store.events.SUBMITTED); its FINISHED event will come to our
+        # listener, so a poll for it need not read the ledger before its first wait.
+        self._notifier.expect(record.request_id)
 
     def place(self, run_id: str, base_model: str) -> None:
         trainer = self._workers.place(run_id, base_model)

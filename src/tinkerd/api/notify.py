@@ -8,10 +8,12 @@ A notification can arrive before the waiter exists (the worker may finish betwee
 and its wait). Waiters therefore register *before* they read the ledger, and re-read it after every wake-up or
 poll interval: a lost notification costs at most one poll interval, never a missed result.
 
-Expected results. The api notes each request it hands to a worker in this process (``expect``) until that
-worker's notification, so that a poll arriving before the result skips its first ledger read: the request is known
-to be running here. A request the ledger finishes by itself (failed at shutdown, say) is found at the next read,
-one poll interval later.
+Expected results. The api notes each request it hands to a worker (``expect``: in this process, or through the
+ledger, whose FINISHED event reaches this process's listener) until that worker's notification, so that a poll
+arriving before the result skips its first ledger read: the request is known to be unfinished. Through the ledger
+the notification can beat the ``expect`` (a fast worker); it is then remembered as early, and the request is not
+expected. A lost event (the listener reconnecting) forgets every expectation. A request the ledger finishes by
+itself without an event (failed at shutdown, say) is found at the next read, one poll interval later.
 
 Answer first. A worker that notifies a request a poll is waiting for may then ``await_answer`` it: hold its next
 step (typically its ledger write) until that poll has sent the answer, or a short timeout. Both run on the same
@@ -43,6 +45,8 @@ RECENT_LIMIT = 1024
 RECENT_BYTES_LIMIT = 64 * 1024 * 1024
 # Requests handed to the worker and not notified yet that are remembered (the oldest are forgotten past this).
 EXPECTED_LIMIT = 65536
+# Requests notified while not expected, remembered so that a late ``expect`` knows it is too late (see ``expect``).
+EARLY_LIMIT = 4096
 
 
 class FutureNotifier:
@@ -56,6 +60,7 @@ class FutureNotifier:
         self._recent: OrderedDict[str, Finished] = OrderedDict()
         self._recent_bytes = 0
         self._expected: dict[str, None] = {}  # an insertion-ordered set, guarded by _lock
+        self._early: dict[str, None] = {}  # notified before any expect, guarded by _lock
         self._answering: dict[str, threading.Event] = {}  # notified requests a poll was waiting for, guarded by _lock
         # Streamed requests' progress queues, by request id: written on the loop, read (membership) by the worker.
         self._watched: dict[str, asyncio.Queue[list[SampleProgress]]] = {}
@@ -72,7 +77,12 @@ class FutureNotifier:
         With `finished`, waiters may answer from it (see ``finished``) instead of reading the ledger."""
         with self._lock:
             loop = self._loop
-            self._expected.pop(request_id, None)
+            if request_id in self._expected:
+                del self._expected[request_id]
+            else:
+                self._early[request_id] = None
+                if len(self._early) > EARLY_LIMIT:
+                    del self._early[next(iter(self._early))]
             if finished is not None:
                 self._remember(request_id, finished)
             if request_id in self._waiters:  # read across threads: a dict lookup is atomic
@@ -89,6 +99,7 @@ class FutureNotifier:
         """Wake every waiter to read the ledger again (events may have been lost, e.g. a reconnect). Thread-safe."""
         with self._lock:
             loop = self._loop
+            self._expected.clear()  # their notifications may be among the lost: polls read the ledger first
         if loop is None or loop.is_closed():
             return
         with contextlib.suppress(RuntimeError):
@@ -125,8 +136,13 @@ class FutureNotifier:
             answering.set()
 
     def expect(self, request_id: str) -> None:
-        """`request_id` was handed to a worker in this process, whose ``notify`` will follow. Thread-safe."""
+        """`request_id` was handed to a worker, in this process or through the ledger, whose ``notify`` will follow.
+        Thread-safe. Through the ledger the notification may come first (the worker finished before the submitting
+        thread got here): then it is remembered as early and the request is not expected."""
         with self._lock:
+            if request_id in self._early:
+                del self._early[request_id]
+                return
             self._expected[request_id] = None
             if len(self._expected) > EXPECTED_LIMIT:
                 del self._expected[next(iter(self._expected))]

@@ -23,6 +23,7 @@ from tinkerd.roles.lease import Heartbeat
 from tinkerd.roles.settings import RoleSettings, check_storage, open_ledger
 from tinkerd.server import model_info, resolve_models
 from tinkerd.settings import Settings, SettingsError
+from tinkerd.store import events
 from tinkerd.store.events import Callbacks, LedgerListener
 from tinkerd.store.sequencing import ClaimScope
 from tinkerd.store.workers import WorkerRegistry
@@ -112,7 +113,8 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
             lease_s=roles.lease_s, capacity=roles.capacity if role == "trainer" else 0, health_url=health.url,
         )  # fmt: skip
         listener = LedgerListener(
-            store.db.url, Callbacks(on_submitted=lambda _model: worker.wake(), on_reconnect=worker.wake)
+            store.db.url,
+            Callbacks(on_submitted=lambda work: _wake_for(work, role, worker.wake), on_reconnect=worker.wake),
         )
         listener.start()
 
@@ -152,3 +154,10 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
 def _stop(stop: threading.Event, wake: Callable[[], None], _frame: FrameType | None = None) -> None:
     stop.set()
     wake()
+
+
+def _wake_for(work: str, role: Role, wake: Callable[[], None]) -> None:
+    """A SUBMITTED event: wake the worker unless it announces the other role's work (a trainer never claims
+    sampling requests, nor a sampler training requests)."""
+    if events.concerns(work, events.TRAIN if role == "trainer" else events.SAMPLE):
+        wake()

@@ -123,7 +123,7 @@ class Admission:
             )
             conn.execute(insert(futures).values(future_to_row(record)))
             advance_cursor(conn, model_id)
-            events.send(conn, events.SUBMITTED, model_id)
+            events.send_work(conn, model_id, kind)
             return True
 
         if not is_ordered(kind, seq_id):

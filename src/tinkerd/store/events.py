@@ -19,10 +19,16 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
 
+from tinkerd.domain.records import FutureRecord, RequestKind
+from tinkerd.store.finished_events import parse_finished
+
 log = logging.getLogger(__name__)
 
-FINISHED = "tinkerd_finished"  # payload: the request id
-SUBMITTED = "tinkerd_submitted"  # payload: the model id (a run, or a base model for unordered work)
+FINISHED = "tinkerd_finished"  # payload: the request id, and the record if it fits (store.finished_events)
+# payload: "train:<model id>" (a run's work, for its trainer), "sample:<sampler id>" (for samplers), or "" (anyone)
+SUBMITTED = "tinkerd_submitted"
+TRAIN = "train"
+SAMPLE = "sample"
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 
@@ -32,11 +38,24 @@ def send(conn: Connection, channel: str, payload: str) -> None:
         conn.execute(_NOTIFY, {"channel": channel, "payload": payload})
 
 
+def send_work(conn: Connection, model_id: str, kind: RequestKind | None = None) -> None:
+    """Announce work that may be claimable now: a request of `kind` for `model_id` (without a kind: a run's
+    training work, e.g. its next seq_id). Trainers skip sampling work and samplers training work."""
+    send(conn, SUBMITTED, f"{SAMPLE if kind is RequestKind.SAMPLE else TRAIN}:{model_id}")
+
+
+def concerns(payload: str, role: str) -> bool:
+    """Whether a SUBMITTED event may concern a worker of `role` (TRAIN or SAMPLE); unknown payloads do."""
+    work, colon, _ = payload.partition(":")
+    return not colon or work not in (TRAIN, SAMPLE) or work == role
+
+
 @dataclass(frozen=True)
 class Callbacks:
     """Called on the listener's thread; each must be quick and thread-safe."""
 
-    on_finished: Callable[[str], None] | None = None
+    # the request id, and its finished record when the event carried it (store.finished_events)
+    on_finished: Callable[[str, FutureRecord | None], None] | None = None
     on_submitted: Callable[[str], None] | None = None
     on_reconnect: Callable[[], None] | None = None
 
@@ -106,7 +125,7 @@ class LedgerListener:
     def _dispatch(self, channel: str, payload: str) -> None:
         try:
             if channel == FINISHED and self._callbacks.on_finished is not None:
-                self._callbacks.on_finished(payload)
+                self._callbacks.on_finished(*parse_finished(payload))
             elif channel == SUBMITTED and self._callbacks.on_submitted is not None:
                 self._callbacks.on_submitted(payload)
         except Exception:

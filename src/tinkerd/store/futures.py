@@ -36,6 +36,7 @@ from tinkerd.domain.records import (
 from tinkerd.store import events, upkeep
 from tinkerd.store.codec import future_from_row, future_to_row
 from tinkerd.store.db import Database, RetryableConflict
+from tinkerd.store.finished_events import finished_payload
 from tinkerd.store.future_rows import (
     BY_ID,
     BY_ID_AND_OWNER,
@@ -161,7 +162,7 @@ class FuturesLedger:
                 claimed_by=claim_for if claimed else None,
             )
             conn.execute(INSERT, future_to_row(record))
-            events.send(conn, events.SUBMITTED, model_id)  # wakes trainers and samplers in other processes
+            events.send_work(conn, model_id, kind)  # wakes trainers or samplers in other processes
             return record, True
 
         # Two concurrent submits of one (model_id, seq_id), or of a new model's first request, race to insert.
@@ -368,11 +369,13 @@ class FuturesLedger:
             conn.execute(FINISH, {**params, "b_request_id": request_id, "b_state": state.value, "b_finished_at": now})
             if row["ordered"]:
                 advance_cursor(conn, row["model_id"])
-                events.send(conn, events.SUBMITTED, row["model_id"])  # the run's next request may run now
+                events.send_work(conn, row["model_id"])  # the run's next request may run now
             if metrics is not None:
                 record_metrics(conn, metrics)
-            events.send(conn, events.FINISHED, request_id)  # wakes long-polls in other processes
-            return future_from_row({**row, **finished, "state": state.value, "finished_at": now})
+            record = future_from_row({**row, **finished, "state": state.value, "finished_at": now})
+            # wakes long-polls in other processes, which answer from the record when it rides along
+            events.send(conn, events.FINISHED, finished_payload(record))
+            return record
 
         return self._db.write(txn)
 

@@ -44,7 +44,7 @@ def fail_in_flight(
             )
     for model_id in {row.model_id for row in rows if row.ordered}:
         advance_cursor(conn, model_id)
-        events.send(conn, events.SUBMITTED, model_id)
+        events.send_work(conn, model_id)
     for row in rows:
         events.send(conn, events.FINISHED, row.request_id)
     return len(rows)
@@ -107,6 +107,6 @@ def fill_stale_gaps(conn: Connection, now: datetime, waited_for: timedelta) -> d
             )
             conn.execute(INSERT, future_to_row(placeholder))
         advance_cursor(conn, model_id)
-        events.send(conn, events.SUBMITTED, model_id)
+        events.send_work(conn, model_id)
         filled[model_id] = missing
     return filled
