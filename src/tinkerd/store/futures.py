@@ -368,8 +368,9 @@ class FuturesLedger:
             params = {f"b_{name}": value for name, value in finished.items()}
             conn.execute(FINISH, {**params, "b_request_id": request_id, "b_state": state.value, "b_finished_at": now})
             if row["ordered"]:
+                # The run's next request may run now. No event: only the worker finishing this one runs the run's
+                # requests, and it claims again right after each job (worker/loop.py, run_once).
                 advance_cursor(conn, row["model_id"])
-                events.send_work(conn, row["model_id"])  # the run's next request may run now
             if metrics is not None:
                 record_metrics(conn, metrics)
             record = future_from_row({**row, **finished, "state": state.value, "finished_at": now})
