@@ -83,3 +83,25 @@ def test_a_trainer_registering_again_loses_the_runs_its_previous_process_held(st
     failed = store.futures.get(queued.request_id, DEFAULT_OWNER)
     assert failed.state is FutureState.FAILED
     assert "create_training_client_from_state_with_optimizer" in (failed.error_message or "")
+
+
+def test_a_trainer_is_woken_only_by_its_own_runs_work(store: Store, clock: FakeClock) -> None:
+    from tinkerd.roles.wake_filter import TrainerEvents
+
+    registry = WorkerRegistry(store.db, clock)
+    for trainer in ("t1", "t2"):
+        registry.register(worker_id=trainer, role="trainer", host="h", pid=1, base_models={"tiny": {}}, lease_s=10)
+    add_run(store, "run-1")
+    add_run(store, "run-2")
+    assert registry.place("run-1", "tiny") == "t1"
+    assert registry.place("run-2", "tiny") == "t2"
+    add_run(store, "run-unplaced")
+    t1 = TrainerEvents(registry, "t1")
+    assert t1.concerns("train:run-1") and not t1.concerns("train:run-2")
+    assert t1.concerns("train:run-unplaced")  # not placed yet: wake, the claim will tell
+    assert t1.concerns("") and t1.concerns("run-2")  # anyone's work, and an older tinkerd's bare payload
+    assert not t1.concerns("sample:sampler-1")
+    registry.register(worker_id="t2", role="trainer", host="h", pid=2, base_models={"tiny": {}}, lease_s=10)
+    assert registry.trainer_of("run-2") == "lost:t2"  # t2 restarted: its run is lost, never moved to t1
+    assert not t1.concerns("train:run-2")
+    assert TrainerEvents(registry, "t2").concerns("train:run-3-unknown")

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from tinkerd.roles.health import HealthServer
 from tinkerd.roles.lease import Heartbeat
 from tinkerd.roles.settings import RoleSettings, check_storage, open_ledger
+from tinkerd.roles.wake_filter import TrainerEvents
 from tinkerd.server import model_info, resolve_models
 from tinkerd.settings import Settings, SettingsError
 from tinkerd.store import events
@@ -112,9 +113,15 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
             worker_id=worker_id, role=role, host=socket.gethostname(), pid=os.getpid(), base_models=facts,
             lease_s=roles.lease_s, capacity=roles.capacity if role == "trainer" else 0, health_url=health.url,
         )  # fmt: skip
+        # A trainer skips sampling work and other trainers' runs; a sampler skips training work.
+        concerns = (
+            TrainerEvents(registry, worker_id).concerns
+            if role == "trainer"
+            else lambda work: events.concerns(work, events.SAMPLE)
+        )
         listener = LedgerListener(
             store.db.url,
-            Callbacks(on_submitted=lambda work: _wake_for(work, role, worker.wake), on_reconnect=worker.wake),
+            Callbacks(on_submitted=lambda work: _wake_for(work, concerns, worker.wake), on_reconnect=worker.wake),
         )
         listener.start()
 
@@ -156,8 +163,7 @@ def _stop(stop: threading.Event, wake: Callable[[], None], _frame: FrameType | N
     wake()
 
 
-def _wake_for(work: str, role: Role, wake: Callable[[], None]) -> None:
-    """A SUBMITTED event: wake the worker unless it announces the other role's work (a trainer never claims
-    sampling requests, nor a sampler training requests)."""
-    if events.concerns(work, events.TRAIN if role == "trainer" else events.SAMPLE):
+def _wake_for(work: str, concerns: Callable[[str], bool], wake: Callable[[], None]) -> None:
+    """A SUBMITTED event: wake the worker if the work it announces may be the worker's to claim."""
+    if concerns(work):
         wake()

@@ -168,6 +168,11 @@ class WorkerRegistry:
 
         return self._db.read(txn)
 
+    def trainer_of(self, run_id: str) -> str | None:
+        """The trainer a run is placed on ("lost:<trainer>" once that trainer is gone), or None if not placed."""
+        query = select(training_runs.c.trainer_id).where(training_runs.c.id == run_id)
+        return self._db.read(lambda conn: conn.execute(query).scalar())
+
     def runs_of(self, trainer_id: str) -> list[str]:
         query = select(training_runs.c.id).where(training_runs.c.trainer_id == trainer_id).order_by(training_runs.c.id)
         return list(self._db.read(lambda conn: conn.execute(query).scalars().all()))
