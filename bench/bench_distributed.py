@@ -16,9 +16,6 @@ trainer`: in `tinkerd serve` it also keeps a whole copy of the base for sampling
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import json
 import statistics
 import subprocess
@@ -64,15 +61,9 @@ def _reset_peak(pid: int | str) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def _trim_heap() -> None:
-    """Ask glibc to return freed heap memory to the system (Linux; a no-op elsewhere)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration in this process: median step seconds and peak memory of every rank."""
-    from tinkerd.roles.ranks import engine_config, handshake, start_ranks
+    from tinkerd.roles.ranks import engine_config, handshake, release_freed_memory, start_ranks
 
     model_dir = Path(spec["model_dir"])
     settings = Settings.load(
@@ -87,8 +78,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         del hf
         if ranks is not None:
             handshake(ranks.channel, {str(model_dir): model})
-        gc.collect()
-        _trim_heap()  # return what loading (and, sharded, the whole base) freed, so the peak counts live memory
+        release_freed_memory()  # what loading (and, sharded, the whole base) freed: the peak counts live memory
         pids: list[int | str] = ["self", *(child.pid for child in (ranks.children if ranks is not None else []))]
         held = [_vm_mib(pid, "VmRSS:") for pid in pids]
         for pid in pids:

@@ -150,6 +150,20 @@ def assert_same_checkpoint(saved_two: Path, saved_one: Path) -> None:
                 torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5)
 
 
+def trained_checkpoints(two: ServedModel, one: ServedModel, tmp_path: Path) -> tuple[Path, Path]:
+    """Adapter "ck" trained two steps on 2 ranks and on 1, each saved: checked to be the same checkpoint."""
+    config = LoraConfig(rank=4, alpha=8.0, seed=7)
+    data = ce_datums(5, (13, 7, 29, 3))
+    for model in (two, one):
+        model.create_adapter("ck", config)
+        for _ in range(2):
+            model.forward([ForwardJob("ck", data, "cross_entropy", backward=True)])
+            model.optim_step("ck", ADAM)
+    saved_two, saved_one = _save(two, "ck", tmp_path / "two"), _save(one, "ck", tmp_path / "one")
+    assert_same_checkpoint(saved_two, saved_one)
+    return saved_two, saved_one
+
+
 def _install(model: ServedModel, adapter_id: str, src: Path) -> None:
     loaded = load_checkpoint(src, model.device)
     optimizer = AdamState()
@@ -160,15 +174,7 @@ def _install(model: ServedModel, adapter_id: str, src: Path) -> None:
 
 def test_checkpoints_are_the_same_and_load_across_rank_counts(two_ranks: TwoRanks, tmp_path: Path) -> None:
     two, one = two_ranks.model, one_rank(two_ranks.model_dir)
-    config = LoraConfig(rank=4, alpha=8.0, seed=7)
-    data = ce_datums(5, (13, 7, 29, 3))
-    for model in (two, one):
-        model.create_adapter("ck", config)
-        for _ in range(2):
-            model.forward([ForwardJob("ck", data, "cross_entropy", backward=True)])
-            model.optim_step("ck", ADAM)
-    saved_two, saved_one = _save(two, "ck", tmp_path / "two"), _save(one, "ck", tmp_path / "one")
-    assert_same_checkpoint(saved_two, saved_one)
+    saved_two, saved_one = trained_checkpoints(two, one, tmp_path)
 
     # the 2-rank checkpoint on 1 rank, the 1-rank checkpoint on 2 ranks: both train on as the original would
     _install(one, "from-two", saved_two)

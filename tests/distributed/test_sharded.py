@@ -16,13 +16,12 @@ from tests.distributed.test_parity import (
     ADAM,
     CONFIGS,
     REL,
-    _save,
     assert_same_adapter,
-    assert_same_checkpoint,
     assert_same_results,
     ce_datums,
     rl_datums,
     step_jobs,
+    trained_checkpoints,
 )
 from tests.engine.tiny_models import tiny_generic_model
 from tinkerd.domain.errors import SettingsError
@@ -113,15 +112,7 @@ def test_an_adapter_on_the_head_only_and_a_paired_loss(sharded_two_ranks: TwoRan
 
 def test_a_checkpoint_saved_sharded_is_the_one_rank_checkpoint(sharded_two_ranks: TwoRanks, tmp_path: Path) -> None:
     two, one = sharded_two_ranks.model, one_rank(sharded_two_ranks.model_dir)
-    config = LoraConfig(rank=4, alpha=8.0, seed=7)
-    data = ce_datums(5, (13, 7, 29, 3))
-    for model in (two, one):
-        model.create_adapter("ck", config)
-        for _ in range(2):
-            model.forward([ForwardJob("ck", data, "cross_entropy", backward=True)])
-            model.optim_step("ck", ADAM)
-    saved_two, saved_one = _save(two, "ck", tmp_path / "two"), _save(one, "ck", tmp_path / "one")
-    assert_same_checkpoint(saved_two, saved_one)
+    saved_two, _ = trained_checkpoints(two, one, tmp_path)
     trained = load_file(saved_two / "adapter_model.safetensors")
     assert any(bool(t.abs().max() > 0) for k, t in trained.items() if "lora_B" in k)
 

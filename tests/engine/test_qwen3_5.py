@@ -12,10 +12,19 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests.engine.tiny_models import HYBRID_FAMILIES, hf_logprobs, next_token_datum, served_logprobs, tiny_hybrid_model
+from tests.engine.tiny_models import (
+    HYBRID_FAMILIES,
+    assert_mixed_runs_equal_separate,
+    hf_logprobs,
+    next_token_datum,
+    randomise,
+    served_logprobs,
+    tiny_hybrid_model,
+    train_a_leaving_b,
+)
 from tinkerd.domain.architectures import EnginePath, preferred_path
 from tinkerd.domain.errors import InvalidRequestError
-from tinkerd.domain.ops import AdamParams, ArrayData, Datum, LoraConfig, SamplingParams
+from tinkerd.domain.ops import ArrayData, Datum, LoraConfig, SamplingParams
 from tinkerd.engine.checkpoint import load_checkpoint, save_checkpoint
 from tinkerd.engine.config import EngineConfig
 from tinkerd.engine.delta_net import ChunkLayout, chunked_delta_rule, normalised_qk, recurrent_step
@@ -37,14 +46,6 @@ LORA = LoraConfig(rank=4, alpha=8.0, seed=1)
 
 datum = next_token_datum
 logprobs = served_logprobs
-
-
-def randomise(model: ServedModel, adapter: str, seed: int) -> None:
-    """Give an adapter non-zero B so that every adapted weight matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for b in model.adapter(adapter).weights.b.values():
-            b.copy_(torch.randn(b.shape, generator=g) * 0.3)
 
 
 def test_the_chunked_delta_rule_over_a_pack_equals_the_token_by_token_recurrence() -> None:
@@ -89,38 +90,13 @@ def test_hybrid_layouts_take_the_packed_path_and_match_hugging_face(family: str)
 @pytest.mark.parametrize("family", HYBRID_FAMILIES)
 def test_mixed_runs_in_bf16_are_bit_identical_to_separate_ones_and_training_moves_only_its_run(family: str) -> None:
     model = ServedModel("m", tiny_hybrid_model(family), EngineConfig())  # the default: bf16 base matmuls
-    model.create_adapter("a", LORA)
-    model.create_adapter("b", LoraConfig(rank=2, alpha=4.0, seed=2, train_unembed=False))
+    assert_mixed_runs_equal_separate(model, LORA, SEQS)
     names = set(model.adapter("a").weights.a)
     assert "model.layers.0.linear_attn.in_proj_qkv" in names and "model.layers.2.linear_attn.out_proj" in names
     assert "model.layers.1.self_attn.q_proj" in names
-    randomise(model, "a", seed=4)
-    randomise(model, "b", seed=5)
-    alone = [logprobs(model, "a", SEQS[:2]), logprobs(model, "b", SEQS[1:]), logprobs(model, "a", [SEQS[1]])]
-    assert (alone[0][1] - alone[1][0]).abs().max() > 1e-3  # the two runs differ on the same sequence
-    mixed = model.forward(
-        [
-            ForwardJob("a", [datum(s) for s in SEQS[:2]], "cross_entropy"),
-            ForwardJob("b", [datum(s) for s in SEQS[1:]], "cross_entropy"),
-        ]
-    )
-    for want, result in zip(alone[:2], mixed, strict=True):
-        for w, out in zip(want, result.loss_fn_outputs, strict=True):
-            torch.testing.assert_close(torch.tensor(out["logprobs"].values), w, atol=0, rtol=0)
-    torch.testing.assert_close(alone[2][0], alone[0][1], atol=0, rtol=0)  # alone or with another sequence
-
-    def loss() -> float:
-        return -sum(float(t.sum()) for t in logprobs(model, "a", SEQS))
-
-    before, b_before = loss(), logprobs(model, "b", SEQS)
     delta_net_before = model.adapter("a").weights.a["model.layers.0.linear_attn.in_proj_a"].detach().clone()
-    for _ in range(4):
-        model.forward([ForwardJob("a", [datum(s) for s in SEQS], "cross_entropy", backward=True)])
-        model.optim_step("a", AdamParams(learning_rate=1e-2))
-    assert loss() < before - 1.0
+    train_a_leaving_b(model, SEQS)
     assert not torch.equal(model.adapter("a").weights.a["model.layers.0.linear_attn.in_proj_a"], delta_net_before)
-    for got, want in zip(logprobs(model, "b", SEQS), b_before, strict=True):  # training a never moves b
-        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("family", HYBRID_FAMILIES)

@@ -11,7 +11,7 @@ from transformers.models.mistral import MistralConfig
 from transformers.models.qwen2 import Qwen2Config
 from transformers.models.qwen3 import Qwen3Config
 
-from tinkerd.domain.ops import ArrayData, Datum
+from tinkerd.domain.ops import AdamParams, ArrayData, Datum, ForwardResult, LoraConfig
 from tinkerd.engine.served_model import ForwardJob, ServedModel
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -84,10 +84,14 @@ def tiny_moe_config(family: str = "qwen3_moe", vocab_size: int = 96) -> Pretrain
 
 
 def tiny_moe_model(family: str = "qwen3_moe", seed: int = 0, vocab_size: int = 96) -> torch.nn.Module:
-    """Router weights are scaled up from their 0.02 init so that routing is decisive (no near-ties whose order float
-    rounding could flip) and tokens really spread over different experts."""
+    return _with_decisive_routing(tiny_moe_config(family, vocab_size), seed)
+
+
+def _with_decisive_routing(config: PretrainedConfig, seed: int) -> torch.nn.Module:
+    """A random fp32 model whose router weights are scaled up from their 0.02 init so that routing is decisive (no
+    near-ties whose order float rounding could flip) and tokens really spread over different experts."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_moe_config(family, vocab_size), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
@@ -171,15 +175,7 @@ def tiny_hybrid_config(family: str = "qwen3_5", vocab_size: int = 96) -> Pretrai
 
 
 def tiny_hybrid_model(family: str = "qwen3_5", seed: int = 0, vocab_size: int = 96) -> torch.nn.Module:
-    """Router weights scaled up as in ``tiny_moe_model`` (decisive routing)."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_hybrid_config(family, vocab_size), dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.mul_(50.0)
-    model.eval()
-    return model
+    return _with_decisive_routing(tiny_hybrid_config(family, vocab_size), seed)
 
 
 def hf_logprobs(hf: Any, seqs: list[list[int]]) -> list[torch.Tensor]:
@@ -205,3 +201,55 @@ def served_logprobs(model: ServedModel, adapter: str | None, seqs: list[list[int
     """The engine's forward logprobs of each sequence's next tokens, through ``adapter`` (None: the base model)."""
     (result,) = model.forward([ForwardJob(adapter, [next_token_datum(s) for s in seqs], "cross_entropy")])
     return [torch.tensor(out["logprobs"].values) for out in result.loss_fn_outputs]
+
+
+def randomise(model: ServedModel, adapter: str, seed: int, scale: float = 0.3) -> None:
+    """Give an adapter non-zero B so that every adapted weight (each expert's included) matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in model.adapter(adapter).weights.b.values():
+            b.copy_(torch.randn(b.shape, generator=g) * scale)
+
+
+def assert_mixed_runs_equal_separate(model: ServedModel, lora: LoraConfig, seqs: list[list[int]]) -> None:
+    """Creates adapters "a" (``lora``) and "b" (rank 2, no unembedding), both randomised, and checks that two runs
+    packed in one forward give bit for bit what each gives alone, and that a sequence's logprobs do not depend on
+    the sequences packed beside it."""
+    model.create_adapter("a", lora)
+    model.create_adapter("b", LoraConfig(rank=2, alpha=4.0, seed=2, train_unembed=False))
+    randomise(model, "a", seed=4)
+    randomise(model, "b", seed=5)
+    a, b = seqs[:2], seqs[1:]
+    alone = [served_logprobs(model, "a", a), served_logprobs(model, "b", b), served_logprobs(model, "a", [seqs[1]])]
+    assert (alone[0][1] - alone[1][0]).abs().max() > 1e-3  # the two runs differ on the same sequence
+    mixed = model.forward(
+        [
+            ForwardJob("a", [next_token_datum(s) for s in a], "cross_entropy"),
+            ForwardJob("b", [next_token_datum(s) for s in b], "cross_entropy"),
+        ]
+    )
+    for want, result in zip(alone[:2], mixed, strict=True):
+        for w, out in zip(want, result.loss_fn_outputs, strict=True):
+            torch.testing.assert_close(torch.tensor(out["logprobs"].values), w, atol=0, rtol=0)
+    torch.testing.assert_close(alone[2][0], alone[0][1], atol=0, rtol=0)  # alone or with another sequence
+
+
+def train_a_leaving_b(model: ServedModel, seqs: list[list[int]], steps: int = 4) -> list[ForwardResult]:
+    """Trains adapter "a" on ``seqs`` (Adam, lr 1e-2) and checks that its loss fell by more than 1 nat and that
+    adapter "b" gives the very same logprobs as before; returns each step's forward_backward result."""
+
+    def loss() -> float:
+        return -sum(float(t.sum()) for t in served_logprobs(model, "a", seqs))
+
+    before, b_before = loss(), served_logprobs(model, "b", seqs)
+    results = []
+    for _ in range(steps):
+        (result,) = model.forward(
+            [ForwardJob("a", [next_token_datum(s) for s in seqs], "cross_entropy", backward=True)]
+        )
+        model.optim_step("a", AdamParams(learning_rate=1e-2))
+        results.append(result)
+    assert loss() < before - 1.0
+    for got, want in zip(served_logprobs(model, "b", seqs), b_before, strict=True):  # training a never moves b
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    return results

@@ -33,7 +33,7 @@ from torch import nn
 
 from tinkerd.engine.delta_net import DeltaNetMixer, DeltaNetShape, PackedDeltaNet, normalised_qk, seq_lens_of
 from tinkerd.engine.lora import LoraRouting, apply_linear
-from tinkerd.engine.moe import is_sparse_block, sparse_block
+from tinkerd.engine.moe import is_sparse_block
 from tinkerd.engine.transformer import AttentionFn, Transformer
 
 FULL, LINEAR = "full_attention", "linear_attention"
@@ -162,14 +162,7 @@ class HybridTransformer(Transformer):
                 h = h + self._delta_net(layer.linear_attn, f"{prefix}.linear_attn", x, routing, mixer, j)
             else:
                 h = h + self._attention(layer.self_attn, f"{prefix}.self_attn", x, routing, cos_sin, attention, j)
-            x = _norm(layer.post_attention_layernorm, h)
-            mlp = layer.mlp
-            if self.sparse[i]:
-                h = h + sparse_block(mlp, f"{prefix}.mlp", x, routing, self._trace)
-            else:
-                gate = apply_linear(mlp.gate_proj, f"{prefix}.mlp.gate_proj", x, routing)
-                up = apply_linear(mlp.up_proj, f"{prefix}.mlp.up_proj", x, routing)
-                h = h + apply_linear(mlp.down_proj, f"{prefix}.mlp.down_proj", mlp.act_fn(gate) * up, routing)
+            h = h + self.mlp(i, _norm(layer.post_attention_layernorm, h), routing)
             if shards is not None:
                 h = shards.leave(i, h)
         return _norm(self.norm, h)

@@ -208,17 +208,20 @@ class Transformer:
             k = k * cos_N_1_D + _rotate_half(k) * sin_N_1_D
             o = attention(i, q, k, v)
             h = h + apply_linear(attn.o_proj, f"{prefix}.self_attn.o_proj", o, routing)
-            x = _rms_norm(layer.post_attention_layernorm, h)
-            mlp = layer.mlp
-            if self.sparse[i]:
-                h = h + sparse_block(mlp, f"{prefix}.mlp", x, routing, self._trace)
-            else:
-                gate = apply_linear(mlp.gate_proj, f"{prefix}.mlp.gate_proj", x, routing)
-                up = apply_linear(mlp.up_proj, f"{prefix}.mlp.up_proj", x, routing)
-                h = h + apply_linear(mlp.down_proj, f"{prefix}.mlp.down_proj", mlp.act_fn(gate) * up, routing)
+            h = h + self.mlp(i, _rms_norm(layer.post_attention_layernorm, h), routing)
             if shards is not None:
                 h = shards.leave(i, h)
         return _rms_norm(self.norm, h)
+
+    def mlp(self, i: int, x_N_d: torch.Tensor, routing: LoraRouting) -> torch.Tensor:
+        """Layer i's MLP (its mixture of experts, or the dense gated MLP) on its normalised input."""
+        mlp = self.layers[i].mlp
+        prefix = f"model.layers.{i}.mlp"
+        if self.sparse[i]:
+            return sparse_block(mlp, prefix, x_N_d, routing, self._trace)
+        gate = apply_linear(mlp.gate_proj, f"{prefix}.gate_proj", x_N_d, routing)
+        up = apply_linear(mlp.up_proj, f"{prefix}.up_proj", x_N_d, routing)
+        return apply_linear(mlp.down_proj, f"{prefix}.down_proj", mlp.act_fn(gate) * up, routing)
 
     def packed_hidden(self, seqs: Sequence[Sequence[int]], routing: LoraRouting) -> torch.Tensor:
         """Hidden states of whole sequences packed back to back (causal attention within each).

@@ -299,10 +299,16 @@ def _free_port() -> int:
 
 
 def _shard(served: ServedModel, world_size: int) -> None:
-    """Shard a model's base across the ranks, then hand the freed whole weights back to the system: on CPU glibc
-    keeps freed heap memory in the process unless asked, so a sharded rank may go on holding the whole base's size."""
+    """Shard a model's base across the ranks, then hand the freed whole weights back to the system."""
     shard_served(served, world_size)
+    if served.device.type == "cpu":
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and return freed heap memory to the system: on CPU glibc keeps freed memory in the process
+    unless asked, so a sharded rank would go on holding the whole base's size (a no-op without glibc)."""
     gc.collect()
-    if served.device.type == "cpu" and sys.platform == "linux":
+    if sys.platform == "linux":
         with contextlib.suppress(OSError, AttributeError):  # not glibc
             ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -119,10 +119,12 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
             if role == "trainer"
             else lambda work: events.concerns(work, events.SAMPLE)
         )
-        listener = LedgerListener(
-            store.db.url,
-            Callbacks(on_submitted=lambda work: _wake_for(work, concerns, worker.wake), on_reconnect=worker.wake),
-        )
+
+        def submitted(work: str) -> None:
+            if concerns(work):
+                worker.wake()
+
+        listener = LedgerListener(store.db.url, Callbacks(on_submitted=submitted, on_reconnect=worker.wake))
         listener.start()
 
         def lost() -> bool:
@@ -161,9 +163,3 @@ def run_worker(role: Role, roles: RoleSettings, settings: Settings, announce: Ca
 def _stop(stop: threading.Event, wake: Callable[[], None], _frame: FrameType | None = None) -> None:
     stop.set()
     wake()
-
-
-def _wake_for(work: str, concerns: Callable[[str], bool], wake: Callable[[], None]) -> None:
-    """A SUBMITTED event: wake the worker if the work it announces may be the worker's to claim."""
-    if concerns(work):
-        wake()

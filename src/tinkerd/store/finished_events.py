@@ -11,41 +11,26 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from tinkerd.domain.records import ErrorCategory, FutureRecord, FutureState, RequestKind
+from tinkerd.domain.records import FutureRecord
+from tinkerd.store.codec import future_from_row, future_to_row
 
 # Under PostgreSQL's limit of 8000 bytes, with room for the channel name.
 MAX_PAYLOAD_BYTES = 7800
-
-
-def _time(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value is not None else None
+# Ledger columns that are bytes or times, carried in JSON as text
+_BYTES = ("payload", "result")
+_TIMES = ("created_at", "started_at", "finished_at", "delivered_at")
 
 
 def finished_payload(record: FutureRecord) -> str:
-    """``request_id``, or ``request_id`` + newline + the finished record as JSON when that fits an event."""
-    body: dict[str, Any] = {
-        "owner": record.owner,
-        "model_id": record.model_id,
-        "seq_id": record.seq_id,
-        "kind": record.kind.value,
-        "ordered": record.ordered,
-        "state": record.state.value,
-        "result": record.result.decode() if record.result is not None else None,
-        "error_message": record.error_message,
-        "error_category": record.error_category,
-        "token_count": record.token_count,
-        "created_at": _time(record.created_at),
-        "started_at": _time(record.started_at),
-        "finished_at": _time(record.finished_at),
-        "claimed_by": record.claimed_by,
-    }
-    text = f"{record.request_id}\n{json.dumps(body, separators=(',', ':'))}"  # ASCII: one byte per character
+    """``request_id``, or ``request_id`` + newline + the finished record's ledger row as JSON when that fits."""
+    row = future_to_row(record)
+    for name in _BYTES:
+        row[name] = row[name].decode() if row[name] is not None else None
+    for name in _TIMES:
+        row[name] = row[name].isoformat() if row[name] is not None else None
+    text = f"{record.request_id}\n{json.dumps(row, separators=(',', ':'))}"  # ASCII: one byte per character
     return text if len(text) <= MAX_PAYLOAD_BYTES else record.request_id
 
 
@@ -56,27 +41,12 @@ def parse_finished(payload: str) -> tuple[str, FutureRecord | None]:
     if not newline:
         return request_id, None
     try:
-        body = json.loads(rest)
-        created_at = _parse_time(body["created_at"])
-        assert created_at is not None
-        record = FutureRecord(
-            request_id=request_id,
-            owner=body["owner"],
-            model_id=body["model_id"],
-            seq_id=body["seq_id"],
-            kind=RequestKind(body["kind"]),
-            ordered=bool(body["ordered"]),
-            state=FutureState(body["state"]),
-            payload=None,
-            result=body["result"].encode() if body["result"] is not None else None,
-            error_message=body["error_message"],
-            error_category=cast(ErrorCategory | None, body["error_category"]),
-            token_count=int(body["token_count"]),
-            created_at=created_at,
-            started_at=_parse_time(body["started_at"]),
-            finished_at=_parse_time(body["finished_at"]),
-            claimed_by=body["claimed_by"],
-        )
-    except (ValueError, KeyError, TypeError, AssertionError):
+        row: dict[str, Any] = json.loads(rest)
+        for name in _BYTES:
+            row[name] = row[name].encode() if row[name] is not None else None
+        for name in _TIMES:
+            row[name] = datetime.fromisoformat(row[name]) if row[name] is not None else None
+        record = future_from_row(row)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return request_id, None
-    return request_id, record if record.state.finished else None
+    return request_id, record if record.request_id == request_id and record.state.finished else None
